@@ -1,0 +1,290 @@
+//! The `RoleCheck` service: checks, membership writes, authorization objects.
+
+use std::{collections::HashMap, pin::Pin, sync::Arc};
+
+use futures::{Stream, StreamExt, TryStreamExt};
+use tonic::{Request, Response, Status};
+
+use super::{decode_page_token, encode_page_token, page_size, parse_expiry, tenant_or_application};
+use crate::{
+    domain::{Revision, Role, TenantId, UserId, UserRoles, now_unix, parse_roles},
+    error::{Error, Result},
+    pb::{self, role_check_server::RoleCheck},
+    store::{MembershipWrite, Store, WriteKind},
+};
+
+/// Most checks in one `CheckBatch`.
+pub const MAX_BATCH: usize = 1000;
+/// Distinct users a `CheckBatch` loads from the store at once.
+const BATCH_LOAD_CONCURRENCY: usize = 16;
+
+/// Handlers for `rolecheck.v1.RoleCheck`.
+pub struct RoleCheckApi {
+    store: Arc<dyn Store>,
+    application_id: TenantId,
+}
+
+/// One validated check.
+struct CheckQuery {
+    user: UserId,
+    tenant: TenantId,
+    role: Role,
+}
+
+impl RoleCheckApi {
+    /// Serves checks and writes from `store`; empty tenant ids mean `application_id`.
+    pub fn new(store: Arc<dyn Store>, application_id: TenantId) -> Self {
+        Self {
+            store,
+            application_id,
+        }
+    }
+
+    fn tenant(&self, field: &str, value: &str) -> Result<TenantId> {
+        tenant_or_application(field, value, &self.application_id)
+    }
+
+    fn parse_check(&self, prefix: &str, req: &pb::CheckRequest) -> Result<CheckQuery> {
+        Ok(CheckQuery {
+            user: UserId::parse(&format!("{prefix}user_id"), &req.user_id)?,
+            tenant: self.tenant(&format!("{prefix}tenant_id"), &req.tenant_id)?,
+            role: Role::parse(&format!("{prefix}role"), &req.role)?,
+        })
+    }
+
+    fn parse_write(
+        &self,
+        kind: WriteKind,
+        user_id: &str,
+        tenant_id: &str,
+        roles: &[String],
+        expires_at: Option<&prost_types::Timestamp>,
+    ) -> Result<MembershipWrite> {
+        let roles = parse_roles("roles", roles)?;
+        if kind == WriteKind::Grant && roles.is_empty() {
+            return Err(Error::invalid("roles", "at least one role is required"));
+        }
+        Ok(MembershipWrite {
+            kind,
+            user: UserId::parse("user_id", user_id)?,
+            tenant: self.tenant("tenant_id", tenant_id)?,
+            roles,
+            expires_at: parse_expiry("expires_at", expires_at)?,
+        })
+    }
+
+    /// Loads each distinct user of a batch once, a few at a time.
+    async fn load_users(
+        &self,
+        queries: &[CheckQuery],
+        min_revision: Revision,
+    ) -> Result<HashMap<UserId, Arc<UserRoles>>> {
+        let mut users: Vec<UserId> = queries.iter().map(|q| q.user.clone()).collect();
+        users.sort();
+        users.dedup();
+        let store = &self.store;
+        futures::stream::iter(users)
+            .map(|user: UserId| async move {
+                let roles = store.user_roles(&user, min_revision).await?;
+                Ok::<_, Error>((user, roles))
+            })
+            .buffer_unordered(BATCH_LOAD_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+}
+
+/// The server stream type of `Watch`.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RoleCheck for RoleCheckApi {
+    #[tracing::instrument(level = "debug", skip_all, fields(tenant = %request.get_ref().tenant_id, role = %request.get_ref().role))]
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let req = request.get_ref();
+        let query = self.parse_check("", req)?;
+        let roles = self.store.user_roles(&query.user, req.min_revision).await?;
+        Ok(Response::new(pb::CheckResponse {
+            allowed: roles.allows(&query.tenant, &query.role, now_unix()),
+            revision: roles.revision,
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(checks = request.get_ref().checks.len()))]
+    async fn check_batch(
+        &self,
+        request: Request<pb::CheckBatchRequest>,
+    ) -> Result<Response<pb::CheckBatchResponse>, Status> {
+        let req = request.get_ref();
+        if req.checks.len() > MAX_BATCH {
+            return Err(Error::invalid(
+                "checks",
+                format!("at most {MAX_BATCH} checks, got {}", req.checks.len()),
+            )
+            .into());
+        }
+        let queries = req
+            .checks
+            .iter()
+            .enumerate()
+            .map(|(i, check)| self.parse_check(&format!("checks[{i}]."), check))
+            .collect::<Result<Vec<_>>>()?;
+        let users = self.load_users(&queries, req.min_revision).await?;
+        let now = now_unix();
+        let results: Vec<pb::CheckResponse> = queries
+            .iter()
+            .map(|q| {
+                let roles = &users[&q.user];
+                pb::CheckResponse {
+                    allowed: roles.allows(&q.tenant, &q.role, now),
+                    revision: roles.revision,
+                }
+            })
+            .collect();
+        let revision = users
+            .values()
+            .map(|roles| roles.revision)
+            .min()
+            .unwrap_or_default();
+        Ok(Response::new(pb::CheckBatchResponse { results, revision }))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant = %request.get_ref().tenant_id))]
+    async fn grant(
+        &self,
+        request: Request<pb::GrantRequest>,
+    ) -> Result<Response<pb::GrantResponse>, Status> {
+        let req = request.get_ref();
+        let write = self.parse_write(
+            WriteKind::Grant,
+            &req.user_id,
+            &req.tenant_id,
+            &req.roles,
+            req.expires_at.as_ref(),
+        )?;
+        let revision = self.store.write_membership(&write).await?;
+        Ok(Response::new(pb::GrantResponse { revision }))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant = %request.get_ref().tenant_id))]
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let req = request.get_ref();
+        let write = self.parse_write(
+            WriteKind::Revoke,
+            &req.user_id,
+            &req.tenant_id,
+            &req.roles,
+            None,
+        )?;
+        let revision = self.store.write_membership(&write).await?;
+        Ok(Response::new(pb::RevokeResponse { revision }))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant = %request.get_ref().tenant_id))]
+    async fn set_roles(
+        &self,
+        request: Request<pb::SetRolesRequest>,
+    ) -> Result<Response<pb::SetRolesResponse>, Status> {
+        let req = request.get_ref();
+        let write = self.parse_write(
+            WriteKind::SetRoles,
+            &req.user_id,
+            &req.tenant_id,
+            &req.roles,
+            req.expires_at.as_ref(),
+        )?;
+        let revision = self.store.write_membership(&write).await?;
+        Ok(Response::new(pb::SetRolesResponse { revision }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn get_authorization(
+        &self,
+        request: Request<pb::GetAuthorizationRequest>,
+    ) -> Result<Response<pb::GetAuthorizationResponse>, Status> {
+        let req = request.get_ref();
+        let user = UserId::parse("user_id", &req.user_id)?;
+        let roles = self.store.user_roles(&user, req.min_revision).await?;
+        let authorization = roles
+            .authorization(now_unix())
+            .into_iter()
+            .map(|(tenant, roles)| (tenant, pb::Roles { roles }))
+            .collect();
+        Ok(Response::new(pb::GetAuthorizationResponse {
+            authorization,
+            revision: roles.revision,
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(tenant = %request.get_ref().tenant_id))]
+    async fn list_members(
+        &self,
+        request: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        let req = request.get_ref();
+        let tenant = self.tenant("tenant_id", &req.tenant_id)?;
+        let limit = page_size(req.page_size)?;
+        let after = decode_page_token("members", &req.page_token)?
+            .map(|user| UserId::parse("page_token", &user))
+            .transpose()?;
+        let (mut members, revision) = self
+            .store
+            .list_members(&tenant, after.as_ref(), limit + 1, now_unix())
+            .await?;
+        let next_page_token = if members.len() > limit as usize {
+            members.truncate(limit as usize);
+            members
+                .last()
+                .map(|m| encode_page_token("members", &m.user_id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListMembersResponse {
+            members: members
+                .into_iter()
+                .map(|m| pb::Member {
+                    user_id: m.user_id,
+                    roles: m.roles,
+                })
+                .collect(),
+            next_page_token,
+            revision,
+        }))
+    }
+
+    async fn issue(
+        &self,
+        _request: Request<pb::IssueRequest>,
+    ) -> Result<Response<pb::IssueResponse>, Status> {
+        Err(Status::unimplemented(
+            "Issue is not available in this build yet",
+        ))
+    }
+
+    async fn get_keys(
+        &self,
+        _request: Request<pb::GetKeysRequest>,
+    ) -> Result<Response<pb::GetKeysResponse>, Status> {
+        Err(Status::unimplemented(
+            "GetKeys is not available in this build yet",
+        ))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        _request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented(
+            "Watch is not available in this build yet",
+        ))
+    }
+}

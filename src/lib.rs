@@ -1,0 +1,26 @@
+//! rolecheck: a gRPC service that stores which roles each user holds in each tenant and
+//! answers "does user U have role R in tenant T".
+//!
+//! Where things live: a check is decided in [`domain::UserRoles::allows`]; the SQL is in
+//! [`store`]; errors become gRPC codes in [`error`]; the cache is [`cache::CachedStore`].
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cache;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+
+/// Code generated from `proto/rolecheck/v1/rolecheck.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("rolecheck.v1");
+
+    /// The encoded file-descriptor set that reflection serves.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("rolecheck_descriptor");
+}

@@ -1,0 +1,182 @@
+//! Bind, then serve: the gRPC services, health, reflection, and graceful shutdown.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    api::{RoleCheckApi, TenantsApi},
+    cache::CachedStore,
+    config::Config,
+    domain::TenantId,
+    error::{Error, Result},
+    pb::{self, role_check_server::RoleCheckServer, tenants_server::TenantsServer},
+    store::{self, Store, StoreOptions},
+};
+
+/// How often the health service re-checks the store.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A bound, ready-to-serve rolecheck: the listener is open and the store is migrated.
+pub struct Server {
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    config: Config,
+    application_id: TenantId,
+}
+
+impl Server {
+    /// Binds `config.listen` (port 0 picks a free port), opens the store, applies
+    /// migrations unless `--no-migrate`, and wraps the store in the cache.
+    pub async fn bind(config: Config) -> Result<Self> {
+        let application_id = TenantId::parse("application_id", &config.application_id)?;
+        let listener = TcpListener::bind(config.listen).await.map_err(|err| {
+            Error::FailedPrecondition(format!("cannot listen on {}: {err}", config.listen))
+        })?;
+        let store = open_store(&config, &application_id, !config.no_migrate).await?;
+        let store: Arc<dyn Store> = if config.cache_capacity == 0 {
+            store
+        } else {
+            Arc::new(CachedStore::new(
+                store,
+                config.cache_capacity,
+                config.cache_ttl,
+            ))
+        };
+        Ok(Self {
+            listener,
+            store,
+            config,
+            application_id,
+        })
+    }
+
+    /// The address the gRPC listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls
+    /// finish, and closes the store's connections.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let health_task = tokio::spawn(watch_health(health, self.store.clone()));
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|err| Error::Internal(Box::new(err)))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|err| Error::Internal(Box::new(err)))?;
+
+        let max = self.config.max_message_bytes;
+        let role_check = RoleCheckServer::new(RoleCheckApi::new(
+            self.store.clone(),
+            self.application_id.clone(),
+        ))
+        .max_decoding_message_size(max);
+        let tenants =
+            TenantsServer::new(TenantsApi::new(self.store.clone())).max_decoding_message_size(max);
+
+        let addr = self.local_addr();
+        tracing::info!(%addr, "serving gRPC");
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let served = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(role_check)
+            .add_service(tenants)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        health_task.abort();
+        self.store.close().await;
+        tracing::info!("stopped");
+        served.map_err(|err| Error::Internal(Box::new(err)))
+    }
+}
+
+/// Applies the migrations and exits: `rolecheck migrate`.
+pub async fn migrate(config: &Config) -> Result<()> {
+    let application_id = TenantId::parse("application_id", &config.application_id)?;
+    let store = open_store(config, &application_id, true).await?;
+    store.close().await;
+    Ok(())
+}
+
+/// Opens the store, retrying an unreachable database for `--db-startup-wait`.
+async fn open_store(
+    config: &Config,
+    application_id: &TenantId,
+    migrate: bool,
+) -> Result<Arc<dyn Store>> {
+    let options = StoreOptions {
+        max_connections: config.db_max_connections,
+        acquire_timeout: config.db_acquire_timeout,
+    };
+    let url = config.database_url.as_ref().map(|url| url.0.as_str());
+    let deadline = tokio::time::Instant::now() + config.db_startup_wait;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match store::open(url, &config.data_dir, application_id, &options, migrate).await {
+            Err(Error::Unavailable(reason)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%reason, retry_in = ?backoff, "store not reachable yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Keeps `grpc.health.v1` in step with the store: SERVING while it answers.
+async fn watch_health(health: HealthReporter, store: Arc<dyn Store>) {
+    let services = ["", "rolecheck.v1.RoleCheck", "rolecheck.v1.Tenants"];
+    let mut last = None;
+    loop {
+        let status = match store.revision().await {
+            Ok(_) => ServingStatus::Serving,
+            Err(_) => ServingStatus::NotServing,
+        };
+        if last != Some(status) {
+            tracing::info!(?status, "health");
+            for service in services {
+                health.set_service_status(service, status).await;
+            }
+            last = Some(status);
+        }
+        tokio::time::sleep(HEALTH_INTERVAL).await;
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested; draining in-flight calls");
+}

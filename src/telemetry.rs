@@ -1,0 +1,13 @@
+//! Tracing set up once. `RUST_LOG` filters (default `info`); output goes to stderr.
+
+use tracing_subscriber::{EnvFilter, fmt};
+
+/// Installs the global subscriber. Safe to call more than once (later calls are no-ops),
+/// which lets every test ask for logs with `TEST_LOG=1`.
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
