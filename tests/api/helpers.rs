@@ -1,0 +1,327 @@
+//! The spawn helper: a real server on port 0 over a fresh database, and clients for it.
+
+use std::{net::SocketAddr, time::Duration};
+
+use rolecheck::{
+    config::{Config, DatabaseUrl},
+    pb::{role_check_client::RoleCheckClient, tenants_client::TenantsClient},
+    server::Server,
+};
+use sqlx::{Connection, PgConnection};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// Which store a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The admin URL of the Postgres the tests use: `DATABASE_URL`, else the local one.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `url` with its database name replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let prefix = &base[..base.rfind('/').expect("database URL has a path")];
+    match query {
+        Some(q) => format!("{prefix}/{name}?{q}"),
+        None => format!("{prefix}/{name}"),
+    }
+}
+
+/// A database that exists for one test and is dropped with it.
+pub enum TestDb {
+    Sqlite(tempfile::TempDir),
+    Postgres { name: String, url: String },
+}
+
+impl TestDb {
+    pub async fn create(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => TestDb::Sqlite(tempfile::tempdir().expect("temp dir")),
+            Backend::Postgres => {
+                let name = format!("rc_test_{:016x}", rand_u64());
+                let mut admin = PgConnection::connect(&admin_url())
+                    .await
+                    .expect("admin connection");
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut admin)
+                    .await
+                    .expect("create test database");
+                let url = with_database(&admin_url(), &name);
+                TestDb::Postgres { name, url }
+            }
+        }
+    }
+
+    /// Points `config` at this database.
+    pub fn configure(&self, config: &mut Config) {
+        match self {
+            TestDb::Sqlite(dir) => {
+                config.data_dir = dir.path().to_owned();
+                config.database_url = None;
+            }
+            TestDb::Postgres { url, .. } => {
+                config.database_url = Some(DatabaseUrl(url.clone()));
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestDb::Postgres { name, .. } = self {
+            let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async {
+                    let mut admin = PgConnection::connect(&admin_url()).await?;
+                    sqlx::query(&sql).execute(&mut admin).await?;
+                    Ok::<_, sqlx::Error>(())
+                })?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+            .join();
+        }
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// A running server and clients for it.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub checks: RoleCheckClient<Channel>,
+    pub tenants: TenantsClient<Channel>,
+    pub config: Config,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<rolecheck::error::Result<()>>>,
+    // Declared last: dropped after the server stopped.
+    pub db: TestDb,
+}
+
+/// Settings for a test server: port 0, quick timeouts, the given database.
+pub fn test_config(db: &TestDb) -> Config {
+    if std::env::var_os("TEST_LOG").is_some() {
+        rolecheck::telemetry::init();
+    }
+    let mut config = Config::defaults();
+    config.listen = "127.0.0.1:0".parse().expect("address");
+    config.db_acquire_timeout = Duration::from_millis(500);
+    config.db_startup_wait = Duration::ZERO;
+    db.configure(&mut config);
+    config
+}
+
+pub async fn spawn(backend: Backend) -> TestApp {
+    spawn_with(backend, |_| {}).await
+}
+
+pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let db = TestDb::create(backend).await;
+    let mut config = test_config(&db);
+    tweak(&mut config);
+    start(config, db).await
+}
+
+/// Starts a server with `config` over `db`.
+pub async fn start(config: Config, db: TestDb) -> TestApp {
+    let server = Server::bind(config.clone()).await.expect("server starts");
+    let addr = server.local_addr();
+    let (tx, rx) = oneshot::channel();
+    let handle = tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    let channel = connect(addr).await;
+    TestApp {
+        addr,
+        checks: RoleCheckClient::new(channel.clone()),
+        tenants: TenantsClient::new(channel),
+        config,
+        shutdown: Some(tx),
+        handle: Some(handle),
+        db,
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect to test server")
+}
+
+impl TestApp {
+    /// Stops the server gracefully and waits for it; returns the database.
+    pub async fn stop(mut self) -> TestDb {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle
+                .await
+                .expect("server task")
+                .expect("server stops cleanly");
+        }
+        std::mem::replace(
+            &mut self.db,
+            TestDb::Sqlite(tempfile::tempdir().expect("temp dir")),
+        )
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// Generates one `#[tokio::test]` per store for each named `async fn(Backend)`.
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Polls `probe` until it returns `Some`, failing the test after `deadline`.
+pub async fn wait_for<T, F, Fut>(deadline: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+use std::collections::BTreeMap;
+
+use rolecheck::pb;
+
+/// Short calls for the common RPCs; each panics on an error status.
+impl TestApp {
+    pub async fn create_tenant(&self, id: &str) -> pb::Tenant {
+        let req = pb::CreateTenantRequest {
+            tenant_id: id.into(),
+            name: format!("Tenant {id}"),
+        };
+        self.tenants
+            .clone()
+            .create_tenant(req)
+            .await
+            .expect("CreateTenant")
+            .into_inner()
+    }
+
+    pub async fn grant(&self, user: &str, tenant: &str, roles: &[&str]) -> u64 {
+        self.checks
+            .clone()
+            .grant(pb::GrantRequest {
+                user_id: user.into(),
+                tenant_id: tenant.into(),
+                roles: roles.iter().map(|r| r.to_string()).collect(),
+                expires_at: None,
+            })
+            .await
+            .expect("Grant")
+            .into_inner()
+            .revision
+    }
+
+    pub async fn revoke(&self, user: &str, tenant: &str, roles: &[&str]) -> u64 {
+        self.checks
+            .clone()
+            .revoke(pb::RevokeRequest {
+                user_id: user.into(),
+                tenant_id: tenant.into(),
+                roles: roles.iter().map(|r| r.to_string()).collect(),
+            })
+            .await
+            .expect("Revoke")
+            .into_inner()
+            .revision
+    }
+
+    pub async fn check(&self, user: &str, tenant: &str, role: &str) -> bool {
+        self.checks
+            .clone()
+            .check(pb::CheckRequest {
+                user_id: user.into(),
+                tenant_id: tenant.into(),
+                role: role.into(),
+                min_revision: 0,
+            })
+            .await
+            .expect("Check")
+            .into_inner()
+            .allowed
+    }
+
+    pub async fn authorization(&self, user: &str) -> BTreeMap<String, Vec<String>> {
+        self.checks
+            .clone()
+            .get_authorization(pb::GetAuthorizationRequest {
+                user_id: user.into(),
+                min_revision: 0,
+            })
+            .await
+            .expect("GetAuthorization")
+            .into_inner()
+            .authorization
+            .into_iter()
+            .map(|(tenant, roles)| (tenant, roles.roles))
+            .collect()
+    }
+}
+
+/// A map literal for authorization objects.
+pub fn authz(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
+    entries
+        .iter()
+        .map(|(tenant, roles)| {
+            (
+                tenant.to_string(),
+                roles.iter().map(|r| r.to_string()).collect(),
+            )
+        })
+        .collect()
+}

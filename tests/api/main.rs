@@ -1,0 +1,5 @@
+//! The conformance suite: every test runs against a real server over a fresh SQLite file
+//! and over a fresh Postgres database (`DATABASE_URL`, default the local one).
+
+mod helpers;
+mod rpc;
