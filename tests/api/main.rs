@@ -2,4 +2,7 @@
 //! and over a fresh Postgres database (`DATABASE_URL`, default the local one).
 
 mod helpers;
+mod model;
+mod revisions;
 mod rpc;
+mod validation;
