@@ -179,3 +179,165 @@ impl Store for CachedStore {
         self.inner.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::{
+        domain::Role,
+        store::{SqliteStore, StoreOptions, WriteKind},
+    };
+
+    /// A real SQLite store that counts `user_roles` loads and, when armed, holds each load
+    /// after its read until the test releases it.
+    struct Counting {
+        inner: SqliteStore,
+        loads: AtomicUsize,
+        armed: std::sync::atomic::AtomicBool,
+        release: Semaphore,
+    }
+
+    #[async_trait]
+    impl Store for Counting {
+        async fn user_roles(&self, user: &UserId, min: Revision) -> Result<Arc<UserRoles>> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            let snapshot = self.inner.user_roles(user, min).await?;
+            if self.armed.load(Ordering::SeqCst) {
+                self.release.acquire().await.expect("semaphore").forget();
+            }
+            Ok(snapshot)
+        }
+        async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {
+            self.inner.write_membership(write).await
+        }
+        async fn list_members(
+            &self,
+            tenant: &TenantId,
+            after: Option<&UserId>,
+            limit: u32,
+            now: UnixSeconds,
+        ) -> Result<(Vec<Member>, Revision)> {
+            self.inner.list_members(tenant, after, limit, now).await
+        }
+        async fn create_tenant(&self, tenant: &Tenant) -> Result<Revision> {
+            self.inner.create_tenant(tenant).await
+        }
+        async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
+            self.inner.get_tenant(id).await
+        }
+        async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
+            self.inner.list_tenants(after, limit).await
+        }
+        async fn delete_tenant(&self, id: &TenantId) -> Result<Revision> {
+            self.inner.delete_tenant(id).await
+        }
+        async fn revision(&self) -> Result<Revision> {
+            self.inner.revision().await
+        }
+        async fn close(&self) {
+            self.inner.close().await;
+        }
+    }
+
+    async fn fixture(dir: &tempfile::TempDir, capacity: u64) -> (Arc<Counting>, CachedStore) {
+        let app = TenantId::parse("app", "app").expect("id");
+        let options =
+            StoreOptions { max_connections: 4, acquire_timeout: Duration::from_secs(5) };
+        let inner = SqliteStore::open(&dir.path().join("t.db"), &app, &options).await.expect("open");
+        inner.migrate().await.expect("migrate");
+        inner.ensure_application_tenant(&app).await.expect("app tenant");
+        let counting = Arc::new(Counting {
+            inner,
+            loads: AtomicUsize::new(0),
+            armed: false.into(),
+            release: Semaphore::new(0),
+        });
+        let cached = CachedStore::new(counting.clone(), capacity, Duration::from_secs(60));
+        (counting, cached)
+    }
+
+    fn user(id: &str) -> UserId {
+        UserId::parse("user_id", id).expect("user")
+    }
+
+    fn grant(user_id: &str, role: &str) -> MembershipWrite {
+        MembershipWrite {
+            kind: WriteKind::Grant,
+            tenant: TenantId::parse("t", "app").expect("tenant"),
+            user: user(user_id),
+            roles: vec![Role::parse("r", role).expect("role")],
+            expires_at: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_for_one_user_load_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (counting, cached) = fixture(&dir, 100).await;
+        counting.armed.store(true, Ordering::SeqCst);
+        let cached = Arc::new(cached);
+        let callers: Vec<_> = (0..32)
+            .map(|_| {
+                let cached = cached.clone();
+                tokio::spawn(async move { cached.user_roles(&user("u1"), 0).await })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while counting.loads.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "no load started");
+            tokio::task::yield_now().await;
+        }
+        counting.release.add_permits(1);
+        for caller in callers {
+            caller.await.expect("task").expect("load");
+        }
+        assert_eq!(counting.loads.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn capacity_bounds_the_entries() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (_, cached) = fixture(&dir, 10).await;
+        for i in 0..100 {
+            cached.user_roles(&user(&format!("u{i}")), 0).await.expect("load");
+        }
+        cached.cache.run_pending_tasks().await;
+        assert!(cached.entry_count() <= 10, "{} entries", cached.entry_count());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_in_flight_during_a_write_is_never_served_after_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (counting, cached) = fixture(&dir, 100).await;
+        let cached = Arc::new(cached);
+        counting.armed.store(true, Ordering::SeqCst);
+        let early = {
+            let cached = cached.clone();
+            tokio::spawn(async move { cached.user_roles(&user("u1"), 0).await })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while counting.loads.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "no load started");
+            tokio::task::yield_now().await;
+        }
+        // The early load has read the old state; now a write commits and returns.
+        cached.write_membership(&grant("u1", "admin")).await.expect("grant");
+        counting.armed.store(false, Ordering::SeqCst);
+        let late = {
+            let cached = cached.clone();
+            tokio::spawn(async move { cached.user_roles(&user("u1"), 0).await })
+        };
+        counting.release.add_permits(1);
+        early.await.expect("task").expect("load");
+        let late = late.await.expect("task").expect("load");
+        let (t, r) = (TenantId::parse("t", "app").expect("t"), Role::parse("r", "admin").expect("r"));
+        assert!(counting.loads.load(Ordering::SeqCst) >= 2, "the stale load was read again");
+        assert!(late.allows(&t, &r, now_unix()), "a read after the write sees it");
+        let again = cached.user_roles(&user("u1"), 0).await.expect("load");
+        assert!(again.allows(&t, &r, now_unix()), "the cache now holds the new state");
+    }
+}
