@@ -245,11 +245,18 @@ mod tests {
 
     async fn fixture(dir: &tempfile::TempDir, capacity: u64) -> (Arc<Counting>, CachedStore) {
         let app = TenantId::parse("app", "app").expect("id");
-        let options =
-            StoreOptions { max_connections: 4, acquire_timeout: Duration::from_secs(5) };
-        let inner = SqliteStore::open(&dir.path().join("t.db"), &app, &options).await.expect("open");
+        let options = StoreOptions {
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(5),
+        };
+        let inner = SqliteStore::open(&dir.path().join("t.db"), &app, &options)
+            .await
+            .expect("open");
         inner.migrate().await.expect("migrate");
-        inner.ensure_application_tenant(&app).await.expect("app tenant");
+        inner
+            .ensure_application_tenant(&app)
+            .await
+            .expect("app tenant");
         let counting = Arc::new(Counting {
             inner,
             loads: AtomicUsize::new(0),
@@ -303,10 +310,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (_, cached) = fixture(&dir, 10).await;
         for i in 0..100 {
-            cached.user_roles(&user(&format!("u{i}")), 0).await.expect("load");
+            cached
+                .user_roles(&user(&format!("u{i}")), 0)
+                .await
+                .expect("load");
         }
         cached.cache.run_pending_tasks().await;
-        assert!(cached.entry_count() <= 10, "{} entries", cached.entry_count());
+        assert!(
+            cached.entry_count() <= 10,
+            "{} entries",
+            cached.entry_count()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,7 +339,10 @@ mod tests {
             tokio::task::yield_now().await;
         }
         // The early load has read the old state; now a write commits and returns.
-        cached.write_membership(&grant("u1", "admin")).await.expect("grant");
+        cached
+            .write_membership(&grant("u1", "admin"))
+            .await
+            .expect("grant");
         counting.armed.store(false, Ordering::SeqCst);
         let late = {
             let cached = cached.clone();
@@ -334,10 +351,22 @@ mod tests {
         counting.release.add_permits(1);
         early.await.expect("task").expect("load");
         let late = late.await.expect("task").expect("load");
-        let (t, r) = (TenantId::parse("t", "app").expect("t"), Role::parse("r", "admin").expect("r"));
-        assert!(counting.loads.load(Ordering::SeqCst) >= 2, "the stale load was read again");
-        assert!(late.allows(&t, &r, now_unix()), "a read after the write sees it");
+        let (t, r) = (
+            TenantId::parse("t", "app").expect("t"),
+            Role::parse("r", "admin").expect("r"),
+        );
+        assert!(
+            counting.loads.load(Ordering::SeqCst) >= 2,
+            "the stale load was read again"
+        );
+        assert!(
+            late.allows(&t, &r, now_unix()),
+            "a read after the write sees it"
+        );
         let again = cached.user_roles(&user("u1"), 0).await.expect("load");
-        assert!(again.allows(&t, &r, now_unix()), "the cache now holds the new state");
+        assert!(
+            again.allows(&t, &r, now_unix()),
+            "the cache now holds the new state"
+        );
     }
 }

@@ -82,6 +82,11 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// After SIGTERM, how long in-flight calls may take before remaining connections are
+    /// dropped. Keep it below the orchestrator's kill deadline.
+    #[arg(long, env = "ROLECHECK_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// Do not apply migrations at start (leave them to `rolecheck migrate`).
     #[arg(long, env = "ROLECHECK_NO_MIGRATE")]
     pub no_migrate: bool,

@@ -87,14 +87,31 @@ impl Server {
         let addr = self.local_addr();
         tracing::info!(%addr, "serving gRPC");
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let served = tonic::transport::Server::builder()
+        let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stopping_tx.send(());
+        };
+        let serve = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(role_check)
             .add_service(tenants)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await;
+            .serve_with_incoming_shutdown(incoming, shutdown);
+        let grace = self.config.shutdown_grace;
+        let served = tokio::select! {
+            served = serve => served,
+            () = async {
+                if stopping.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "drain deadline passed; dropping remaining connections");
+                Ok(())
+            }
+        };
         health_task.abort();
         self.store.close().await;
         tracing::info!("stopped");

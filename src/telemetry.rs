@@ -1,5 +1,7 @@
 //! Tracing set up once. `RUST_LOG` filters (default `info`); output goes to stderr.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt};
 
 /// Installs the global subscriber. Safe to call more than once (later calls are no-ops),
@@ -9,5 +11,6 @@ pub fn init() {
     let _ = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

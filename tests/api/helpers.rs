@@ -105,7 +105,6 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub checks: RoleCheckClient<Channel>,
     pub tenants: TenantsClient<Channel>,
-    pub config: Config,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<rolecheck::error::Result<()>>>,
     // Declared last: dropped after the server stopped.
@@ -138,7 +137,7 @@ pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Te
 
 /// Starts a server with `config` over `db`.
 pub async fn start(config: Config, db: TestDb) -> TestApp {
-    let server = Server::bind(config.clone()).await.expect("server starts");
+    let server = Server::bind(config).await.expect("server starts");
     let addr = server.local_addr();
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(server.run(async {
@@ -149,7 +148,6 @@ pub async fn start(config: Config, db: TestDb) -> TestApp {
         addr,
         checks: RoleCheckClient::new(channel.clone()),
         tenants: TenantsClient::new(channel),
-        config,
         shutdown: Some(tx),
         handle: Some(handle),
         db,

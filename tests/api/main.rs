@@ -3,6 +3,7 @@
 
 mod helpers;
 mod model;
+mod outage;
 mod revisions;
 mod rpc;
 mod validation;

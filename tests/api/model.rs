@@ -169,13 +169,13 @@ async fn run(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 step,
                 op
             );
-            for t in 0..TENANTS.len() {
+            for (t, tenant) in TENANTS.iter().enumerate() {
                 for role in ROLES {
                     let held = want
                         .get(&tenant_key(t))
                         .is_some_and(|r| r.iter().any(|x| x == role));
                     prop_assert_eq!(
-                        app.check(user, TENANTS[t], role).await,
+                        app.check(user, tenant, role).await,
                         held,
                         "step {}: Check({}, {}, {}) after {:?}",
                         step,

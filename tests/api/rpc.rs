@@ -487,7 +487,20 @@ async fn reads_report_the_revision_they_reflect(backend: Backend) {
     assert_eq!(ahead.code(), Code::OutOfRange);
 }
 
+async fn data_survives_a_restart(backend: Backend) {
+    let app = spawn(backend).await;
+    app.create_tenant("acme").await;
+    let written = app.grant("u1", "acme", &["admin"]).await;
+    let db = app.stop().await;
+    let config = crate::helpers::test_config(&db);
+    let app = crate::helpers::start(config, db).await;
+    assert!(app.check("u1", "acme", "admin").await);
+    let w2 = app.grant("u2", "acme", &["viewer"]).await;
+    assert_eq!(w2, written + 1, "revisions continue where they were");
+}
+
 both_stores!(
+    data_survives_a_restart,
     seed_example_reads_back_through_get_authorization,
     grant_check_revoke_and_application_tenant,
     grant_and_revoke_are_idempotent,
