@@ -74,10 +74,8 @@ pub struct CachedStore {
 impl CachedStore {
     /// Wraps `inner` with a cache of at most `capacity` users, each kept at most `ttl`.
     pub fn new(inner: Arc<dyn Store>, capacity: u64, ttl: Duration) -> Self {
-        let cache = Cache::builder()
-            .max_capacity(capacity)
-            .expire_after(EntryExpiry { ttl })
-            .build();
+        let cache =
+            Cache::builder().max_capacity(capacity).expire_after(EntryExpiry { ttl }).build();
         Self {
             inner,
             cache,
@@ -119,10 +117,7 @@ impl Store for CachedStore {
                 .try_get_with_by_ref(user, async {
                     let seen = generation.load(Ordering::SeqCst);
                     let snapshot = self.inner.user_roles(user, 0).await?;
-                    Ok::<_, Error>(Arc::new(Entry {
-                        generation: seen,
-                        snapshot,
-                    }))
+                    Ok::<_, Error>(Arc::new(Entry { generation: seen, snapshot }))
                 })
                 .await
                 .map_err(Error::unshare)?;
@@ -245,18 +240,11 @@ mod tests {
 
     async fn fixture(dir: &tempfile::TempDir, capacity: u64) -> (Arc<Counting>, CachedStore) {
         let app = TenantId::parse("app", "app").expect("id");
-        let options = StoreOptions {
-            max_connections: 4,
-            acquire_timeout: Duration::from_secs(5),
-        };
-        let inner = SqliteStore::open(&dir.path().join("t.db"), &app, &options)
-            .await
-            .expect("open");
+        let options = StoreOptions { max_connections: 4, acquire_timeout: Duration::from_secs(5) };
+        let inner =
+            SqliteStore::open(&dir.path().join("t.db"), &app, &options).await.expect("open");
         inner.migrate().await.expect("migrate");
-        inner
-            .ensure_application_tenant(&app)
-            .await
-            .expect("app tenant");
+        inner.ensure_application_tenant(&app).await.expect("app tenant");
         let counting = Arc::new(Counting {
             inner,
             loads: AtomicUsize::new(0),
@@ -310,17 +298,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (_, cached) = fixture(&dir, 10).await;
         for i in 0..100 {
-            cached
-                .user_roles(&user(&format!("u{i}")), 0)
-                .await
-                .expect("load");
+            cached.user_roles(&user(&format!("u{i}")), 0).await.expect("load");
         }
         cached.cache.run_pending_tasks().await;
-        assert!(
-            cached.entry_count() <= 10,
-            "{} entries",
-            cached.entry_count()
-        );
+        assert!(cached.entry_count() <= 10, "{} entries", cached.entry_count());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,10 +320,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         // The early load has read the old state; now a write commits and returns.
-        cached
-            .write_membership(&grant("u1", "admin"))
-            .await
-            .expect("grant");
+        cached.write_membership(&grant("u1", "admin")).await.expect("grant");
         counting.armed.store(false, Ordering::SeqCst);
         let late = {
             let cached = cached.clone();
@@ -351,22 +329,11 @@ mod tests {
         counting.release.add_permits(1);
         early.await.expect("task").expect("load");
         let late = late.await.expect("task").expect("load");
-        let (t, r) = (
-            TenantId::parse("t", "app").expect("t"),
-            Role::parse("r", "admin").expect("r"),
-        );
-        assert!(
-            counting.loads.load(Ordering::SeqCst) >= 2,
-            "the stale load was read again"
-        );
-        assert!(
-            late.allows(&t, &r, now_unix()),
-            "a read after the write sees it"
-        );
+        let (t, r) =
+            (TenantId::parse("t", "app").expect("t"), Role::parse("r", "admin").expect("r"));
+        assert!(counting.loads.load(Ordering::SeqCst) >= 2, "the stale load was read again");
+        assert!(late.allows(&t, &r, now_unix()), "a read after the write sees it");
         let again = cached.user_roles(&user("u1"), 0).await.expect("load");
-        assert!(
-            again.allows(&t, &r, now_unix()),
-            "the cache now holds the new state"
-        );
+        assert!(again.allows(&t, &r, now_unix()), "the cache now holds the new state");
     }
 }

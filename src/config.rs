@@ -44,6 +44,10 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// HTTP listen address: `/.well-known/jwks.json`, `/healthz`, `/readyz`.
+    #[arg(long, env = "ROLECHECK_HTTP_LISTEN", default_value = "127.0.0.1:9090")]
+    pub http_listen: SocketAddr,
+
     /// Database URL: `postgres://…` for Postgres, `sqlite:PATH` for a SQLite file.
     /// Default: the embedded SQLite file `rolecheck.db` in --data-dir.
     #[arg(long, env = "ROLECHECK_DATABASE_URL", hide_env_values = true)]
@@ -57,6 +61,32 @@ pub struct Config {
     /// empty tenant_id.
     #[arg(long, env = "ROLECHECK_APPLICATION_ID", default_value = "app")]
     pub application_id: String,
+
+    /// The `iss` claim of issued tokens.
+    #[arg(long, env = "ROLECHECK_ISSUER", default_value = "rolecheck")]
+    pub issuer: String,
+
+    /// The `aud` claim of issued tokens. Default: the application id.
+    #[arg(long, env = "ROLECHECK_AUDIENCE")]
+    pub audience: Option<String>,
+
+    /// Token lifetime when `Issue` asks for none.
+    #[arg(long, env = "ROLECHECK_TOKEN_TTL", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub token_ttl: Duration,
+
+    /// Longest token lifetime; longer requests are capped to it.
+    #[arg(long, env = "ROLECHECK_MAX_TOKEN_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub max_token_ttl: Duration,
+
+    /// Largest token `Issue` returns; larger is FAILED_PRECONDITION (narrow with tenant_ids).
+    #[arg(long, env = "ROLECHECK_MAX_TOKEN_BYTES", default_value_t = 8192)]
+    pub max_token_bytes: usize,
+
+    /// PEM private key that signs tokens (RSA 2048+ → RS256, P-256 → ES256, Ed25519 →
+    /// EdDSA). Repeatable: the first signs, all are published. Without one, the embedded
+    /// store generates `signing-key.pem` in --data-dir; on Postgres, Issue is refused.
+    #[arg(long, env = "ROLECHECK_SIGNING_KEY", value_delimiter = ',')]
+    pub signing_key: Vec<PathBuf>,
 
     /// Maximum number of users whose roles are cached; 0 turns the cache off.
     #[arg(long, env = "ROLECHECK_CACHE_CAPACITY", default_value_t = 1_000_000)]
@@ -93,6 +123,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether the store is the embedded SQLite file (not Postgres).
+    pub fn embedded_store(&self) -> bool {
+        self.database_url.as_ref().is_none_or(|url| url.0.starts_with("sqlite:"))
+    }
+
     /// Defaults as `rolecheck serve` with no flags would use, for tests and embedding.
     pub fn defaults() -> Self {
         Cli::parse_from(["rolecheck"]).config

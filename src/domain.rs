@@ -15,16 +15,12 @@ pub type UnixSeconds = i64;
 
 /// The current unix time in whole seconds (rounded down).
 pub fn now_unix() -> UnixSeconds {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The current unix time in milliseconds.
 pub fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 macro_rules! identifier {
@@ -164,9 +160,19 @@ impl UserRoles {
 
     /// The earliest expiry among roles still live at `now`, if any expires.
     pub fn earliest_expiry(&self, now: UnixSeconds) -> Option<UnixSeconds> {
+        self.earliest_expiry_in(now, |_| true)
+    }
+
+    /// The earliest expiry among roles live at `now` in tenants `include` accepts.
+    pub fn earliest_expiry_in(
+        &self,
+        now: UnixSeconds,
+        include: impl Fn(&str) -> bool,
+    ) -> Option<UnixSeconds> {
         self.tenants
-            .values()
-            .flatten()
+            .iter()
+            .filter(|(tenant, _)| include(tenant))
+            .flat_map(|(_, roles)| roles)
             .filter(|held| held.is_live(now))
             .filter_map(|held| held.expires_at)
             .min()
@@ -179,10 +185,7 @@ impl UserRoles {
     ) -> Self {
         let mut tenants: BTreeMap<String, Vec<HeldRole>> = BTreeMap::new();
         for (tenant, role, expires_at) in rows {
-            tenants
-                .entry(tenant)
-                .or_default()
-                .push(HeldRole { role, expires_at });
+            tenants.entry(tenant).or_default().push(HeldRole { role, expires_at });
         }
         for roles in tenants.values_mut() {
             roles.sort_by(|a, b| a.role.cmp(&b.role));
@@ -200,10 +203,8 @@ pub fn parse_roles(field: &str, roles: &[String]) -> Result<Vec<Role>, Error> {
             format!("at most {MAX_ROLES_PER_WRITE} roles, got {}", roles.len()),
         ));
     }
-    let mut parsed = roles
-        .iter()
-        .map(|role| Role::parse(field, role))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut parsed =
+        roles.iter().map(|role| Role::parse(field, role)).collect::<Result<Vec<_>, _>>()?;
     parsed.sort();
     parsed.dedup();
     Ok(parsed)
@@ -228,10 +229,7 @@ mod tests {
     #[test]
     fn expiry_is_exclusive_to_the_second() {
         let snap = UserRoles::from_rows(1, [("t".into(), "r".into(), Some(100))]);
-        let (t, r) = (
-            TenantId::parse("t", "t").unwrap(),
-            Role::parse("r", "r").unwrap(),
-        );
+        let (t, r) = (TenantId::parse("t", "t").unwrap(), Role::parse("r", "r").unwrap());
         assert!(snap.allows(&t, &r, 99));
         assert!(!snap.allows(&t, &r, 100));
         assert!(snap.authorization(100).is_empty());

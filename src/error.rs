@@ -36,10 +36,7 @@ pub enum Error {
 impl Error {
     /// An invalid-argument error naming `field`.
     pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
-        Self::InvalidArgument {
-            field: field.to_owned(),
-            reason: reason.into(),
-        }
+        Self::InvalidArgument { field: field.to_owned(), reason: reason.into() }
     }
 }
 
@@ -47,10 +44,9 @@ impl Error {
     /// A copy of a shared error (moka hands one error to every waiter of a load).
     pub fn unshare(shared: std::sync::Arc<Error>) -> Self {
         std::sync::Arc::try_unwrap(shared).unwrap_or_else(|shared| match &*shared {
-            Error::InvalidArgument { field, reason } => Error::InvalidArgument {
-                field: field.clone(),
-                reason: reason.clone(),
-            },
+            Error::InvalidArgument { field, reason } => {
+                Error::InvalidArgument { field: field.clone(), reason: reason.clone() }
+            }
             Error::NotFound(m) => Error::NotFound(m.clone()),
             Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
             Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),

@@ -11,9 +11,11 @@ pub mod cache;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod http;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod token;
 
 /// Code generated from `proto/rolecheck/v1/rolecheck.proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

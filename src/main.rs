@@ -6,9 +6,7 @@ use rolecheck::{config::Cli, server, telemetry};
 fn main() -> anyhow::Result<()> {
     let (serve, config) = Cli::parse().into_command();
     telemetry::init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         if serve {
             let server = server::Server::bind(config).await?;

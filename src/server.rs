@@ -14,6 +14,7 @@ use crate::{
     error::{Error, Result},
     pb::{self, role_check_server::RoleCheckServer, tenants_server::TenantsServer},
     store::{self, Store, StoreOptions},
+    token::{KeySet, TokenSettings, Tokens},
 };
 
 /// How often the health service re-checks the store.
@@ -22,7 +23,9 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// A bound, ready-to-serve rolecheck: the listener is open and the store is migrated.
 pub struct Server {
     listener: TcpListener,
+    http_listener: TcpListener,
     store: Arc<dyn Store>,
+    tokens: Arc<Tokens>,
     config: Config,
     application_id: TenantId,
 }
@@ -32,30 +35,42 @@ impl Server {
     /// migrations unless `--no-migrate`, and wraps the store in the cache.
     pub async fn bind(config: Config) -> Result<Self> {
         let application_id = TenantId::parse("application_id", &config.application_id)?;
-        let listener = TcpListener::bind(config.listen).await.map_err(|err| {
-            Error::FailedPrecondition(format!("cannot listen on {}: {err}", config.listen))
-        })?;
+        let listener = bind(config.listen).await?;
+        let http_listener = bind(config.http_listen).await?;
+        let generated_key =
+            config.embedded_store().then(|| config.data_dir.join("signing-key.pem"));
+        let keys = Arc::new(KeySet::load(&config.signing_key, generated_key.as_deref())?);
+        match keys.signer() {
+            Some(key) => tracing::info!(kid = key.kid(), alg = ?key.algorithm(), "signing tokens"),
+            None => tracing::warn!("no signing key configured: Issue is refused"),
+        }
+        let tokens = Arc::new(Tokens::new(
+            keys,
+            TokenSettings {
+                issuer: config.issuer.clone(),
+                audience: config.audience.clone().unwrap_or_else(|| application_id.to_string()),
+                default_ttl: config.token_ttl.min(config.max_token_ttl),
+                max_ttl: config.max_token_ttl,
+                max_bytes: config.max_token_bytes,
+            },
+        ));
         let store = open_store(&config, &application_id, !config.no_migrate).await?;
         let store: Arc<dyn Store> = if config.cache_capacity == 0 {
             store
         } else {
-            Arc::new(CachedStore::new(
-                store,
-                config.cache_capacity,
-                config.cache_ttl,
-            ))
+            Arc::new(CachedStore::new(store, config.cache_capacity, config.cache_ttl))
         };
-        Ok(Self {
-            listener,
-            store,
-            config,
-            application_id,
-        })
+        Ok(Self { listener, http_listener, store, tokens, config, application_id })
     }
 
     /// The address the gRPC listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// The address the HTTP listener (JWKS, probes) is bound to.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listener.local_addr().unwrap_or(self.config.http_listen)
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls
@@ -79,12 +94,24 @@ impl Server {
         let role_check = RoleCheckServer::new(RoleCheckApi::new(
             self.store.clone(),
             self.application_id.clone(),
+            self.tokens.clone(),
         ))
         .max_decoding_message_size(max);
         let tenants =
             TenantsServer::new(TenantsApi::new(self.store.clone())).max_decoding_message_size(max);
 
         let addr = self.local_addr();
+        let http_addr = self.http_addr();
+        let (stop_http, http_stopping) = tokio::sync::oneshot::channel::<()>();
+        let http = axum::serve(
+            self.http_listener,
+            crate::http::router(self.tokens.keys().clone(), self.store.clone()),
+        )
+        .with_graceful_shutdown(async {
+            let _ = http_stopping.await;
+        });
+        let http_task = tokio::spawn(async move { http.await });
+        tracing::info!(%http_addr, "serving HTTP");
         tracing::info!(%addr, "serving gRPC");
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
@@ -113,10 +140,22 @@ impl Server {
             }
         };
         health_task.abort();
+        let _ = stop_http.send(());
+        match tokio::time::timeout(grace, http_task).await {
+            Ok(Ok(Err(err))) => tracing::warn!(%err, "HTTP server error"),
+            Err(_) => tracing::warn!("HTTP server did not stop in time"),
+            _ => {}
+        }
         self.store.close().await;
         tracing::info!("stopped");
         served.map_err(|err| Error::Internal(Box::new(err)))
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|err| Error::FailedPrecondition(format!("cannot listen on {addr}: {err}")))
 }
 
 /// Applies the migrations and exits: `rolecheck migrate`.

@@ -42,10 +42,7 @@ impl Db {
             .execute(&mut admin)
             .await
             .expect("drop");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .expect("create");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create");
         Db(name)
     }
 
@@ -58,10 +55,7 @@ impl Drop for Db {
     fn drop(&mut self) {
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0);
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             rt.block_on(async {
                 let mut admin = PgConnection::connect(&admin_url()).await.ok()?;
                 sqlx::query(&sql).execute(&mut admin).await.ok()
@@ -104,18 +98,9 @@ impl Proc {
                 }
             }
         });
-        let mut proc = Proc {
-            child,
-            lines,
-            addr: None,
-        };
+        let mut proc = Proc { child, lines, addr: None };
         let line = proc.wait_for_line("serving gRPC");
-        let addr = line
-            .split("addr=")
-            .nth(1)
-            .expect("addr in log")
-            .split_whitespace()
-            .next();
+        let addr = line.split("addr=").nth(1).expect("addr in log").split_whitespace().next();
         proc.addr = Some(addr.expect("addr").parse().expect("socket address"));
         proc
     }
@@ -181,11 +166,7 @@ async fn grant(
         roles: vec![role.into()],
         expires_at: None,
     };
-    Ok(RoleCheckClient::new(channel)
-        .grant(req)
-        .await?
-        .into_inner()
-        .revision)
+    Ok(RoleCheckClient::new(channel).grant(req).await?.into_inner().revision)
 }
 
 async fn check(channel: Channel, user: &str, tenant: &str, role: &str) -> bool {
@@ -195,12 +176,7 @@ async fn check(channel: Channel, user: &str, tenant: &str, role: &str) -> bool {
         role: role.into(),
         min_revision: 0,
     };
-    RoleCheckClient::new(channel)
-        .check(req)
-        .await
-        .expect("check")
-        .into_inner()
-        .allowed
+    RoleCheckClient::new(channel).check(req).await.expect("check").into_inner().allowed
 }
 
 #[tokio::test]
@@ -208,25 +184,17 @@ async fn embedded_store_survives_a_restart() {
     let dir = tempfile::tempdir().expect("dir");
     let data_dir = dir.path().join("data");
     let data_dir = data_dir.to_str().expect("utf-8 path");
-    let env = [
-        ("ROLECHECK_DATA_DIR", data_dir),
-        ("ROLECHECK_APPLICATION_ID", "myapp"),
-    ];
+    let env = [("ROLECHECK_DATA_DIR", data_dir), ("ROLECHECK_APPLICATION_ID", "myapp")];
 
     let mut first = Proc::spawn(&env);
-    grant(first.channel().await, "7", "", "owner")
-        .await
-        .expect("grant");
+    grant(first.channel().await, "7", "", "owner").await.expect("grant");
     assert!(check(first.channel().await, "7", "myapp", "owner").await);
     first.sigterm();
     assert!(first.wait_exit().await.success());
     assert!(std::path::Path::new(data_dir).join("rolecheck.db").exists());
 
     let second = Proc::spawn(&env);
-    assert!(
-        check(second.channel().await, "7", "", "owner").await,
-        "the grant survived"
-    );
+    assert!(check(second.channel().await, "7", "", "owner").await, "the grant survived");
 }
 
 #[tokio::test]
@@ -237,25 +205,15 @@ async fn migrate_is_idempotent_and_serve_can_skip_it() {
         let out = rolecheck(&["migrate"], &[("ROLECHECK_DATABASE_URL", &url)])
             .output()
             .expect("run migrate");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(log.contains("migrations applied"), "{log}");
         assert!(!log.contains(&url), "the database URL is never logged");
     }
-    let proc = Proc::spawn(&[
-        ("ROLECHECK_DATABASE_URL", &url),
-        ("ROLECHECK_NO_MIGRATE", "true"),
-    ]);
+    let proc = Proc::spawn(&[("ROLECHECK_DATABASE_URL", &url), ("ROLECHECK_NO_MIGRATE", "true")]);
     let mut tenants = TenantsClient::new(proc.channel().await);
     tenants
-        .create_tenant(pb::CreateTenantRequest {
-            tenant_id: "acme".into(),
-            name: "Acme".into(),
-        })
+        .create_tenant(pb::CreateTenantRequest { tenant_id: "acme".into(), name: "Acme".into() })
         .await
         .expect("create");
 }
@@ -274,24 +232,13 @@ async fn reflection_lists_the_services_without_proto_files() {
         .await
         .expect("reflect")
         .into_inner();
-    let response = responses
-        .message()
-        .await
-        .expect("stream")
-        .expect("a response");
+    let response = responses.message().await.expect("stream").expect("a response");
     let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
         panic!("unexpected reflection response");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in [
-        "rolecheck.v1.RoleCheck",
-        "rolecheck.v1.Tenants",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.iter().any(|n| n == expected),
-            "{expected} missing from {names:?}"
-        );
+    for expected in ["rolecheck.v1.RoleCheck", "rolecheck.v1.Tenants", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
 }
 
@@ -301,16 +248,11 @@ async fn sigterm_finishes_the_in_flight_call_then_exits_zero() {
     let url = db.url();
     let mut proc = Proc::spawn(&[("ROLECHECK_DATABASE_URL", &url)]);
     let channel = proc.channel().await;
-    grant(channel.clone(), "u0", "", "warmup")
-        .await
-        .expect("grant");
+    grant(channel.clone(), "u0", "", "warmup").await.expect("grant");
 
     // Hold the revision row so the next write waits inside its transaction.
     let mut blocker = PgConnection::connect(&url).await.expect("connect");
-    sqlx::query("BEGIN")
-        .execute(&mut blocker)
-        .await
-        .expect("begin");
+    sqlx::query("BEGIN").execute(&mut blocker).await.expect("begin");
     sqlx::query("SELECT value FROM store_revision WHERE id = 1 FOR UPDATE")
         .execute(&mut blocker)
         .await
@@ -336,19 +278,10 @@ async fn sigterm_finishes_the_in_flight_call_then_exits_zero() {
 
     proc.sigterm();
     proc.wait_for_line("shutdown requested");
-    assert!(
-        proc.child.try_wait().expect("wait").is_none(),
-        "still draining"
-    );
-    sqlx::query("COMMIT")
-        .execute(&mut blocker)
-        .await
-        .expect("commit");
+    assert!(proc.child.try_wait().expect("wait").is_none(), "still draining");
+    sqlx::query("COMMIT").execute(&mut blocker).await.expect("commit");
 
-    let revision = in_flight
-        .await
-        .expect("task")
-        .expect("the in-flight grant completes");
+    let revision = in_flight.await.expect("task").expect("the in-flight grant completes");
     assert!(revision > 0);
     let status = proc.wait_exit().await;
     assert_eq!(status.code(), Some(0));

@@ -24,10 +24,7 @@ fn page_size(requested: u32) -> Result<u32> {
     match requested {
         0 => Ok(DEFAULT_PAGE_SIZE),
         n if n <= MAX_PAGE_SIZE => Ok(n),
-        n => Err(Error::invalid(
-            "page_size",
-            format!("at most {MAX_PAGE_SIZE}, got {n}"),
-        )),
+        n => Err(Error::invalid("page_size", format!("at most {MAX_PAGE_SIZE}, got {n}"))),
     }
 }
 
@@ -68,19 +65,12 @@ fn parse_expiry(field: &str, expires_at: Option<&Timestamp>) -> Result<Option<Un
 }
 
 fn timestamp_from_millis(ms: i64) -> Timestamp {
-    Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    }
+    Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
 }
 
 /// A tenant id where empty means the application tenant.
 fn tenant_or_application(field: &str, value: &str, application: &TenantId) -> Result<TenantId> {
-    if value.is_empty() {
-        Ok(application.clone())
-    } else {
-        TenantId::parse(field, value)
-    }
+    if value.is_empty() { Ok(application.clone()) } else { TenantId::parse(field, value) }
 }
 
 #[cfg(test)]
@@ -90,10 +80,7 @@ mod tests {
     #[test]
     fn page_tokens_round_trip_and_are_bound_to_their_list() {
         let token = encode_page_token("members", "user-7");
-        assert_eq!(
-            decode_page_token("members", &token).unwrap().as_deref(),
-            Some("user-7")
-        );
+        assert_eq!(decode_page_token("members", &token).unwrap().as_deref(), Some("user-7"));
         assert!(decode_page_token("tenants", &token).is_err());
         assert!(decode_page_token("members", "%%%").is_err());
         assert_eq!(decode_page_token("members", "").unwrap(), None);

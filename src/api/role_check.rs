@@ -11,6 +11,7 @@ use crate::{
     error::{Error, Result},
     pb::{self, role_check_server::RoleCheck},
     store::{MembershipWrite, Store, WriteKind},
+    token::Tokens,
 };
 
 /// Most checks in one `CheckBatch`.
@@ -22,6 +23,7 @@ const BATCH_LOAD_CONCURRENCY: usize = 16;
 pub struct RoleCheckApi {
     store: Arc<dyn Store>,
     application_id: TenantId,
+    tokens: Arc<Tokens>,
 }
 
 /// One validated check.
@@ -33,11 +35,8 @@ struct CheckQuery {
 
 impl RoleCheckApi {
     /// Serves checks and writes from `store`; empty tenant ids mean `application_id`.
-    pub fn new(store: Arc<dyn Store>, application_id: TenantId) -> Self {
-        Self {
-            store,
-            application_id,
-        }
+    pub fn new(store: Arc<dyn Store>, application_id: TenantId, tokens: Arc<Tokens>) -> Self {
+        Self { store, application_id, tokens }
     }
 
     fn tenant(&self, field: &str, value: &str) -> Result<TenantId> {
@@ -144,11 +143,7 @@ impl RoleCheck for RoleCheckApi {
                 }
             })
             .collect();
-        let revision = users
-            .values()
-            .map(|roles| roles.revision)
-            .min()
-            .unwrap_or_default();
+        let revision = users.values().map(|roles| roles.revision).min().unwrap_or_default();
         Ok(Response::new(pb::CheckBatchResponse { results, revision }))
     }
 
@@ -175,13 +170,8 @@ impl RoleCheck for RoleCheckApi {
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let req = request.get_ref();
-        let write = self.parse_write(
-            WriteKind::Revoke,
-            &req.user_id,
-            &req.tenant_id,
-            &req.roles,
-            None,
-        )?;
+        let write =
+            self.parse_write(WriteKind::Revoke, &req.user_id, &req.tenant_id, &req.roles, None)?;
         let revision = self.store.write_membership(&write).await?;
         Ok(Response::new(pb::RevokeResponse { revision }))
     }
@@ -216,10 +206,7 @@ impl RoleCheck for RoleCheckApi {
             .into_iter()
             .map(|(tenant, roles)| (tenant, pb::Roles { roles }))
             .collect();
-        Ok(Response::new(pb::GetAuthorizationResponse {
-            authorization,
-            revision: roles.revision,
-        }))
+        Ok(Response::new(pb::GetAuthorizationResponse { authorization, revision: roles.revision }))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(tenant = %request.get_ref().tenant_id))]
@@ -233,48 +220,58 @@ impl RoleCheck for RoleCheckApi {
         let after = decode_page_token("members", &req.page_token)?
             .map(|user| UserId::parse("page_token", &user))
             .transpose()?;
-        let (mut members, revision) = self
-            .store
-            .list_members(&tenant, after.as_ref(), limit + 1, now_unix())
-            .await?;
+        let (mut members, revision) =
+            self.store.list_members(&tenant, after.as_ref(), limit + 1, now_unix()).await?;
         let next_page_token = if members.len() > limit as usize {
             members.truncate(limit as usize);
-            members
-                .last()
-                .map(|m| encode_page_token("members", &m.user_id))
-                .unwrap_or_default()
+            members.last().map(|m| encode_page_token("members", &m.user_id)).unwrap_or_default()
         } else {
             String::new()
         };
         Ok(Response::new(pb::ListMembersResponse {
             members: members
                 .into_iter()
-                .map(|m| pb::Member {
-                    user_id: m.user_id,
-                    roles: m.roles,
-                })
+                .map(|m| pb::Member { user_id: m.user_id, roles: m.roles })
                 .collect(),
             next_page_token,
             revision,
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(tenants = request.get_ref().tenant_ids.len()))]
     async fn issue(
         &self,
-        _request: Request<pb::IssueRequest>,
+        request: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::IssueResponse>, Status> {
-        Err(Status::unimplemented(
-            "Issue is not available in this build yet",
-        ))
+        let req = request.get_ref();
+        let user = UserId::parse("user_id", &req.user_id)?;
+        if req.tenant_ids.len() > MAX_BATCH {
+            return Err(Error::invalid("tenant_ids", format!("at most {MAX_BATCH}")).into());
+        }
+        let only = req
+            .tenant_ids
+            .iter()
+            .enumerate()
+            .map(|(i, tenant)| self.tenant(&format!("tenant_ids[{i}]"), tenant))
+            .collect::<Result<Vec<_>>>()?;
+        if self.tokens.keys().signer().is_none() {
+            return Err(Error::FailedPrecondition("no signing key configured".into()).into());
+        }
+        let roles = self.store.user_roles(&user, req.min_revision).await?;
+        let minted = self.tokens.mint(&user, &roles, &only, req.ttl_seconds, now_unix())?;
+        Ok(Response::new(pb::IssueResponse {
+            access_token: minted.token,
+            expires_at: Some(prost_types::Timestamp { seconds: minted.expires_at, nanos: 0 }),
+            revision: roles.revision,
+        }))
     }
 
     async fn get_keys(
         &self,
         _request: Request<pb::GetKeysRequest>,
     ) -> Result<Response<pb::GetKeysResponse>, Status> {
-        Err(Status::unimplemented(
-            "GetKeys is not available in this build yet",
-        ))
+        let jwks_json = self.tokens.keys().jwks_json().to_owned();
+        Ok(Response::new(pb::GetKeysResponse { jwks_json }))
     }
 
     type WatchStream = WatchStream;
@@ -283,8 +280,6 @@ impl RoleCheck for RoleCheckApi {
         &self,
         _request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented(
-            "Watch is not available in this build yet",
-        ))
+        Err(Status::unimplemented("Watch is not available in this build yet"))
     }
 }

@@ -43,9 +43,7 @@ impl TenantsApi {
                 Err(err) => return Err(err),
             }
         }
-        Err(Error::Unavailable(
-            "could not generate a free tenant id, retry".into(),
-        ))
+        Err(Error::Unavailable("could not generate a free tenant id, retry".into()))
     }
 }
 
@@ -116,10 +114,7 @@ impl Tenants for TenantsApi {
         let mut tenants = self.store.list_tenants(after.as_ref(), limit + 1).await?;
         let next_page_token = if tenants.len() > limit as usize {
             tenants.truncate(limit as usize);
-            tenants
-                .last()
-                .map(|t| encode_page_token("tenants", t.id.as_str()))
-                .unwrap_or_default()
+            tenants.last().map(|t| encode_page_token("tenants", t.id.as_str())).unwrap_or_default()
         } else {
             String::new()
         };

@@ -160,9 +160,5 @@ pub(crate) fn check_min_revision(revision: Revision, min_revision: Revision) -> 
 }
 
 pub(crate) fn tenant_from_row((id, name, created_at_ms): (String, String, i64)) -> Tenant {
-    Tenant {
-        id: TenantId::trusted(id),
-        name,
-        created_at_ms,
-    }
+    Tenant { id: TenantId::trusted(id), name, created_at_ms }
 }

@@ -28,17 +28,12 @@ impl PgStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect.application_name("rolecheck"))
             .await?;
-        Ok(Self {
-            pool,
-            application_id: application_id.clone(),
-        })
+        Ok(Self { pool, application_id: application_id.clone() })
     }
 
     /// Applies the embedded migrations. Refuses a schema newer than this binary knows.
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("./migrations/postgres")
-            .run(&self.pool)
-            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&self.pool).await?;
         Ok(())
     }
 

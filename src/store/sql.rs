@@ -60,8 +60,7 @@ pub fn user_roles_from(rows: Vec<UserRoleRow>) -> UserRoles {
     let revision = rows.first().map_or(0, |row| row.0 as Revision);
     UserRoles::from_rows(
         revision,
-        rows.into_iter()
-            .filter_map(|(_, tenant, role, expires)| Some((tenant?, role?, expires))),
+        rows.into_iter().filter_map(|(_, tenant, role, expires)| Some((tenant?, role?, expires))),
     )
 }
 
@@ -78,10 +77,7 @@ pub fn members_from(rows: Vec<MemberRow>) -> (Vec<Member>, Revision) {
         };
         match members.last_mut() {
             Some(last) if last.user_id == user => last.roles.push(role),
-            _ => members.push(Member {
-                user_id: user,
-                roles: vec![role],
-            }),
+            _ => members.push(Member { user_id: user, roles: vec![role] }),
         }
     }
     (members, revision)
@@ -157,9 +153,8 @@ macro_rules! sql_store {
                     query.push(sql::UPSERT_ROLES_SUFFIX);
                     query.build().execute(&mut *tx).await?;
                 }
-                let (revision,): (i64,) = sqlx::query_as(sql::BUMP_REVISION)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let (revision,): (i64,) =
+                    sqlx::query_as(sql::BUMP_REVISION).fetch_one(&mut *tx).await?;
                 tx.commit().await?;
                 Ok(revision as $crate::domain::Revision)
             }
@@ -202,9 +197,8 @@ macro_rules! sql_store {
                     }
                     other => other?,
                 };
-                let (revision,): (i64,) = sqlx::query_as($crate::store::sql::BUMP_REVISION)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let (revision,): (i64,) =
+                    sqlx::query_as($crate::store::sql::BUMP_REVISION).fetch_one(&mut *tx).await?;
                 tx.commit().await?;
                 Ok(revision as $crate::domain::Revision)
             }
@@ -233,10 +227,7 @@ macro_rules! sql_store {
                         .bind(i64::from(limit))
                         .fetch_all(self.read_pool())
                         .await?;
-                Ok(rows
-                    .into_iter()
-                    .map($crate::store::tenant_from_row)
-                    .collect())
+                Ok(rows.into_iter().map($crate::store::tenant_from_row).collect())
             }
 
             async fn delete_tenant(
@@ -250,22 +241,14 @@ macro_rules! sql_store {
                     )));
                 }
                 let mut tx = self.write_pool().begin().await?;
-                sqlx::query(sql::DELETE_TENANT_MEMBERS)
-                    .bind(id.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-                let deleted = sqlx::query(sql::DELETE_TENANT)
-                    .bind(id.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(sql::DELETE_TENANT_MEMBERS).bind(id.as_str()).execute(&mut *tx).await?;
+                let deleted =
+                    sqlx::query(sql::DELETE_TENANT).bind(id.as_str()).execute(&mut *tx).await?;
                 if deleted.rows_affected() == 0 {
-                    return Err($crate::error::Error::NotFound(format!(
-                        "tenant {id} not found"
-                    )));
+                    return Err($crate::error::Error::NotFound(format!("tenant {id} not found")));
                 }
-                let (revision,): (i64,) = sqlx::query_as(sql::BUMP_REVISION)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let (revision,): (i64,) =
+                    sqlx::query_as(sql::BUMP_REVISION).fetch_one(&mut *tx).await?;
                 tx.commit().await?;
                 Ok(revision as $crate::domain::Revision)
             }

@@ -66,18 +66,12 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
-        Ok(Self {
-            read,
-            write,
-            application_id: application_id.clone(),
-        })
+        Ok(Self { read, write, application_id: application_id.clone() })
     }
 
     /// Applies the embedded migrations. Refuses a schema newer than this binary knows.
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&self.write)
-            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&self.write).await?;
         Ok(())
     }
 

@@ -26,9 +26,7 @@ pub fn admin_url() -> String {
 
 /// `url` with its database name replaced by `name`.
 pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
     let prefix = &base[..base.rfind('/').expect("database URL has a path")];
     match query {
         Some(q) => format!("{prefix}/{name}?{q}"),
@@ -48,9 +46,8 @@ impl TestDb {
             Backend::Sqlite => TestDb::Sqlite(tempfile::tempdir().expect("temp dir")),
             Backend::Postgres => {
                 let name = format!("rc_test_{:016x}", rand_u64());
-                let mut admin = PgConnection::connect(&admin_url())
-                    .await
-                    .expect("admin connection");
+                let mut admin =
+                    PgConnection::connect(&admin_url()).await.expect("admin connection");
                 sqlx::query(&format!("CREATE DATABASE {name}"))
                     .execute(&mut admin)
                     .await
@@ -80,9 +77,7 @@ impl Drop for TestDb {
         if let TestDb::Postgres { name, .. } = self {
             let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
             let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 runtime.block_on(async {
                     let mut admin = PgConnection::connect(&admin_url()).await?;
                     sqlx::query(&sql).execute(&mut admin).await?;
@@ -103,6 +98,8 @@ fn rand_u64() -> u64 {
 /// A running server and clients for it.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The HTTP port: JWKS and probes.
+    pub http: SocketAddr,
     pub checks: RoleCheckClient<Channel>,
     pub tenants: TenantsClient<Channel>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -118,6 +115,7 @@ pub fn test_config(db: &TestDb) -> Config {
     }
     let mut config = Config::defaults();
     config.listen = "127.0.0.1:0".parse().expect("address");
+    config.http_listen = "127.0.0.1:0".parse().expect("address");
     config.db_acquire_timeout = Duration::from_millis(500);
     config.db_startup_wait = Duration::ZERO;
     db.configure(&mut config);
@@ -139,6 +137,7 @@ pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Te
 pub async fn start(config: Config, db: TestDb) -> TestApp {
     let server = Server::bind(config).await.expect("server starts");
     let addr = server.local_addr();
+    let http = server.http_addr();
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(server.run(async {
         let _ = rx.await;
@@ -146,6 +145,7 @@ pub async fn start(config: Config, db: TestDb) -> TestApp {
     let channel = connect(addr).await;
     TestApp {
         addr,
+        http,
         checks: RoleCheckClient::new(channel.clone()),
         tenants: TenantsClient::new(channel),
         shutdown: Some(tx),
@@ -169,15 +169,19 @@ impl TestApp {
             let _ = tx.send(());
         }
         if let Some(handle) = self.handle.take() {
-            handle
-                .await
-                .expect("server task")
-                .expect("server stops cleanly");
+            handle.await.expect("server task").expect("server stops cleanly");
         }
-        std::mem::replace(
-            &mut self.db,
-            TestDb::Sqlite(tempfile::tempdir().expect("temp dir")),
-        )
+        std::mem::replace(&mut self.db, TestDb::Sqlite(tempfile::tempdir().expect("temp dir")))
+    }
+}
+
+impl TestApp {
+    /// Where the embedded store keeps its generated signing key.
+    pub fn db_path_key(&self) -> std::path::PathBuf {
+        match &self.db {
+            TestDb::Sqlite(dir) => dir.path().join("signing-key.pem"),
+            TestDb::Postgres { .. } => panic!("no generated key on Postgres"),
+        }
     }
 }
 
@@ -223,10 +227,7 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < until, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -238,16 +239,8 @@ use rolecheck::pb;
 /// Short calls for the common RPCs; each panics on an error status.
 impl TestApp {
     pub async fn create_tenant(&self, id: &str) -> pb::Tenant {
-        let req = pb::CreateTenantRequest {
-            tenant_id: id.into(),
-            name: format!("Tenant {id}"),
-        };
-        self.tenants
-            .clone()
-            .create_tenant(req)
-            .await
-            .expect("CreateTenant")
-            .into_inner()
+        let req = pb::CreateTenantRequest { tenant_id: id.into(), name: format!("Tenant {id}") };
+        self.tenants.clone().create_tenant(req).await.expect("CreateTenant").into_inner()
     }
 
     pub async fn grant(&self, user: &str, tenant: &str, roles: &[&str]) -> u64 {
@@ -315,11 +308,6 @@ impl TestApp {
 pub fn authz(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
     entries
         .iter()
-        .map(|(tenant, roles)| {
-            (
-                tenant.to_string(),
-                roles.iter().map(|r| r.to_string()).collect(),
-            )
-        })
+        .map(|(tenant, roles)| (tenant.to_string(), roles.iter().map(|r| r.to_string()).collect()))
         .collect()
 }

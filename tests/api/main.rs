@@ -6,4 +6,5 @@ mod model;
 mod outage;
 mod revisions;
 mod rpc;
+mod tokens;
 mod validation;

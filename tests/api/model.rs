@@ -42,11 +42,7 @@ struct Model {
 }
 
 fn tenant_key(t: usize) -> String {
-    if TENANTS[t].is_empty() {
-        APP.to_owned()
-    } else {
-        TENANTS[t].to_owned()
-    }
+    if TENANTS[t].is_empty() { APP.to_owned() } else { TENANTS[t].to_owned() }
 }
 
 fn names(idx: &[usize]) -> Vec<String> {
@@ -111,16 +107,11 @@ async fn send(app: &TestApp, op: &Op) -> Code {
     let mut tenants = app.tenants.clone();
     let result = match op {
         Op::CreateTenant(t) => tenants
-            .create_tenant(pb::CreateTenantRequest {
-                tenant_id: tenant_key(*t),
-                name: "n".into(),
-            })
+            .create_tenant(pb::CreateTenantRequest { tenant_id: tenant_key(*t), name: "n".into() })
             .await
             .map(|_| ()),
         Op::DeleteTenant(t) => tenants
-            .delete_tenant(pb::DeleteTenantRequest {
-                tenant_id: tenant_key(*t),
-            })
+            .delete_tenant(pb::DeleteTenantRequest { tenant_id: tenant_key(*t) })
             .await
             .map(|_| ()),
         Op::Grant(u, t, r) => checks
@@ -162,18 +153,11 @@ async fn run(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
         prop_assert_eq!(send(&app, op).await, expected, "step {}: {:?}", step, op);
         for user in USERS {
             let want = model.authorization(user);
-            prop_assert_eq!(
-                &app.authorization(user).await,
-                &want,
-                "step {}: {:?}",
-                step,
-                op
-            );
+            prop_assert_eq!(&app.authorization(user).await, &want, "step {}: {:?}", step, op);
             for (t, tenant) in TENANTS.iter().enumerate() {
                 for role in ROLES {
-                    let held = want
-                        .get(&tenant_key(t))
-                        .is_some_and(|r| r.iter().any(|x| x == role));
+                    let held =
+                        want.get(&tenant_key(t)).is_some_and(|r| r.iter().any(|x| x == role));
                     prop_assert_eq!(
                         app.check(user, tenant, role).await,
                         held,
@@ -192,11 +176,7 @@ async fn run(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: 12,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
+    ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() }
 }
 
 fn run_blocking(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {

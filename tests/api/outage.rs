@@ -67,26 +67,18 @@ impl Proxy {
 fn split_url(url: &str, proxy: SocketAddr) -> (String, String) {
     let (scheme_user, rest) = url.split_once('@').expect("URL with user@host");
     let (host_port, path) = rest.split_once('/').expect("URL with a path");
-    (
-        host_port.to_owned(),
-        format!("{scheme_user}@{proxy}/{path}"),
-    )
+    (host_port.to_owned(), format!("{scheme_user}@{proxy}/{path}"))
 }
 
 fn assert_unavailable(status: tonic::Status) {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(
-        status.message().starts_with("store unavailable"),
-        "no database text: {status:?}"
-    );
+    assert!(status.message().starts_with("store unavailable"), "no database text: {status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_is_unavailable_then_recovers() {
     let db = TestDb::create(Backend::Postgres).await;
-    let TestDb::Postgres { url, .. } = &db else {
-        unreachable!()
-    };
+    let TestDb::Postgres { url, .. } = &db else { unreachable!() };
     let (upstream, _) = split_url(&admin_url(), "127.0.0.1:1".parse().expect("addr"));
     let proxy = Proxy::start(upstream).await;
     let (_, proxied) = split_url(url, proxy.addr);
@@ -97,12 +89,7 @@ async fn postgres_outage_is_unavailable_then_recovers() {
     let serving = |status: ServingStatus| {
         let mut health = health.clone();
         async move {
-            let got = health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .ok()?;
+            let got = health.check(HealthCheckRequest { service: String::new() }).await.ok()?;
             (got.into_inner().status == status as i32).then_some(())
         }
     };
@@ -130,22 +117,13 @@ async fn postgres_outage_is_unavailable_then_recovers() {
     assert_unavailable(
         app.tenants
             .clone()
-            .get_tenant(pb::GetTenantRequest {
-                tenant_id: "acme".into(),
-            })
+            .get_tenant(pb::GetTenantRequest { tenant_id: "acme".into() })
             .await
             .unwrap_err(),
     );
-    assert_unavailable(
-        checks
-            .list_members(pb::ListMembersRequest::default())
-            .await
-            .unwrap_err(),
-    );
-    wait_for(Duration::from_secs(10), "health NOT_SERVING", || {
-        serving(ServingStatus::NotServing)
-    })
-    .await;
+    assert_unavailable(checks.list_members(pb::ListMembersRequest::default()).await.unwrap_err());
+    wait_for(Duration::from_secs(10), "health NOT_SERVING", || serving(ServingStatus::NotServing))
+        .await;
 
     proxy.restore();
     wait_for(Duration::from_secs(15), "the store to answer again", || {
@@ -155,22 +133,10 @@ async fn postgres_outage_is_unavailable_then_recovers() {
     })
     .await;
     assert!(app.check("u2", "acme", "admin").await);
-    assert!(
-        !checks
-            .check(uncached)
-            .await
-            .expect("check")
-            .into_inner()
-            .allowed
-    );
-    wait_for(Duration::from_secs(10), "health SERVING", || {
-        serving(ServingStatus::Serving)
-    })
-    .await;
+    assert!(!checks.check(uncached).await.expect("check").into_inner().allowed);
+    wait_for(Duration::from_secs(10), "health SERVING", || serving(ServingStatus::Serving)).await;
     health
-        .check(HealthCheckRequest {
-            service: "rolecheck.v1.RoleCheck".into(),
-        })
+        .check(HealthCheckRequest { service: "rolecheck.v1.RoleCheck".into() })
         .await
         .expect("health");
 }

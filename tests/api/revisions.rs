@@ -32,12 +32,7 @@ async fn concurrent_writes_get_distinct_revisions_in_commit_order(backend: Backe
                         tenant_id: tenant.into(),
                         roles: vec![],
                     };
-                    checks
-                        .revoke(req)
-                        .await
-                        .expect("revoke")
-                        .into_inner()
-                        .revision
+                    checks.revoke(req).await.expect("revoke").into_inner().revision
                 } else {
                     let req = rolecheck::pb::GrantRequest {
                         user_id: user,
@@ -45,12 +40,7 @@ async fn concurrent_writes_get_distinct_revisions_in_commit_order(backend: Backe
                         roles: vec![format!("r{w}")],
                         expires_at: None,
                     };
-                    checks
-                        .grant(req)
-                        .await
-                        .expect("grant")
-                        .into_inner()
-                        .revision
+                    checks.grant(req).await.expect("grant").into_inner().revision
                 };
                 log.push((began, Instant::now(), revision));
             }
@@ -65,21 +55,13 @@ async fn concurrent_writes_get_distinct_revisions_in_commit_order(backend: Backe
     let mut revisions: Vec<u64> = all.iter().map(|w| w.2).collect();
     revisions.sort_unstable();
     let expected: Vec<u64> = (start + 1..=start + (WRITERS * WRITES_EACH) as u64).collect();
-    assert_eq!(
-        revisions, expected,
-        "one revision per write, no gaps, no repeats"
-    );
+    assert_eq!(revisions, expected, "one revision per write, no gaps, no repeats");
 
     // A write that finished before another began has the lower revision.
     for a in &all {
         for b in &all {
             if a.1 < b.0 {
-                assert!(
-                    a.2 < b.2,
-                    "write at {} finished before write at {} began",
-                    a.2,
-                    b.2
-                );
+                assert!(a.2 < b.2, "write at {} finished before write at {} began", a.2, b.2);
             }
         }
     }

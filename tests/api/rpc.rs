@@ -20,26 +20,14 @@ async fn seed_example_reads_back_through_get_authorization(backend: Backend) {
     let got = app
         .checks
         .clone()
-        .get_authorization(pb::GetAuthorizationRequest {
-            user_id: "1".into(),
-            min_revision: last,
-        })
+        .get_authorization(pb::GetAuthorizationRequest { user_id: "1".into(), min_revision: last })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(got.revision, last);
-    let object: std::collections::BTreeMap<_, _> = got
-        .authorization
-        .into_iter()
-        .map(|(t, r)| (t, r.roles))
-        .collect();
-    assert_eq!(
-        object,
-        authz(&[
-            ("nz569yb7", &["admin"]),
-            ("a5h281k8", &["support", "viewer"])
-        ])
-    );
+    let object: std::collections::BTreeMap<_, _> =
+        got.authorization.into_iter().map(|(t, r)| (t, r.roles)).collect();
+    assert_eq!(object, authz(&[("nz569yb7", &["admin"]), ("a5h281k8", &["support", "viewer"])]));
     assert!(app.check("1", "nz569yb7", "admin").await);
     assert!(!app.check("1", "nz569yb7", "viewer").await);
     assert!(app.check("1", "a5h281k8", "support").await);
@@ -48,21 +36,12 @@ async fn seed_example_reads_back_through_get_authorization(backend: Backend) {
 async fn grant_check_revoke_and_application_tenant(backend: Backend) {
     let app = spawn(backend).await;
     app.create_tenant("acme").await;
-    assert!(
-        !app.check("u1", "acme", "admin").await,
-        "unknown user is simply denied"
-    );
-    assert!(
-        !app.check("u1", "nope", "admin").await,
-        "unknown tenant is simply denied"
-    );
+    assert!(!app.check("u1", "acme", "admin").await, "unknown user is simply denied");
+    assert!(!app.check("u1", "nope", "admin").await, "unknown tenant is simply denied");
 
     let r1 = app.grant("u1", "acme", &["admin", "viewer", "admin"]).await;
     assert!(app.check("u1", "acme", "admin").await);
-    assert!(
-        !app.check("u1", "acme", "Admin").await,
-        "comparison is case-sensitive"
-    );
+    assert!(!app.check("u1", "acme", "Admin").await, "comparison is case-sensitive");
     assert!(!app.check("u2", "acme", "admin").await);
 
     // Empty tenant_id is the application tenant, also reachable by its id.
@@ -82,10 +61,7 @@ async fn grant_check_revoke_and_application_tenant(backend: Backend) {
 
     // Revoke with no roles removes the user from the tenant.
     app.revoke("u1", "acme", &[]).await;
-    assert_eq!(
-        app.authorization("u1").await,
-        authz(&[("app", &["superuser"])])
-    );
+    assert_eq!(app.authorization("u1").await, authz(&[("app", &["superuser"])]));
 }
 
 async fn grant_and_revoke_are_idempotent(backend: Backend) {
@@ -94,10 +70,7 @@ async fn grant_and_revoke_are_idempotent(backend: Backend) {
     let a = app.grant("u1", "acme", &["admin"]).await;
     let b = app.grant("u1", "acme", &["admin"]).await;
     assert!(b > a, "every committed write gets its own revision");
-    assert_eq!(
-        app.authorization("u1").await,
-        authz(&[("acme", &["admin"])])
-    );
+    assert_eq!(app.authorization("u1").await, authz(&[("acme", &["admin"])]));
     app.revoke("u1", "acme", &["admin"]).await;
     app.revoke("u1", "acme", &["admin"]).await;
     app.revoke("u1", "acme", &[]).await;
@@ -116,18 +89,12 @@ async fn set_roles_replaces_exactly(backend: Backend) {
         expires_at: None,
     };
     checks.set_roles(set(&["c", "b", "c"])).await.unwrap();
-    assert_eq!(
-        app.authorization("u1").await,
-        authz(&[("acme", &["b", "c"])])
-    );
+    assert_eq!(app.authorization("u1").await, authz(&[("acme", &["b", "c"])]));
     assert!(!app.check("u1", "acme", "a").await);
     checks.set_roles(set(&[])).await.unwrap();
     assert!(app.authorization("u1").await.is_empty());
     let err = checks
-        .set_roles(pb::SetRolesRequest {
-            tenant_id: "missing".into(),
-            ..set(&["a"])
-        })
+        .set_roles(pb::SetRolesRequest { tenant_id: "missing".into(), ..set(&["a"]) })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -154,30 +121,16 @@ async fn check_batch_answers_in_order(backend: Backend) {
         ],
         min_revision: last,
     };
-    let got = app
-        .checks
-        .clone()
-        .check_batch(batch)
-        .await
-        .unwrap()
-        .into_inner();
+    let got = app.checks.clone().check_batch(batch).await.unwrap().into_inner();
     let allowed: Vec<bool> = got.results.iter().map(|r| r.allowed).collect();
     assert_eq!(allowed, [true, false, true, false, true]);
     assert!(got.revision >= last);
 
     let full = pb::CheckBatchRequest {
-        checks: (0..1000)
-            .map(|i| check(&format!("u{}", i % 3), "acme", "admin"))
-            .collect(),
+        checks: (0..1000).map(|i| check(&format!("u{}", i % 3), "acme", "admin")).collect(),
         min_revision: 0,
     };
-    let got = app
-        .checks
-        .clone()
-        .check_batch(full)
-        .await
-        .unwrap()
-        .into_inner();
+    let got = app.checks.clone().check_batch(full).await.unwrap().into_inner();
     assert_eq!(got.results.len(), 1000);
     assert!(got.results[1].allowed && !got.results[0].allowed && !got.results[2].allowed);
 }
@@ -188,42 +141,25 @@ async fn tenants_create_get_and_generate_ids(backend: Backend) {
     let made = app.create_tenant("acme").await;
     assert_eq!(made.name, "Tenant acme");
     let got = tenants
-        .get_tenant(pb::GetTenantRequest {
-            tenant_id: "acme".into(),
-        })
+        .get_tenant(pb::GetTenantRequest { tenant_id: "acme".into() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(got, made);
     let again = tenants
-        .create_tenant(pb::CreateTenantRequest {
-            tenant_id: "acme".into(),
-            name: "x".into(),
-        })
+        .create_tenant(pb::CreateTenantRequest { tenant_id: "acme".into(), name: "x".into() })
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::AlreadyExists);
     let generated = tenants
-        .create_tenant(pb::CreateTenantRequest {
-            tenant_id: String::new(),
-            name: "Gen".into(),
-        })
+        .create_tenant(pb::CreateTenantRequest { tenant_id: String::new(), name: "Gen".into() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(generated.tenant_id.len(), 8);
-    assert!(
-        generated
-            .tenant_id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    );
-    let missing = tenants
-        .get_tenant(pb::GetTenantRequest {
-            tenant_id: "missing".into(),
-        })
-        .await
-        .unwrap_err();
+    assert!(generated.tenant_id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+    let missing =
+        tenants.get_tenant(pb::GetTenantRequest { tenant_id: "missing".into() }).await.unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     let grant = app
         .checks
@@ -244,38 +180,20 @@ async fn delete_tenant_removes_every_membership(backend: Backend) {
     app.create_tenant("acme").await;
     app.create_tenant("other").await;
     for i in 0..20 {
-        app.grant(&format!("u{i}"), "acme", &["admin", "viewer"])
-            .await;
+        app.grant(&format!("u{i}"), "acme", &["admin", "viewer"]).await;
     }
     app.grant("u1", "other", &["admin"]).await;
-    assert!(
-        app.check("u1", "acme", "admin").await,
-        "cached before the delete"
-    );
+    assert!(app.check("u1", "acme", "admin").await, "cached before the delete");
 
     let mut tenants = app.tenants.clone();
-    tenants
-        .delete_tenant(pb::DeleteTenantRequest {
-            tenant_id: "acme".into(),
-        })
-        .await
-        .unwrap();
+    tenants.delete_tenant(pb::DeleteTenantRequest { tenant_id: "acme".into() }).await.unwrap();
     assert!(!app.check("u1", "acme", "admin").await);
-    assert_eq!(
-        app.authorization("u1").await,
-        authz(&[("other", &["admin"])])
-    );
-    let gone = tenants
-        .get_tenant(pb::GetTenantRequest {
-            tenant_id: "acme".into(),
-        })
-        .await
-        .unwrap_err();
+    assert_eq!(app.authorization("u1").await, authz(&[("other", &["admin"])]));
+    let gone =
+        tenants.get_tenant(pb::GetTenantRequest { tenant_id: "acme".into() }).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
     let again = tenants
-        .delete_tenant(pb::DeleteTenantRequest {
-            tenant_id: "acme".into(),
-        })
+        .delete_tenant(pb::DeleteTenantRequest { tenant_id: "acme".into() })
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::NotFound);
@@ -285,10 +203,7 @@ async fn delete_tenant_removes_every_membership(backend: Backend) {
     let members = app
         .checks
         .clone()
-        .list_members(pb::ListMembersRequest {
-            tenant_id: "acme".into(),
-            ..Default::default()
-        })
+        .list_members(pb::ListMembersRequest { tenant_id: "acme".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
@@ -296,9 +211,7 @@ async fn delete_tenant_removes_every_membership(backend: Backend) {
     assert!(!app.check("u3", "acme", "viewer").await);
 
     let app_tenant = tenants
-        .delete_tenant(pb::DeleteTenantRequest {
-            tenant_id: "app".into(),
-        })
+        .delete_tenant(pb::DeleteTenantRequest { tenant_id: "app".into() })
         .await
         .unwrap_err();
     assert_eq!(app_tenant.code(), Code::FailedPrecondition);
@@ -353,10 +266,7 @@ async fn list_members_pages_across_boundaries(backend: Backend) {
         let page = app
             .tenants
             .clone()
-            .list_tenants(pb::ListTenantsRequest {
-                page_size: 5,
-                page_token: token,
-            })
+            .list_tenants(pb::ListTenantsRequest { page_size: 5, page_token: token })
             .await
             .unwrap()
             .into_inner();
@@ -375,14 +285,8 @@ async fn list_members_pages_across_boundaries(backend: Backend) {
 }
 
 fn in_seconds(secs: u64) -> prost_types::Timestamp {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    prost_types::Timestamp {
-        seconds: (now + secs) as i64,
-        nanos: 0,
-    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    prost_types::Timestamp { seconds: (now + secs) as i64, nanos: 0 }
 }
 
 async fn expired_roles_never_allow(backend: Backend, cache_capacity: u64) {
@@ -400,30 +304,18 @@ async fn expired_roles_never_allow(backend: Backend, cache_capacity: u64) {
         .await
         .unwrap();
     app.grant("u1", "acme", &["keep"]).await;
-    assert!(
-        app.check("u1", "acme", "temp").await,
-        "allowed before expiry (and now cached)"
-    );
+    assert!(app.check("u1", "acme", "temp").await, "allowed before expiry (and now cached)");
     wait_for(Duration::from_secs(6), "the role to expire", || async {
         (!app.check("u1", "acme", "temp").await).then_some(())
     })
     .await;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    assert!(
-        now >= expires.seconds,
-        "denied no earlier than the expiry second"
-    );
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!(now >= expires.seconds, "denied no earlier than the expiry second");
     assert_eq!(app.authorization("u1").await, authz(&[("acme", &["keep"])]));
     let members = app
         .checks
         .clone()
-        .list_members(pb::ListMembersRequest {
-            tenant_id: "acme".into(),
-            ..Default::default()
-        })
+        .list_members(pb::ListMembersRequest { tenant_id: "acme".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
@@ -449,10 +341,7 @@ async fn check_after_revoke_never_allows(backend: Backend) {
         app.grant("u1", "acme", &["admin"]).await;
         assert!(app.check("u1", "acme", "admin").await);
         app.revoke("u1", "acme", &["admin"]).await;
-        assert!(
-            !app.check("u1", "acme", "admin").await,
-            "stale allow after Revoke"
-        );
+        assert!(!app.check("u1", "acme", "admin").await, "stale allow after Revoke");
     }
 }
 

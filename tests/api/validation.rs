@@ -29,24 +29,13 @@ fn check(user: &str, tenant: &str, role: &str) -> pb::CheckRequest {
 }
 
 fn grant(user: &str, tenant: &str, roles: Vec<String>) -> pb::GrantRequest {
-    pb::GrantRequest {
-        user_id: user.into(),
-        tenant_id: tenant.into(),
-        roles,
-        expires_at: None,
-    }
+    pb::GrantRequest { user_id: user.into(), tenant_id: tenant.into(), roles, expires_at: None }
 }
 
 /// The store's current revision (ListMembers reads the store, not the cache).
 async fn revision(app: &TestApp) -> u64 {
     let req = pb::ListMembersRequest::default();
-    app.checks
-        .clone()
-        .list_members(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .revision
+    app.checks.clone().list_members(req).await.unwrap().into_inner().revision
 }
 
 async fn identifiers_at_and_past_their_limits(backend: Backend) {
@@ -59,9 +48,7 @@ async fn identifiers_at_and_past_their_limits(backend: Backend) {
     // At the limit: accepted.
     let user128 = "~".repeat(128);
     let role64 = "r:".repeat(32);
-    c.grant(grant(&user128, &tenant64, vec![role64.clone()]))
-        .await
-        .unwrap();
+    c.grant(grant(&user128, &tenant64, vec![role64.clone()])).await.unwrap();
     assert!(app.check(&user128, &tenant64, &role64).await);
     let max_roles: Vec<String> = (0..32).map(|i| format!("role{i}")).collect();
     c.grant(grant("u", &tenant64, max_roles)).await.unwrap();
@@ -85,18 +72,11 @@ async fn identifiers_at_and_past_their_limits(backend: Backend) {
         assert_invalid(c.check(check(user, tenant, role)).await, field);
         assert_invalid(
             c.grant(grant(user, tenant, vec![role.into()])).await,
-            if role.is_empty() || field == "role" {
-                "roles"
-            } else {
-                field
-            },
+            if role.is_empty() || field == "role" { "roles" } else { field },
         );
     }
     let too_many: Vec<String> = (0..33).map(|i| format!("role{i}")).collect();
-    assert_invalid(
-        c.grant(grant("u", &tenant64, too_many.clone())).await,
-        "roles",
-    );
+    assert_invalid(c.grant(grant("u", &tenant64, too_many.clone())).await, "roles");
     assert_invalid(
         c.revoke(pb::RevokeRequest {
             user_id: "u".into(),
@@ -117,10 +97,7 @@ async fn identifiers_at_and_past_their_limits(backend: Backend) {
         "roles",
     );
     assert_invalid(c.grant(grant("u", &tenant64, vec![])).await, "roles");
-    let past = prost_types::Timestamp {
-        seconds: 1_000_000,
-        nanos: 0,
-    };
+    let past = prost_types::Timestamp { seconds: 1_000_000, nanos: 0 };
     assert_invalid(
         c.grant(pb::GrantRequest {
             expires_at: Some(past),
@@ -154,11 +131,7 @@ async fn batch_and_page_limits(backend: Backend) {
         min_revision: 0,
     };
     assert_invalid(c.check_batch(bad_item).await, "checks[1].role");
-    let empty = c
-        .check_batch(pb::CheckBatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let empty = c.check_batch(pb::CheckBatchRequest::default()).await.unwrap().into_inner();
     assert!(empty.results.is_empty());
 
     assert_invalid(
@@ -181,26 +154,16 @@ async fn batch_and_page_limits(backend: Backend) {
     );
     let mut t = app.tenants.clone();
     assert_invalid(
-        t.list_tenants(pb::ListTenantsRequest {
-            page_size: 5000,
-            page_token: String::new(),
-        })
-        .await,
+        t.list_tenants(pb::ListTenantsRequest { page_size: 5000, page_token: String::new() }).await,
         "page_size",
     );
     assert_invalid(
-        t.get_tenant(pb::GetTenantRequest {
-            tenant_id: String::new(),
-        })
-        .await,
+        t.get_tenant(pb::GetTenantRequest { tenant_id: String::new() }).await,
         "tenant_id",
     );
     assert_invalid(
-        t.create_tenant(pb::CreateTenantRequest {
-            tenant_id: "ok".into(),
-            name: String::new(),
-        })
-        .await,
+        t.create_tenant(pb::CreateTenantRequest { tenant_id: "ok".into(), name: String::new() })
+            .await,
         "name",
     );
     assert_invalid(
@@ -212,10 +175,7 @@ async fn batch_and_page_limits(backend: Backend) {
         "tenant_id",
     );
     assert_invalid(
-        t.delete_tenant(pb::DeleteTenantRequest {
-            tenant_id: "bad/id".into(),
-        })
-        .await,
+        t.delete_tenant(pb::DeleteTenantRequest { tenant_id: "bad/id".into() }).await,
         "tenant_id",
     );
 
@@ -229,9 +189,7 @@ async fn oversized_messages_are_refused(backend: Backend) {
     let app = crate::helpers::spawn_with(backend, |c| c.max_message_bytes = 64 * 1024).await;
     let mut c = app.checks.clone();
     let huge = pb::CheckBatchRequest {
-        checks: (0..1000)
-            .map(|_| check(&"u".repeat(100), "", "r"))
-            .collect(),
+        checks: (0..1000).map(|_| check(&"u".repeat(100), "", "r")).collect(),
         min_revision: 0,
     };
     let status = c.check_batch(huge).await.unwrap_err();
