@@ -6,6 +6,11 @@
 //! a role it holds; reads also filter expired roles by the clock, so expiry is exact to
 //! the second whether or not an answer is cached.
 //!
+//! Writes through other processes arrive on the store's change feed (see
+//! [`crate::coherence`]); while the feed cannot be trusted, reads bypass the cache.
+//! A `min_revision` the feed has not applied yet waits briefly for it, then reads the
+//! store. A cached answer reflects the feed's applied revision, not just its load.
+//!
 //! Staleness after a write through this process is impossible by construction: each
 //! user hashes to one of [`SHARDS`] generation counters. A load records the counter
 //! *before* reading the store; a write bumps the counter *after* its commit and before
@@ -26,9 +31,10 @@ use async_trait::async_trait;
 use moka::{Expiry, future::Cache};
 
 use crate::{
+    coherence::{Coherence, Invalidate},
     domain::{Revision, TenantId, UnixSeconds, UserId, UserRoles, now_unix},
     error::{Error, Result},
-    store::{Member, MembershipWrite, Store, Tenant},
+    store::{Answer, Feed, History, Member, MembershipWrite, Stale, Store, Tenant},
 };
 
 /// Number of generation counters users are spread over.
@@ -69,11 +75,26 @@ pub struct CachedStore {
     cache: Cache<UserId, Arc<Entry>>,
     generations: Box<[AtomicU64]>,
     hasher: RandomState,
+    coherence: Arc<Coherence>,
+    min_revision_wait: Duration,
+}
+
+/// Cache settings.
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    /// Most users cached.
+    pub capacity: u64,
+    /// Longest an entry lives.
+    pub ttl: Duration,
+    /// How long a read with a `min_revision` not applied yet waits for the feed before
+    /// it reads the store.
+    pub min_revision_wait: Duration,
 }
 
 impl CachedStore {
-    /// Wraps `inner` with a cache of at most `capacity` users, each kept at most `ttl`.
-    pub fn new(inner: Arc<dyn Store>, capacity: u64, ttl: Duration) -> Self {
+    /// Wraps `inner`; `coherence` says when the cache may be trusted.
+    pub fn new(inner: Arc<dyn Store>, options: &CacheOptions, coherence: Arc<Coherence>) -> Self {
+        let (capacity, ttl) = (options.capacity, options.ttl);
         let cache =
             Cache::builder().max_capacity(capacity).expire_after(EntryExpiry { ttl }).build();
         Self {
@@ -81,6 +102,8 @@ impl CachedStore {
             cache,
             generations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             hasher: RandomState::new(),
+            coherence,
+            min_revision_wait: options.min_revision_wait,
         }
     }
 
@@ -109,22 +132,32 @@ impl CachedStore {
 
 #[async_trait]
 impl Store for CachedStore {
-    async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Arc<UserRoles>> {
+    async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
+        if !self.coherence.is_current() {
+            return self.inner.user_roles(user, min_revision).await;
+        }
+        if min_revision > self.coherence.applied()
+            && !self.coherence.wait_for(min_revision, self.min_revision_wait).await
+        {
+            return self.inner.user_roles(user, min_revision).await;
+        }
+        // Read before the generation check: every write at or below `applied` has bumped
+        // the generation of the users it touched by now.
+        let applied = self.coherence.applied();
         let generation = self.generation(user);
         for _ in 0..LOAD_ATTEMPTS {
             let entry = self
                 .cache
                 .try_get_with_by_ref(user, async {
                     let seen = generation.load(Ordering::SeqCst);
-                    let snapshot = self.inner.user_roles(user, 0).await?;
+                    let snapshot = self.inner.user_roles(user, 0).await?.roles;
                     Ok::<_, Error>(Arc::new(Entry { generation: seen, snapshot }))
                 })
                 .await
                 .map_err(Error::unshare)?;
-            if entry.generation == generation.load(Ordering::SeqCst)
-                && entry.snapshot.revision >= min_revision
-            {
-                return Ok(entry.snapshot.clone());
+            let revision = entry.snapshot.revision.max(applied);
+            if entry.generation == generation.load(Ordering::SeqCst) && revision >= min_revision {
+                return Ok(Answer { roles: entry.snapshot.clone(), revision });
             }
             self.cache.invalidate(user).await;
         }
@@ -173,6 +206,29 @@ impl Store for CachedStore {
     async fn close(&self) {
         self.inner.close().await;
     }
+
+    async fn subscribe(&self) -> Result<Feed> {
+        self.inner.subscribe().await
+    }
+
+    async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
+        self.inner.changes_after(after, limit).await
+    }
+
+    async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
+        self.inner.prune_history(older_than_ms).await
+    }
+}
+
+#[async_trait]
+impl Invalidate for CachedStore {
+    async fn invalidate(&self, stale: &Stale) {
+        match stale {
+            Stale::Nobody => {}
+            Stale::User(user) => self.forget(&UserId::trusted(user.clone())).await,
+            Stale::Everyone => self.forget_all().await,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -198,7 +254,7 @@ mod tests {
 
     #[async_trait]
     impl Store for Counting {
-        async fn user_roles(&self, user: &UserId, min: Revision) -> Result<Arc<UserRoles>> {
+        async fn user_roles(&self, user: &UserId, min: Revision) -> Result<Answer> {
             self.loads.fetch_add(1, Ordering::SeqCst);
             let snapshot = self.inner.user_roles(user, min).await?;
             if self.armed.load(Ordering::SeqCst) {
@@ -236,9 +292,18 @@ mod tests {
         async fn close(&self) {
             self.inner.close().await;
         }
+        async fn subscribe(&self) -> Result<Feed> {
+            self.inner.subscribe().await
+        }
+        async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
+            self.inner.changes_after(after, limit).await
+        }
+        async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
+            self.inner.prune_history(older_than_ms).await
+        }
     }
 
-    async fn fixture(dir: &tempfile::TempDir, capacity: u64) -> (Arc<Counting>, CachedStore) {
+    async fn fixture(dir: &tempfile::TempDir, capacity: u64) -> (Arc<Counting>, Arc<CachedStore>) {
         let app = TenantId::parse("app", "app").expect("id");
         let options = StoreOptions { max_connections: 4, acquire_timeout: Duration::from_secs(5) };
         let inner =
@@ -251,7 +316,19 @@ mod tests {
             armed: false.into(),
             release: Semaphore::new(0),
         });
-        let cached = CachedStore::new(counting.clone(), capacity, Duration::from_secs(60));
+        let coherence = Coherence::new(Duration::from_secs(1));
+        let options = CacheOptions {
+            capacity,
+            ttl: Duration::from_secs(60),
+            min_revision_wait: Duration::from_millis(100),
+        };
+        let cached = Arc::new(CachedStore::new(counting.clone(), &options, coherence.clone()));
+        coherence.run(counting.subscribe().await.expect("feed"), cached.clone());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !coherence.is_current() {
+            assert!(Instant::now() < deadline, "feed never connected");
+            tokio::task::yield_now().await;
+        }
         (counting, cached)
     }
 
@@ -274,7 +351,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let (counting, cached) = fixture(&dir, 100).await;
         counting.armed.store(true, Ordering::SeqCst);
-        let cached = Arc::new(cached);
         let callers: Vec<_> = (0..32)
             .map(|_| {
                 let cached = cached.clone();
@@ -308,7 +384,6 @@ mod tests {
     async fn a_load_in_flight_during_a_write_is_never_served_after_it() {
         let dir = tempfile::tempdir().expect("dir");
         let (counting, cached) = fixture(&dir, 100).await;
-        let cached = Arc::new(cached);
         counting.armed.store(true, Ordering::SeqCst);
         let early = {
             let cached = cached.clone();
@@ -328,12 +403,12 @@ mod tests {
         };
         counting.release.add_permits(1);
         early.await.expect("task").expect("load");
-        let late = late.await.expect("task").expect("load");
+        let late = late.await.expect("task").expect("load").roles;
         let (t, r) =
             (TenantId::parse("t", "app").expect("t"), Role::parse("r", "admin").expect("r"));
         assert!(counting.loads.load(Ordering::SeqCst) >= 2, "the stale load was read again");
         assert!(late.allows(&t, &r, now_unix()), "a read after the write sees it");
-        let again = cached.user_roles(&user("u1"), 0).await.expect("load");
+        let again = cached.user_roles(&user("u1"), 0).await.expect("load").roles;
         assert!(again.allows(&t, &r, now_unix()), "the cache now holds the new state");
     }
 }

@@ -96,6 +96,21 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_CACHE_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub cache_ttl: Duration,
 
+    /// How long a read whose `min_revision` this replica has not applied yet waits for the
+    /// change feed before it reads the store instead.
+    #[arg(long, env = "ROLECHECK_MIN_REVISION_WAIT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub min_revision_wait: Duration,
+
+    /// Postgres: the cache is trusted only this long after the change listener last
+    /// proved it is hearing every commit (it checks every 100ms). Past it, reads go to
+    /// the store.
+    #[arg(long, env = "ROLECHECK_COHERENCE_LEASE", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub coherence_lease: Duration,
+
+    /// How long Watch history is kept; resuming from before it is OUT_OF_RANGE.
+    #[arg(long, env = "ROLECHECK_HISTORY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub history_retention: Duration,
+
     /// Maximum database connections.
     #[arg(long, env = "ROLECHECK_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod coherence;
 pub mod config;
 pub mod domain;
 pub mod error;

@@ -8,7 +8,8 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::{RoleCheckApi, TenantsApi},
-    cache::CachedStore,
+    cache::{CacheOptions, CachedStore},
+    coherence::{Coherence, Invalidate, NoCache},
     config::Config,
     domain::TenantId,
     error::{Error, Result},
@@ -26,6 +27,8 @@ pub struct Server {
     http_listener: TcpListener,
     store: Arc<dyn Store>,
     tokens: Arc<Tokens>,
+    coherence: Arc<Coherence>,
+    feed_task: tokio::task::JoinHandle<()>,
     config: Config,
     application_id: TenantId,
 }
@@ -55,12 +58,30 @@ impl Server {
             },
         ));
         let store = open_store(&config, &application_id, !config.no_migrate).await?;
-        let store: Arc<dyn Store> = if config.cache_capacity == 0 {
-            store
+        let feed = store.subscribe().await?;
+        let coherence = Coherence::new(config.coherence_lease);
+        let (store, sink): (Arc<dyn Store>, Arc<dyn Invalidate>) = if config.cache_capacity == 0 {
+            (store, Arc::new(NoCache))
         } else {
-            Arc::new(CachedStore::new(store, config.cache_capacity, config.cache_ttl))
+            let options = CacheOptions {
+                capacity: config.cache_capacity,
+                ttl: config.cache_ttl,
+                min_revision_wait: config.min_revision_wait,
+            };
+            let cached = Arc::new(CachedStore::new(store, &options, coherence.clone()));
+            (cached.clone(), cached)
         };
-        Ok(Self { listener, http_listener, store, tokens, config, application_id })
+        let feed_task = coherence.run(feed, sink);
+        Ok(Self {
+            listener,
+            http_listener,
+            store,
+            tokens,
+            coherence,
+            feed_task,
+            config,
+            application_id,
+        })
     }
 
     /// The address the gRPC listener is bound to.
@@ -78,6 +99,8 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
         let health_task = tokio::spawn(watch_health(health, self.store.clone()));
+        let prune_task =
+            tokio::spawn(prune_history(self.store.clone(), self.config.history_retention));
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -95,6 +118,7 @@ impl Server {
             self.store.clone(),
             self.application_id.clone(),
             self.tokens.clone(),
+            self.coherence.clone(),
         ))
         .max_decoding_message_size(max);
         let tenants =
@@ -140,6 +164,7 @@ impl Server {
             }
         };
         health_task.abort();
+        prune_task.abort();
         let _ = stop_http.send(());
         match tokio::time::timeout(grace, http_task).await {
             Ok(Ok(Err(err))) => tracing::warn!(%err, "HTTP server error"),
@@ -147,6 +172,7 @@ impl Server {
             _ => {}
         }
         self.store.close().await;
+        self.feed_task.abort();
         tracing::info!("stopped");
         served.map_err(|err| Error::Internal(Box::new(err)))
     }
@@ -188,6 +214,20 @@ async fn open_store(
             }
             other => return other,
         }
+    }
+}
+
+/// Drops history older than `retention`, now and then. Not a write: no revision.
+async fn prune_history(store: Arc<dyn Store>, retention: Duration) {
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        let cutoff = crate::domain::now_millis() - retention.as_millis() as i64;
+        match store.prune_history(cutoff).await {
+            Ok(0) => {}
+            Ok(floor) => tracing::debug!(floor, "pruned history"),
+            Err(err) => tracing::debug!(%err, "history pruning skipped"),
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod role_check;
 mod tenants;
+mod watch;
 
 pub use role_check::RoleCheckApi;
 pub use tenants::TenantsApi;

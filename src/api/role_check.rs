@@ -7,10 +7,11 @@ use tonic::{Request, Response, Status};
 
 use super::{decode_page_token, encode_page_token, page_size, parse_expiry, tenant_or_application};
 use crate::{
-    domain::{Revision, Role, TenantId, UserId, UserRoles, now_unix, parse_roles},
+    coherence::Coherence,
+    domain::{Revision, Role, TenantId, UserId, now_unix, parse_roles},
     error::{Error, Result},
     pb::{self, role_check_server::RoleCheck},
-    store::{MembershipWrite, Store, WriteKind},
+    store::{Answer, MembershipWrite, Store, WriteKind},
     token::Tokens,
 };
 
@@ -24,6 +25,7 @@ pub struct RoleCheckApi {
     store: Arc<dyn Store>,
     application_id: TenantId,
     tokens: Arc<Tokens>,
+    coherence: Arc<Coherence>,
 }
 
 /// One validated check.
@@ -35,8 +37,13 @@ struct CheckQuery {
 
 impl RoleCheckApi {
     /// Serves checks and writes from `store`; empty tenant ids mean `application_id`.
-    pub fn new(store: Arc<dyn Store>, application_id: TenantId, tokens: Arc<Tokens>) -> Self {
-        Self { store, application_id, tokens }
+    pub fn new(
+        store: Arc<dyn Store>,
+        application_id: TenantId,
+        tokens: Arc<Tokens>,
+        coherence: Arc<Coherence>,
+    ) -> Self {
+        Self { store, application_id, tokens, coherence }
     }
 
     fn tenant(&self, field: &str, value: &str) -> Result<TenantId> {
@@ -77,7 +84,7 @@ impl RoleCheckApi {
         &self,
         queries: &[CheckQuery],
         min_revision: Revision,
-    ) -> Result<HashMap<UserId, Arc<UserRoles>>> {
+    ) -> Result<HashMap<UserId, Answer>> {
         let mut users: Vec<UserId> = queries.iter().map(|q| q.user.clone()).collect();
         users.sort();
         users.dedup();
@@ -105,10 +112,10 @@ impl RoleCheck for RoleCheckApi {
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let req = request.get_ref();
         let query = self.parse_check("", req)?;
-        let roles = self.store.user_roles(&query.user, req.min_revision).await?;
+        let answer = self.store.user_roles(&query.user, req.min_revision).await?;
         Ok(Response::new(pb::CheckResponse {
-            allowed: roles.allows(&query.tenant, &query.role, now_unix()),
-            revision: roles.revision,
+            allowed: answer.roles.allows(&query.tenant, &query.role, now_unix()),
+            revision: answer.revision,
         }))
     }
 
@@ -136,14 +143,14 @@ impl RoleCheck for RoleCheckApi {
         let results: Vec<pb::CheckResponse> = queries
             .iter()
             .map(|q| {
-                let roles = &users[&q.user];
+                let answer = &users[&q.user];
                 pb::CheckResponse {
-                    allowed: roles.allows(&q.tenant, &q.role, now),
-                    revision: roles.revision,
+                    allowed: answer.roles.allows(&q.tenant, &q.role, now),
+                    revision: answer.revision,
                 }
             })
             .collect();
-        let revision = users.values().map(|roles| roles.revision).min().unwrap_or_default();
+        let revision = users.values().map(|answer| answer.revision).min().unwrap_or_default();
         Ok(Response::new(pb::CheckBatchResponse { results, revision }))
     }
 
@@ -200,13 +207,14 @@ impl RoleCheck for RoleCheckApi {
     ) -> Result<Response<pb::GetAuthorizationResponse>, Status> {
         let req = request.get_ref();
         let user = UserId::parse("user_id", &req.user_id)?;
-        let roles = self.store.user_roles(&user, req.min_revision).await?;
-        let authorization = roles
+        let answer = self.store.user_roles(&user, req.min_revision).await?;
+        let authorization = answer
+            .roles
             .authorization(now_unix())
             .into_iter()
             .map(|(tenant, roles)| (tenant, pb::Roles { roles }))
             .collect();
-        Ok(Response::new(pb::GetAuthorizationResponse { authorization, revision: roles.revision }))
+        Ok(Response::new(pb::GetAuthorizationResponse { authorization, revision: answer.revision }))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(tenant = %request.get_ref().tenant_id))]
@@ -257,12 +265,12 @@ impl RoleCheck for RoleCheckApi {
         if self.tokens.keys().signer().is_none() {
             return Err(Error::FailedPrecondition("no signing key configured".into()).into());
         }
-        let roles = self.store.user_roles(&user, req.min_revision).await?;
-        let minted = self.tokens.mint(&user, &roles, &only, req.ttl_seconds, now_unix())?;
+        let answer = self.store.user_roles(&user, req.min_revision).await?;
+        let minted = self.tokens.mint(&user, &answer.roles, &only, req.ttl_seconds, now_unix())?;
         Ok(Response::new(pb::IssueResponse {
             access_token: minted.token,
             expires_at: Some(prost_types::Timestamp { seconds: minted.expires_at, nanos: 0 }),
-            revision: roles.revision,
+            revision: answer.revision,
         }))
     }
 
@@ -276,10 +284,13 @@ impl RoleCheck for RoleCheckApi {
 
     type WatchStream = WatchStream;
 
+    #[tracing::instrument(skip_all, fields(after = request.get_ref().after_revision))]
     async fn watch(
         &self,
-        _request: Request<pb::WatchRequest>,
+        request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("Watch is not available in this build yet"))
+        let after = request.get_ref().after_revision;
+        let stream = super::watch::stream(self.store.clone(), self.coherence.clone(), after);
+        Ok(Response::new(stream))
     }
 }

@@ -69,9 +69,9 @@ pub struct MembershipWrite {
 /// The membership store.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Everything `user` holds, with the revision it was read at. A snapshot older than
-    /// `min_revision` is never returned.
-    async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Arc<UserRoles>>;
+    /// Everything `user` holds, and the revision the answer reflects. An answer older
+    /// than `min_revision` is never returned.
+    async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer>;
 
     /// Applies one membership write; returns the revision it committed at.
     /// An unknown tenant is `NotFound`.
@@ -104,6 +104,161 @@ pub trait Store: Send + Sync + 'static {
 
     /// Closes the connections, waiting for checked-out ones to come back.
     async fn close(&self);
+
+    /// The feed of committed changes, in revision order. Called once, by the server.
+    async fn subscribe(&self) -> Result<Feed>;
+
+    /// Up to `limit` history entries after `after`, in revision order, and the revision
+    /// through which history has been pruned.
+    async fn changes_after(&self, after: Revision, limit: u32) -> Result<History>;
+
+    /// Drops history committed before `older_than_ms` (unix ms); returns the new floor.
+    /// Not a write: no revision is committed.
+    async fn prune_history(&self, older_than_ms: i64) -> Result<Revision>;
+}
+
+/// A user's roles as answered, and the revision the answer reflects (at least the
+/// revision the roles were read at; a cache vouches for later revisions too).
+#[derive(Clone, Debug)]
+pub struct Answer {
+    /// The roles.
+    pub roles: Arc<UserRoles>,
+    /// The revision the answer reflects.
+    pub revision: Revision,
+}
+
+impl Answer {
+    /// An answer reflecting exactly the revision the roles were read at.
+    pub fn new(roles: Arc<UserRoles>) -> Self {
+        let revision = roles.revision;
+        Self { roles, revision }
+    }
+}
+
+/// What a committed write changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A user's roles in a tenant.
+    Membership,
+    /// A tenant was created.
+    TenantCreated,
+    /// A tenant and all its memberships went away.
+    TenantDeleted,
+}
+
+impl ChangeKind {
+    /// The one-letter code stored in the history and sent in notifications.
+    pub fn code(self) -> &'static str {
+        match self {
+            ChangeKind::Membership => "m",
+            ChangeKind::TenantCreated => "c",
+            ChangeKind::TenantDeleted => "d",
+        }
+    }
+
+    /// The kind a code stands for.
+    pub fn from_code(code: &str) -> Option<Self> {
+        match code.trim() {
+            "m" => Some(ChangeKind::Membership),
+            "c" => Some(ChangeKind::TenantCreated),
+            "d" => Some(ChangeKind::TenantDeleted),
+            _ => None,
+        }
+    }
+}
+
+/// A change being committed.
+#[derive(Clone, Copy, Debug)]
+pub struct ChangeRef<'a> {
+    /// What changed.
+    pub kind: ChangeKind,
+    /// The tenant.
+    pub tenant: &'a str,
+    /// The user; empty for tenant changes.
+    pub user: &'a str,
+}
+
+/// One committed change, from the history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// The revision it committed at.
+    pub revision: Revision,
+    /// What changed.
+    pub kind: ChangeKind,
+    /// The tenant.
+    pub tenant_id: String,
+    /// The user; empty for tenant changes.
+    pub user_id: String,
+    /// The user's live roles in the tenant after the change.
+    pub roles: Vec<String>,
+}
+
+/// A page of history.
+#[derive(Clone, Debug)]
+pub struct History {
+    /// Entries in revision order.
+    pub entries: Vec<HistoryEntry>,
+    /// History at or below this revision was pruned.
+    pub pruned_through: Revision,
+}
+
+/// An event on a store's change feed, in revision order.
+#[derive(Clone, Debug)]
+pub enum FeedEvent {
+    /// The feed is (again) complete from here on; everything up to `revision` is in the
+    /// store. Caches must flush what they hold from before.
+    Connected {
+        /// The store's revision once listening.
+        revision: Revision,
+    },
+    /// A write committed at `revision`.
+    Changed {
+        /// The revision.
+        revision: Revision,
+        /// Whose cached roles it makes stale.
+        stale: Stale,
+    },
+    /// Every write up to `revision` has been delivered, as of `at`.
+    Synced {
+        /// The store's revision when the sync was sent.
+        revision: Revision,
+        /// When the sync was sent.
+        at: std::time::Instant,
+    },
+    /// The feed lost its connection: changes may be missed until `Connected`.
+    Lost,
+}
+
+/// Whose cached roles a change makes stale.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stale {
+    /// Nobody's (a tenant was created).
+    Nobody,
+    /// One user's.
+    User(String),
+    /// Anyone's (a tenant was deleted).
+    Everyone,
+}
+
+impl Stale {
+    /// Who a change makes stale.
+    pub fn of(kind: ChangeKind, user: &str) -> Self {
+        match kind {
+            ChangeKind::Membership => Stale::User(user.to_owned()),
+            ChangeKind::TenantCreated => Stale::Nobody,
+            ChangeKind::TenantDeleted => Stale::Everyone,
+        }
+    }
+}
+
+/// A store's change feed.
+#[derive(Debug)]
+pub struct Feed {
+    /// The events.
+    pub events: tokio::sync::mpsc::UnboundedReceiver<FeedEvent>,
+    /// Whether the feed can go silent without saying so (a network listener): then the
+    /// cache trusts it only while a `Synced` event is recent.
+    pub needs_lease: bool,
 }
 
 /// Connection settings shared by both backends.

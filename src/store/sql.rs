@@ -52,6 +52,48 @@ pub const UPSERT_ROLES_SUFFIX: &str =
     " ON CONFLICT (tenant_id, user_id, role) DO UPDATE SET expires_at = excluded.expires_at";
 pub const DELETE_ROLES_PREFIX: &str = "DELETE FROM memberships WHERE tenant_id = ";
 
+/// A user's live roles in one tenant, for the history row of a membership write.
+pub const ROLES_AFTER: &str = "SELECT role FROM memberships \
+    WHERE tenant_id = $1 AND user_id = $2 AND (expires_at IS NULL OR expires_at > $3) \
+    ORDER BY role";
+pub const INSERT_CHANGE: &str = "INSERT INTO changes \
+    (revision, kind, tenant_id, user_id, roles, committed_at) VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// History after a revision, with the pruning floor, in one statement.
+pub const CHANGES_AFTER: &str = "\
+    SELECT r.pruned_through, c.revision, c.kind, c.tenant_id, c.user_id, c.roles \
+    FROM store_revision r LEFT JOIN ( \
+        SELECT revision, kind, tenant_id, user_id, roles FROM changes \
+        WHERE revision > $1 ORDER BY revision LIMIT $2 \
+    ) c ON TRUE WHERE r.id = 1 ORDER BY c.revision";
+
+/// A row of [`CHANGES_AFTER`].
+pub type ChangeRow =
+    (i64, Option<i64>, Option<String>, Option<String>, Option<String>, Option<String>);
+
+pub const PRUNE_FLOOR: &str = "SELECT max(revision) FROM changes WHERE committed_at < $1";
+pub const PRUNE_CHANGES: &str = "DELETE FROM changes WHERE revision <= $1";
+pub const RAISE_FLOOR: &str = "UPDATE store_revision SET pruned_through = $1 \
+    WHERE id = 1 AND pruned_through < $1";
+
+/// Folds [`CHANGES_AFTER`] rows into history entries and the pruning floor.
+pub fn history_from(rows: Vec<ChangeRow>) -> crate::store::History {
+    let pruned_through = rows.first().map_or(0, |row| row.0 as Revision);
+    let entries = rows
+        .into_iter()
+        .filter_map(|(_, revision, kind, tenant, user, roles)| {
+            Some(crate::store::HistoryEntry {
+                revision: revision? as Revision,
+                kind: crate::store::ChangeKind::from_code(&kind?)?,
+                tenant_id: tenant?,
+                user_id: user?,
+                roles: roles?.split(',').filter(|r| !r.is_empty()).map(str::to_owned).collect(),
+            })
+        })
+        .collect();
+    crate::store::History { entries, pruned_through }
+}
+
 /// A row of [`USER_ROLES`].
 pub type UserRoleRow = (i64, Option<String>, Option<String>, Option<i64>);
 
@@ -92,7 +134,7 @@ macro_rules! sql_store {
                 &self,
                 user: &$crate::domain::UserId,
                 min_revision: $crate::domain::Revision,
-            ) -> $crate::error::Result<std::sync::Arc<$crate::domain::UserRoles>> {
+            ) -> $crate::error::Result<$crate::store::Answer> {
                 let rows: Vec<$crate::store::sql::UserRoleRow> =
                     sqlx::query_as($crate::store::sql::USER_ROLES)
                         .bind(user.as_str())
@@ -100,7 +142,7 @@ macro_rules! sql_store {
                         .await?;
                 let snapshot = $crate::store::sql::user_roles_from(rows);
                 $crate::store::check_min_revision(snapshot.revision, min_revision)?;
-                Ok(std::sync::Arc::new(snapshot))
+                Ok($crate::store::Answer::new(std::sync::Arc::new(snapshot)))
             }
 
             async fn write_membership(
@@ -108,6 +150,7 @@ macro_rules! sql_store {
                 write: &$crate::store::MembershipWrite,
             ) -> $crate::error::Result<$crate::domain::Revision> {
                 use $crate::store::{WriteKind, sql};
+                let _serial = self.write_guard().await;
                 let mut tx = self.write_pool().begin().await?;
                 let exists: Option<(i32,)> = sqlx::query_as(sql::TENANT_EXISTS)
                     .bind(write.tenant.as_str())
@@ -153,10 +196,12 @@ macro_rules! sql_store {
                     query.push(sql::UPSERT_ROLES_SUFFIX);
                     query.build().execute(&mut *tx).await?;
                 }
-                let (revision,): (i64,) =
-                    sqlx::query_as(sql::BUMP_REVISION).fetch_one(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(revision as $crate::domain::Revision)
+                let change = $crate::store::ChangeRef {
+                    kind: $crate::store::ChangeKind::Membership,
+                    tenant: write.tenant.as_str(),
+                    user: write.user.as_str(),
+                };
+                self.finish_write(tx, change).await
             }
 
             async fn list_members(
@@ -181,6 +226,7 @@ macro_rules! sql_store {
                 &self,
                 tenant: &$crate::store::Tenant,
             ) -> $crate::error::Result<$crate::domain::Revision> {
+                let _serial = self.write_guard().await;
                 let mut tx = self.write_pool().begin().await?;
                 let inserted = sqlx::query($crate::store::sql::INSERT_TENANT)
                     .bind(tenant.id.as_str())
@@ -197,10 +243,12 @@ macro_rules! sql_store {
                     }
                     other => other?,
                 };
-                let (revision,): (i64,) =
-                    sqlx::query_as($crate::store::sql::BUMP_REVISION).fetch_one(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(revision as $crate::domain::Revision)
+                let change = $crate::store::ChangeRef {
+                    kind: $crate::store::ChangeKind::TenantCreated,
+                    tenant: tenant.id.as_str(),
+                    user: "",
+                };
+                self.finish_write(tx, change).await
             }
 
             async fn get_tenant(
@@ -240,6 +288,7 @@ macro_rules! sql_store {
                         "tenant {id} is the application tenant and cannot be deleted"
                     )));
                 }
+                let _serial = self.write_guard().await;
                 let mut tx = self.write_pool().begin().await?;
                 sqlx::query(sql::DELETE_TENANT_MEMBERS).bind(id.as_str()).execute(&mut *tx).await?;
                 let deleted =
@@ -247,10 +296,12 @@ macro_rules! sql_store {
                 if deleted.rows_affected() == 0 {
                     return Err($crate::error::Error::NotFound(format!("tenant {id} not found")));
                 }
-                let (revision,): (i64,) =
-                    sqlx::query_as(sql::BUMP_REVISION).fetch_one(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(revision as $crate::domain::Revision)
+                let change = $crate::store::ChangeRef {
+                    kind: $crate::store::ChangeKind::TenantDeleted,
+                    tenant: id.as_str(),
+                    user: "",
+                };
+                self.finish_write(tx, change).await
             }
 
             async fn revision(&self) -> $crate::error::Result<$crate::domain::Revision> {
@@ -264,9 +315,82 @@ macro_rules! sql_store {
                 self.write_pool().close().await;
                 self.read_pool().close().await;
             }
+
+            async fn subscribe(&self) -> $crate::error::Result<$crate::store::Feed> {
+                self.feed().await
+            }
+
+            async fn changes_after(
+                &self,
+                after: $crate::domain::Revision,
+                limit: u32,
+            ) -> $crate::error::Result<$crate::store::History> {
+                let rows: Vec<$crate::store::sql::ChangeRow> =
+                    sqlx::query_as($crate::store::sql::CHANGES_AFTER)
+                        .bind(after as i64)
+                        .bind(i64::from(limit))
+                        .fetch_all(self.read_pool())
+                        .await?;
+                Ok($crate::store::sql::history_from(rows))
+            }
+
+            async fn prune_history(
+                &self,
+                older_than_ms: i64,
+            ) -> $crate::error::Result<$crate::domain::Revision> {
+                use $crate::store::sql;
+                let mut tx = self.write_pool().begin().await?;
+                let (floor,): (Option<i64>,) = sqlx::query_as(sql::PRUNE_FLOOR)
+                    .bind(older_than_ms)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let Some(floor) = floor else { return Ok(0) };
+                sqlx::query(sql::PRUNE_CHANGES).bind(floor).execute(&mut *tx).await?;
+                sqlx::query(sql::RAISE_FLOOR).bind(floor).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(floor as $crate::domain::Revision)
+            }
         }
 
         impl $store {
+            /// Ends every write the same way: the revision row is bumped (its lock orders
+            /// revisions as commits), the change is recorded in the history, the backend
+            /// announces it, and the transaction commits.
+            async fn finish_write(
+                &self,
+                mut tx: sqlx::Transaction<'static, $db>,
+                change: $crate::store::ChangeRef<'_>,
+            ) -> $crate::error::Result<$crate::domain::Revision> {
+                use $crate::store::sql;
+                let (revision,): (i64,) =
+                    sqlx::query_as(sql::BUMP_REVISION).fetch_one(&mut *tx).await?;
+                let roles = if change.kind == $crate::store::ChangeKind::Membership {
+                    let rows: Vec<(String,)> = sqlx::query_as(sql::ROLES_AFTER)
+                        .bind(change.tenant)
+                        .bind(change.user)
+                        .bind($crate::domain::now_unix())
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    rows.into_iter().map(|(role,)| role).collect::<Vec<_>>().join(",")
+                } else {
+                    String::new()
+                };
+                sqlx::query(sql::INSERT_CHANGE)
+                    .bind(revision)
+                    .bind(change.kind.code())
+                    .bind(change.tenant)
+                    .bind(change.user)
+                    .bind(roles)
+                    .bind($crate::domain::now_millis())
+                    .execute(&mut *tx)
+                    .await?;
+                let revision = revision as $crate::domain::Revision;
+                self.announce(&mut tx, revision, &change).await?;
+                tx.commit().await?;
+                self.committed(revision, &change);
+                Ok(revision)
+            }
+
             /// Creates the application tenant if it does not exist yet. Not a write:
             /// the application tenant is part of the schema's starting state.
             pub async fn ensure_application_tenant(

@@ -2,6 +2,9 @@
 //!
 //! SQLite allows one writer at a time, so writes go through a one-connection pool (they
 //! queue in-process instead of failing with `SQLITE_BUSY`) while reads use their own pool.
+//! A write holds [`SqliteStore::write_guard`] from `BEGIN` until it has announced its
+//! commit on the in-process change feed, so the feed is in revision order. The file
+//! belongs to one process: the feed only knows this process's writes.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,10 +17,15 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
+use tokio::sync::{
+    Mutex, MutexGuard,
+    mpsc::{UnboundedReceiver, UnboundedSender},
+};
+
 use crate::{
-    domain::TenantId,
+    domain::{Revision, TenantId},
     error::{Error, Result},
-    store::StoreOptions,
+    store::{ChangeRef, Feed, FeedEvent, Stale, StoreOptions, sql},
 };
 
 /// Memberships in an embedded SQLite file.
@@ -25,6 +33,9 @@ pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
     application_id: TenantId,
+    serial: Mutex<()>,
+    feed_tx: UnboundedSender<FeedEvent>,
+    feed_rx: std::sync::Mutex<Option<UnboundedReceiver<FeedEvent>>>,
 }
 
 /// The file path in a `sqlite:` URL (`sqlite://path/to/file.db` or `sqlite:file.db`).
@@ -66,7 +77,15 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
-        Ok(Self { read, write, application_id: application_id.clone() })
+        let (feed_tx, feed_rx) = tokio::sync::mpsc::unbounded_channel();
+        Ok(Self {
+            read,
+            write,
+            application_id: application_id.clone(),
+            serial: Mutex::new(()),
+            feed_tx,
+            feed_rx: std::sync::Mutex::new(Some(feed_rx)),
+        })
     }
 
     /// Applies the embedded migrations. Refuses a schema newer than this binary knows.
@@ -85,6 +104,38 @@ impl SqliteStore {
 
     fn application_id(&self) -> &TenantId {
         &self.application_id
+    }
+
+    async fn write_guard(&self) -> Option<MutexGuard<'_, ()>> {
+        Some(self.serial.lock().await)
+    }
+
+    async fn announce(
+        &self,
+        _tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+        _revision: Revision,
+        _change: &ChangeRef<'_>,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs after COMMIT with the write guard still held, so events are in order.
+    fn committed(&self, revision: Revision, change: &ChangeRef<'_>) {
+        let stale = Stale::of(change.kind, change.user);
+        let _ = self.feed_tx.send(FeedEvent::Changed { revision, stale });
+    }
+
+    async fn feed(&self) -> Result<Feed> {
+        let _serial = self.serial.lock().await;
+        let events = self
+            .feed_rx
+            .lock()
+            .map_err(|_| Error::Internal("feed lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| Error::Internal("the change feed has one subscriber".into()))?;
+        let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&self.read).await?;
+        let _ = self.feed_tx.send(FeedEvent::Connected { revision: revision as Revision });
+        Ok(Feed { events, needs_lease: false })
     }
 }
 

@@ -1,0 +1,150 @@
+//! Coherence: applies a store's change feed to this process's cache, tracks the highest
+//! revision applied, and decides whether the cache may be trusted at all.
+//!
+//! The cache is trusted only while the feed is connected and, for a network feed, while
+//! its last sync is younger than the lease. Otherwise every read goes to the store, and
+//! if the store is down too, the caller gets `UNAVAILABLE` — never an answer that a
+//! missed notification could have revoked.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    domain::Revision,
+    store::{Feed, FeedEvent, Stale},
+};
+
+/// What the feed drives: a cache's invalidation.
+#[async_trait]
+pub trait Invalidate: Send + Sync + 'static {
+    /// Drops what `stale` names.
+    async fn invalidate(&self, stale: &Stale);
+}
+
+/// No cache: nothing to invalidate.
+pub struct NoCache;
+
+#[async_trait]
+impl Invalidate for NoCache {
+    async fn invalidate(&self, _stale: &Stale) {}
+}
+
+/// The coherence state shared by the cache, the Watch stream and metrics.
+pub struct Coherence {
+    applied: watch::Sender<Revision>,
+    connected: AtomicBool,
+    needs_lease: AtomicBool,
+    lease: Duration,
+    epoch: Instant,
+    last_sync_micros: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+impl Coherence {
+    /// A disconnected state; a network feed is trusted for `lease` after each sync.
+    pub fn new(lease: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            applied: watch::Sender::new(0),
+            connected: AtomicBool::new(false),
+            needs_lease: AtomicBool::new(true),
+            lease,
+            epoch: Instant::now(),
+            last_sync_micros: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+        })
+    }
+
+    /// Every write at or below this revision has been applied to the cache.
+    pub fn applied(&self) -> Revision {
+        *self.applied.borrow()
+    }
+
+    /// How many times the feed was lost.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Whether cached answers may be served: the feed is connected and, when it needs
+    /// one, its lease is fresh.
+    pub fn is_current(&self) -> bool {
+        if !self.connected.load(Ordering::SeqCst) {
+            return false;
+        }
+        if !self.needs_lease.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let since_sync = now.saturating_sub(self.last_sync_micros.load(Ordering::SeqCst));
+        since_sync < self.lease.as_micros() as u64
+    }
+
+    /// Waits up to `timeout` for `revision` to be applied; whether it was.
+    pub async fn wait_for(&self, revision: Revision, timeout: Duration) -> bool {
+        let mut rx = self.applied.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|applied| *applied >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// A receiver that changes whenever the applied revision grows.
+    pub fn watch_applied(&self) -> watch::Receiver<Revision> {
+        self.applied.subscribe()
+    }
+
+    fn advance(&self, revision: Revision) {
+        self.applied.send_if_modified(|applied| {
+            let grew = revision > *applied;
+            if grew {
+                *applied = revision;
+            }
+            grew
+        });
+    }
+
+    fn synced_at(&self, at: Instant) {
+        let micros = at.saturating_duration_since(self.epoch).as_micros() as u64;
+        self.last_sync_micros.fetch_max(micros, Ordering::SeqCst);
+    }
+
+    /// Applies `feed` to `sink` in order until the feed ends.
+    pub fn run(self: &Arc<Self>, feed: Feed, sink: Arc<dyn Invalidate>) -> JoinHandle<()> {
+        self.needs_lease.store(feed.needs_lease, Ordering::Relaxed);
+        let this = self.clone();
+        let mut events = feed.events;
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                match event {
+                    FeedEvent::Connected { revision } => {
+                        sink.invalidate(&Stale::Everyone).await;
+                        this.synced_at(Instant::now());
+                        this.advance(revision);
+                        this.connected.store(true, Ordering::SeqCst);
+                    }
+                    FeedEvent::Changed { revision, stale } => {
+                        sink.invalidate(&stale).await;
+                        this.advance(revision);
+                    }
+                    FeedEvent::Synced { revision, at } => {
+                        this.advance(revision);
+                        this.synced_at(at);
+                    }
+                    FeedEvent::Lost => {
+                        if this.connected.swap(false, Ordering::SeqCst) {
+                            this.reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        sink.invalidate(&Stale::Everyone).await;
+                    }
+                }
+            }
+            this.connected.store(false, Ordering::SeqCst);
+        })
+    }
+}
