@@ -37,7 +37,14 @@ pub fn with_database(url: &str, name: &str) -> String {
 /// A database that exists for one test and is dropped with it.
 pub enum TestDb {
     Sqlite(tempfile::TempDir),
-    Postgres { name: String, url: String },
+    Postgres {
+        name: String,
+        url: String,
+    },
+    /// Another replica's view of a Postgres database some other `TestDb` owns.
+    Replica {
+        url: String,
+    },
 }
 
 impl TestDb {
@@ -65,9 +72,17 @@ impl TestDb {
                 config.data_dir = dir.path().to_owned();
                 config.database_url = None;
             }
-            TestDb::Postgres { url, .. } => {
+            TestDb::Postgres { url, .. } | TestDb::Replica { url } => {
                 config.database_url = Some(DatabaseUrl(url.clone()));
             }
+        }
+    }
+
+    /// The Postgres URL of this database.
+    pub fn url(&self) -> &str {
+        match self {
+            TestDb::Postgres { url, .. } | TestDb::Replica { url } => url,
+            TestDb::Sqlite(_) => panic!("not a Postgres database"),
         }
     }
 }
@@ -176,11 +191,19 @@ impl TestApp {
 }
 
 impl TestApp {
+    /// A second server over the same Postgres database: another replica.
+    pub async fn replica(&self, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let db = TestDb::Replica { url: self.db.url().to_owned() };
+        let mut config = test_config(&db);
+        tweak(&mut config);
+        start(config, db).await
+    }
+
     /// Where the embedded store keeps its generated signing key.
     pub fn db_path_key(&self) -> std::path::PathBuf {
         match &self.db {
             TestDb::Sqlite(dir) => dir.path().join("signing-key.pem"),
-            TestDb::Postgres { .. } => panic!("no generated key on Postgres"),
+            _ => panic!("no generated key on Postgres"),
         }
     }
 }

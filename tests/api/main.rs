@@ -1,9 +1,11 @@
 //! The conformance suite: every test runs against a real server over a fresh SQLite file
 //! and over a fresh Postgres database (`DATABASE_URL`, default the local one).
 
+mod coherence;
 mod helpers;
 mod model;
 mod outage;
+mod proxy;
 mod revisions;
 mod rpc;
 mod tokens;

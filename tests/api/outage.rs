@@ -2,73 +2,18 @@
 //! and restores. Calls that need the store answer UNAVAILABLE with no database text, the
 //! server stays up, and it serves again by itself once the path is back.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use rolecheck::pb;
-use tokio::{net::TcpListener, task::AbortHandle};
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::{Backend, TestDb, admin_url, connect, start, test_config, wait_for};
-
-/// Forwards TCP to Postgres until cut; while cut, drops every connection.
-struct Proxy {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    live: Arc<Mutex<Vec<AbortHandle>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().expect("addr");
-        let cut = Arc::new(AtomicBool::new(false));
-        let live = Arc::new(Mutex::new(Vec::new()));
-        let (cut2, live2) = (cut.clone(), live.clone());
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if cut2.load(Ordering::SeqCst) {
-                    continue; // dropped: connection closed at once
-                }
-                let upstream = upstream.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                live2.lock().expect("lock").push(task.abort_handle());
-            }
-        });
-        Self { addr, cut, live }
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for task in self.live.lock().expect("lock").drain(..) {
-            task.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
-/// `host:port` and the URL through `proxy` for a database URL `postgres://user@host:port/db`.
-fn split_url(url: &str, proxy: SocketAddr) -> (String, String) {
-    let (scheme_user, rest) = url.split_once('@').expect("URL with user@host");
-    let (host_port, path) = rest.split_once('/').expect("URL with a path");
-    (host_port.to_owned(), format!("{scheme_user}@{proxy}/{path}"))
-}
+use crate::{
+    helpers::{Backend, TestDb, connect, start, test_config, wait_for},
+    proxy::Proxy,
+};
 
 fn assert_unavailable(status: tonic::Status) {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -79,9 +24,8 @@ fn assert_unavailable(status: tonic::Status) {
 async fn postgres_outage_is_unavailable_then_recovers() {
     let db = TestDb::create(Backend::Postgres).await;
     let TestDb::Postgres { url, .. } = &db else { unreachable!() };
-    let (upstream, _) = split_url(&admin_url(), "127.0.0.1:1".parse().expect("addr"));
-    let proxy = Proxy::start(upstream).await;
-    let (_, proxied) = split_url(url, proxy.addr);
+    let proxy = Proxy::start().await;
+    let proxied = proxy.url_through(url);
     let mut config = test_config(&db);
     config.database_url = Some(rolecheck::config::DatabaseUrl(proxied));
     let app = start(config, db).await;
