@@ -5,6 +5,12 @@ use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::listen::ListenAddr;
+
+fn parse_octal(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| format!("{s:?} is not octal"))
+}
+
 /// rolecheck: a gRPC service that answers "does user U have role R in tenant T".
 #[derive(Parser, Debug)]
 #[command(version, args_conflicts_with_subcommands = true)]
@@ -40,9 +46,37 @@ impl Cli {
 /// Server settings.
 #[derive(Args, Debug, Clone)]
 pub struct Config {
-    /// gRPC listen address.
+    /// gRPC listen address: `host:port`, or `unix:/path/to.sock` for a sidecar.
     #[arg(long, env = "ROLECHECK_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
+
+    /// Permissions of the unix socket file (octal), when --listen is `unix:`.
+    #[arg(long, env = "ROLECHECK_UNIX_SOCKET_MODE", default_value = "660", value_parser = parse_octal)]
+    pub unix_socket_mode: u32,
+
+    /// TOML file of API keys (names, SHA-256 hashes of the secrets, scopes). Reloaded on
+    /// SIGHUP and when it changes. Without it every caller is trusted, which is allowed
+    /// only on loopback or a unix socket.
+    #[arg(long, env = "ROLECHECK_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Serve without API keys on a non-loopback address (every caller is trusted).
+    #[arg(long, env = "ROLECHECK_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Requests per second each caller may make (0: unlimited); past it,
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ROLECHECK_RATE_LIMIT", default_value_t = 0)]
+    pub rate_limit: u32,
+
+    /// Longest a call may take to produce its response (a Watch stream, once started,
+    /// is not cut).
+    #[arg(long, env = "ROLECHECK_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Most concurrent streams (calls) one HTTP/2 connection may have open.
+    #[arg(long, env = "ROLECHECK_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
 
     /// HTTP listen address: `/.well-known/jwks.json`, `/healthz`, `/readyz`.
     #[arg(long, env = "ROLECHECK_HTTP_LISTEN", default_value = "127.0.0.1:9090")]

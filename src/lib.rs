@@ -7,12 +7,14 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod cache;
 pub mod coherence;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod listen;
 pub mod server;
 pub mod store;
 pub mod telemetry;

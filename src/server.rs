@@ -3,16 +3,19 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::{RoleCheckApi, TenantsApi},
+    auth::{AuthLayer, Keys},
     cache::{CacheOptions, CachedStore},
     coherence::{Coherence, Invalidate, NoCache},
     config::Config,
     domain::TenantId,
     error::{Error, Result},
+    listen::GrpcListener,
     pb::{self, role_check_server::RoleCheckServer, tenants_server::TenantsServer},
     store::{self, Store, StoreOptions},
     token::{KeySet, TokenSettings, Tokens},
@@ -23,7 +26,8 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A bound, ready-to-serve rolecheck: the listener is open and the store is migrated.
 pub struct Server {
-    listener: TcpListener,
+    listener: GrpcListener,
+    keys: Keys,
     http_listener: TcpListener,
     store: Arc<dyn Store>,
     tokens: Arc<Tokens>,
@@ -38,7 +42,21 @@ impl Server {
     /// migrations unless `--no-migrate`, and wraps the store in the cache.
     pub async fn bind(config: Config) -> Result<Self> {
         let application_id = TenantId::parse("application_id", &config.application_id)?;
-        let listener = bind(config.listen).await?;
+        let callers = Keys::load(config.api_keys_file.as_deref())?;
+        if callers.current().is_empty() {
+            if config.listen.is_local_only() {
+                tracing::warn!(listen = %config.listen, "no API keys configured: every caller on this machine is trusted");
+            } else if config.insecure_no_auth {
+                tracing::warn!(listen = %config.listen, "no API keys and --insecure-no-auth: every caller is trusted");
+            } else {
+                return Err(Error::FailedPrecondition(format!(
+                    "refusing to serve {} without API keys: set --api-keys-file, listen on \
+                     loopback or a unix socket, or pass --insecure-no-auth",
+                    config.listen
+                )));
+            }
+        }
+        let listener = GrpcListener::bind(&config.listen, config.unix_socket_mode).await?;
         let http_listener = bind(config.http_listen).await?;
         let generated_key =
             config.embedded_store().then(|| config.data_dir.join("signing-key.pem"));
@@ -74,6 +92,7 @@ impl Server {
         let feed_task = coherence.run(feed, sink);
         Ok(Self {
             listener,
+            keys: callers,
             http_listener,
             store,
             tokens,
@@ -84,9 +103,9 @@ impl Server {
         })
     }
 
-    /// The address the gRPC listener is bound to.
+    /// The TCP address the gRPC listener is bound to (unspecified for a unix socket).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.config.listen)
+        self.listener.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// The address the HTTP listener (JWKS, probes) is bound to.
@@ -124,7 +143,7 @@ impl Server {
         let tenants =
             TenantsServer::new(TenantsApi::new(self.store.clone())).max_decoding_message_size(max);
 
-        let addr = self.local_addr();
+        let addr = self.config.listen.to_string();
         let http_addr = self.http_addr();
         let (stop_http, http_stopping) = tokio::sync::oneshot::channel::<()>();
         let http = axum::serve(
@@ -136,20 +155,42 @@ impl Server {
         });
         let http_task = tokio::spawn(async move { http.await });
         tracing::info!(%http_addr, "serving HTTP");
-        tracing::info!(%addr, "serving gRPC");
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        match self.listener.local_addr() {
+            Some(addr) => tracing::info!(%addr, "serving gRPC"),
+            None => tracing::info!(%addr, "serving gRPC"),
+        }
+        let key_watch = self.keys.watch(Duration::from_secs(2));
+        let rate = std::num::NonZeroU32::new(self.config.rate_limit);
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {
             shutdown.await;
             let _ = stopping_tx.send(());
         };
-        let serve = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
+            .timeout(self.config.request_timeout)
+            .max_concurrent_streams(self.config.max_concurrent_streams)
+            .layer(AuthLayer::new(self.keys.clone(), rate))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(role_check)
-            .add_service(tenants)
-            .serve_with_incoming_shutdown(incoming, shutdown);
+            .add_service(tenants);
+        let socket_path = match &self.listener {
+            GrpcListener::Unix(_, path) => Some(path.clone()),
+            GrpcListener::Tcp(_) => None,
+        };
+        let serve = async move {
+            match self.listener {
+                GrpcListener::Tcp(listener) => {
+                    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                    router.serve_with_incoming_shutdown(incoming, shutdown).await
+                }
+                GrpcListener::Unix(listener, _) => {
+                    let incoming = UnixListenerStream::new(listener);
+                    router.serve_with_incoming_shutdown(incoming, shutdown).await
+                }
+            }
+        };
         let grace = self.config.shutdown_grace;
         let served = tokio::select! {
             served = serve => served,
@@ -165,6 +206,10 @@ impl Server {
         };
         health_task.abort();
         prune_task.abort();
+        key_watch.abort();
+        if let Some(path) = socket_path {
+            let _ = std::fs::remove_file(path);
+        }
         let _ = stop_http.send(());
         match tokio::time::timeout(grace, http_task).await {
             Ok(Ok(Err(err))) => tracing::warn!(%err, "HTTP server error"),
