@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("rolecheck_descriptor.bin"))
+        .codec_path("crate::codec::StrictCodec")
         .compile_with_config(config, &[proto], &["proto"])?;
     Ok(())
 }

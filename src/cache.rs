@@ -34,7 +34,10 @@ use crate::{
     coherence::{Coherence, Invalidate},
     domain::{Revision, TenantId, UnixSeconds, UserId, UserRoles, now_unix},
     error::{Error, Result},
-    store::{Answer, Feed, History, Member, MembershipWrite, Stale, Store, Tenant},
+    store::{
+        Answer, ChangeFilter, Feed, History, HistoryEntry, Member, MembershipWrite, Stale, Store,
+        Tenant,
+    },
 };
 
 /// Number of generation counters users are spread over.
@@ -181,8 +184,8 @@ impl Store for CachedStore {
         self.inner.list_members(tenant, after, limit, now).await
     }
 
-    async fn create_tenant(&self, tenant: &Tenant) -> Result<Revision> {
-        self.inner.create_tenant(tenant).await
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
+        self.inner.create_tenant(tenant, caller).await
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
@@ -193,8 +196,8 @@ impl Store for CachedStore {
         self.inner.list_tenants(after, limit).await
     }
 
-    async fn delete_tenant(&self, id: &TenantId) -> Result<Revision> {
-        let result = self.inner.delete_tenant(id).await;
+    async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
+        let result = self.inner.delete_tenant(id, caller).await;
         self.forget_all().await;
         result
     }
@@ -213,6 +216,15 @@ impl Store for CachedStore {
 
     async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
         self.inner.changes_after(after, limit).await
+    }
+
+    async fn list_changes(
+        &self,
+        filter: &ChangeFilter,
+        after: Revision,
+        limit: u32,
+    ) -> Result<Vec<HistoryEntry>> {
+        self.inner.list_changes(filter, after, limit).await
     }
 
     async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
@@ -274,8 +286,8 @@ mod tests {
         ) -> Result<(Vec<Member>, Revision)> {
             self.inner.list_members(tenant, after, limit, now).await
         }
-        async fn create_tenant(&self, tenant: &Tenant) -> Result<Revision> {
-            self.inner.create_tenant(tenant).await
+        async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
+            self.inner.create_tenant(tenant, caller).await
         }
         async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
             self.inner.get_tenant(id).await
@@ -283,8 +295,8 @@ mod tests {
         async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
             self.inner.list_tenants(after, limit).await
         }
-        async fn delete_tenant(&self, id: &TenantId) -> Result<Revision> {
-            self.inner.delete_tenant(id).await
+        async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
+            self.inner.delete_tenant(id, caller).await
         }
         async fn revision(&self) -> Result<Revision> {
             self.inner.revision().await
@@ -297,6 +309,14 @@ mod tests {
         }
         async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
             self.inner.changes_after(after, limit).await
+        }
+        async fn list_changes(
+            &self,
+            filter: &ChangeFilter,
+            after: Revision,
+            limit: u32,
+        ) -> Result<Vec<HistoryEntry>> {
+            self.inner.list_changes(filter, after, limit).await
         }
         async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
             self.inner.prune_history(older_than_ms).await
@@ -343,6 +363,7 @@ mod tests {
             user: user(user_id),
             roles: vec![Role::parse("r", role).expect("role")],
             expires_at: None,
+            caller: "test".into(),
         }
     }
 

@@ -60,6 +60,20 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
 
+    /// PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key). Re-read
+    /// when the file changes.
+    #[arg(long, env = "ROLECHECK_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "ROLECHECK_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: gRPC and HTTP clients must present a certificate it signed
+    /// (mTLS). The certificate's subject is the caller when no bearer key is sent.
+    #[arg(long, env = "ROLECHECK_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Serve without API keys on a non-loopback address (every caller is trusted).
     #[arg(long, env = "ROLECHECK_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod cache;
+pub mod codec;
 pub mod coherence;
 pub mod config;
 pub mod domain;
@@ -18,6 +19,7 @@ pub mod listen;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 
 /// Code generated from `proto/rolecheck/v1/rolecheck.proto`.

@@ -18,6 +18,7 @@ use crate::{
     listen::GrpcListener,
     pb::{self, role_check_server::RoleCheckServer, tenants_server::TenantsServer},
     store::{self, Store, StoreOptions},
+    tls::Tls,
     token::{KeySet, TokenSettings, Tokens},
 };
 
@@ -27,6 +28,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// A bound, ready-to-serve rolecheck: the listener is open and the store is migrated.
 pub struct Server {
     listener: GrpcListener,
+    tls: Option<Arc<Tls>>,
     keys: Keys,
     http_listener: TcpListener,
     store: Arc<dyn Store>,
@@ -56,6 +58,10 @@ impl Server {
                 )));
             }
         }
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Tls::load(cert, key, config.tls_client_ca.as_deref())?),
+            _ => None,
+        };
         let listener = GrpcListener::bind(&config.listen, config.unix_socket_mode).await?;
         let http_listener = bind(config.http_listen).await?;
         let generated_key =
@@ -92,6 +98,7 @@ impl Server {
         let feed_task = coherence.run(feed, sink);
         Ok(Self {
             listener,
+            tls,
             keys: callers,
             http_listener,
             store,
@@ -146,14 +153,23 @@ impl Server {
         let addr = self.config.listen.to_string();
         let http_addr = self.http_addr();
         let (stop_http, http_stopping) = tokio::sync::oneshot::channel::<()>();
-        let http = axum::serve(
-            self.http_listener,
-            crate::http::router(self.tokens.keys().clone(), self.store.clone()),
-        )
-        .with_graceful_shutdown(async {
+        let http_router = crate::http::router(self.tokens.keys().clone(), self.store.clone());
+        let http_stopped = async {
             let _ = http_stopping.await;
-        });
-        let http_task = tokio::spawn(async move { http.await });
+        };
+        let http_task = match &self.tls {
+            Some(tls) => {
+                let serve = axum::serve(tls.incoming(self.http_listener), http_router)
+                    .with_graceful_shutdown(http_stopped);
+                tokio::spawn(async move { serve.await })
+            }
+            None => {
+                let serve = axum::serve(self.http_listener, http_router)
+                    .with_graceful_shutdown(http_stopped);
+                tokio::spawn(async move { serve.await })
+            }
+        };
+        let tls_watch = self.tls.as_ref().map(|tls| tls.watch(Duration::from_secs(2)));
         tracing::info!(%http_addr, "serving HTTP");
         match self.listener.local_addr() {
             Some(addr) => tracing::info!(%addr, "serving gRPC"),
@@ -180,12 +196,15 @@ impl Server {
             GrpcListener::Tcp(_) => None,
         };
         let serve = async move {
-            match self.listener {
-                GrpcListener::Tcp(listener) => {
+            match (self.listener, &self.tls) {
+                (GrpcListener::Tcp(listener), Some(tls)) => {
+                    router.serve_with_incoming_shutdown(tls.incoming(listener), shutdown).await
+                }
+                (GrpcListener::Tcp(listener), None) => {
                     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
                     router.serve_with_incoming_shutdown(incoming, shutdown).await
                 }
-                GrpcListener::Unix(listener, _) => {
+                (GrpcListener::Unix(listener, _), _) => {
                     let incoming = UnixListenerStream::new(listener);
                     router.serve_with_incoming_shutdown(incoming, shutdown).await
                 }
@@ -207,6 +226,9 @@ impl Server {
         health_task.abort();
         prune_task.abort();
         key_watch.abort();
+        if let Some(task) = tls_watch {
+            task.abort();
+        }
         if let Some(path) = socket_path {
             let _ = std::fs::remove_file(path);
         }

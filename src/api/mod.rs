@@ -1,6 +1,7 @@
 //! The gRPC layer: one thin struct per proto service. Handlers validate input into
 //! domain types, call the store, and convert the answer; no SQL or rules live here.
 
+mod audit;
 mod role_check;
 mod tenants;
 mod watch;

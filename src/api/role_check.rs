@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{decode_page_token, encode_page_token, page_size, parse_expiry, tenant_or_application};
 use crate::{
+    auth::caller_name,
     coherence::Coherence,
     domain::{Revision, Role, TenantId, UserId, now_unix, parse_roles},
     error::{Error, Result},
@@ -60,6 +61,7 @@ impl RoleCheckApi {
 
     fn parse_write(
         &self,
+        caller: String,
         kind: WriteKind,
         user_id: &str,
         tenant_id: &str,
@@ -76,6 +78,7 @@ impl RoleCheckApi {
             tenant: self.tenant("tenant_id", tenant_id)?,
             roles,
             expires_at: parse_expiry("expires_at", expires_at)?,
+            caller,
         })
     }
 
@@ -161,6 +164,7 @@ impl RoleCheck for RoleCheckApi {
     ) -> Result<Response<pb::GrantResponse>, Status> {
         let req = request.get_ref();
         let write = self.parse_write(
+            caller_name(&request),
             WriteKind::Grant,
             &req.user_id,
             &req.tenant_id,
@@ -177,8 +181,14 @@ impl RoleCheck for RoleCheckApi {
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let req = request.get_ref();
-        let write =
-            self.parse_write(WriteKind::Revoke, &req.user_id, &req.tenant_id, &req.roles, None)?;
+        let write = self.parse_write(
+            caller_name(&request),
+            WriteKind::Revoke,
+            &req.user_id,
+            &req.tenant_id,
+            &req.roles,
+            None,
+        )?;
         let revision = self.store.write_membership(&write).await?;
         Ok(Response::new(pb::RevokeResponse { revision }))
     }
@@ -190,6 +200,7 @@ impl RoleCheck for RoleCheckApi {
     ) -> Result<Response<pb::SetRolesResponse>, Status> {
         let req = request.get_ref();
         let write = self.parse_write(
+            caller_name(&request),
             WriteKind::SetRoles,
             &req.user_id,
             &req.tenant_id,
@@ -283,6 +294,14 @@ impl RoleCheck for RoleCheckApi {
     }
 
     type WatchStream = WatchStream;
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn list_changes(
+        &self,
+        request: Request<pb::ListChangesRequest>,
+    ) -> Result<Response<pb::ListChangesResponse>, Status> {
+        super::audit::list_changes(self.store.as_ref(), request.get_ref()).await.map(Response::new)
+    }
 
     #[tracing::instrument(skip_all, fields(after = request.get_ref().after_revision))]
     async fn watch(

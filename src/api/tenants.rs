@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{decode_page_token, encode_page_token, page_size, timestamp_from_millis};
 use crate::{
+    auth::caller_name,
     domain::{TenantId, now_millis},
     error::{Error, Result},
     pb::{self, tenants_server::Tenants},
@@ -29,7 +30,7 @@ impl TenantsApi {
         Self { store }
     }
 
-    async fn create(&self, id: Option<TenantId>, name: String) -> Result<Tenant> {
+    async fn create(&self, id: Option<TenantId>, name: String, caller: &str) -> Result<Tenant> {
         let attempts = if id.is_some() { 1 } else { GENERATE_ATTEMPTS };
         for _ in 0..attempts {
             let tenant = Tenant {
@@ -37,7 +38,7 @@ impl TenantsApi {
                 name: name.clone(),
                 created_at_ms: now_millis(),
             };
-            match self.store.create_tenant(&tenant).await {
+            match self.store.create_tenant(&tenant, caller).await {
                 Ok(_) => return Ok(tenant),
                 Err(Error::AlreadyExists(_)) if id.is_none() => continue,
                 Err(err) => return Err(err),
@@ -83,13 +84,14 @@ impl Tenants for TenantsApi {
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
+        let caller = caller_name(&request);
         let req = request.into_inner();
         let id = match req.tenant_id.as_str() {
             "" => None,
             id => Some(TenantId::parse("tenant_id", id)?),
         };
         let name = parse_name(&req.name)?;
-        Ok(Response::new(to_pb(self.create(id, name).await?)))
+        Ok(Response::new(to_pb(self.create(id, name, &caller).await?)))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(tenant = %request.get_ref().tenant_id))]
@@ -130,7 +132,7 @@ impl Tenants for TenantsApi {
         request: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
         let id = TenantId::parse("tenant_id", &request.get_ref().tenant_id)?;
-        let revision = self.store.delete_tenant(&id).await?;
+        let revision = self.store.delete_tenant(&id, &caller_name(&request)).await?;
         Ok(Response::new(pb::DeleteTenantResponse { revision }))
     }
 }

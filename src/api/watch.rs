@@ -32,12 +32,14 @@ fn kind(kind: ChangeKind) -> pb::ChangeKind {
     }
 }
 
-fn to_pb(entry: HistoryEntry) -> pb::Change {
+/// A history entry on the wire.
+pub fn to_pb(entry: HistoryEntry) -> pb::Change {
     pb::Change {
         tenant_id: entry.tenant_id,
         user_id: entry.user_id,
         roles: entry.roles,
         kind: kind(entry.kind).into(),
+        caller: entry.caller,
     }
 }
 

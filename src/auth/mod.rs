@@ -26,7 +26,7 @@ use std::{
 use aws_lc_rs::{constant_time, digest};
 use serde::Deserialize;
 
-pub use layer::{AuthLayer, required_scope};
+pub use layer::{Access, AuthLayer, PeerIdentity, required_scope};
 
 use crate::error::{Error, Result};
 

@@ -64,6 +64,8 @@ pub struct MembershipWrite {
     pub roles: Vec<Role>,
     /// Expiry for granted roles (unix seconds); `None` never expires.
     pub expires_at: Option<UnixSeconds>,
+    /// Who asked, for the audit trail.
+    pub caller: String,
 }
 
 /// The membership store.
@@ -88,7 +90,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(Vec<Member>, Revision)>;
 
     /// Creates a tenant; `AlreadyExists` if the id is taken.
-    async fn create_tenant(&self, tenant: &Tenant) -> Result<Revision>;
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision>;
 
     /// Reads a tenant; `NotFound` if absent.
     async fn get_tenant(&self, id: &TenantId) -> Result<Tenant>;
@@ -97,7 +99,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>>;
 
     /// Deletes a tenant and every membership in it; `NotFound` if absent.
-    async fn delete_tenant(&self, id: &TenantId) -> Result<Revision>;
+    async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision>;
 
     /// The current revision; doubles as the readiness probe.
     async fn revision(&self) -> Result<Revision>;
@@ -111,6 +113,14 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` history entries after `after`, in revision order, and the revision
     /// through which history has been pruned.
     async fn changes_after(&self, after: Revision, limit: u32) -> Result<History>;
+
+    /// Up to `limit` history entries after `after` that match `filter`, in revision order.
+    async fn list_changes(
+        &self,
+        filter: &ChangeFilter,
+        after: Revision,
+        limit: u32,
+    ) -> Result<Vec<HistoryEntry>>;
 
     /// Drops history committed before `older_than_ms` (unix ms); returns the new floor.
     /// Not a write: no revision is committed.
@@ -176,6 +186,19 @@ pub struct ChangeRef<'a> {
     pub tenant: &'a str,
     /// The user; empty for tenant changes.
     pub user: &'a str,
+    /// Who asked.
+    pub caller: &'a str,
+}
+
+/// Which history entries `list_changes` returns; empty fields match everything.
+#[derive(Clone, Debug, Default)]
+pub struct ChangeFilter {
+    /// Only this tenant.
+    pub tenant_id: String,
+    /// Only this user.
+    pub user_id: String,
+    /// Only this caller.
+    pub caller: String,
 }
 
 /// One committed change, from the history.
@@ -191,6 +214,10 @@ pub struct HistoryEntry {
     pub user_id: String,
     /// The user's live roles in the tenant after the change.
     pub roles: Vec<String>,
+    /// Who made the change.
+    pub caller: String,
+    /// When it committed, unix milliseconds.
+    pub committed_at_ms: i64,
 }
 
 /// A page of history.

@@ -57,19 +57,60 @@ pub const ROLES_AFTER: &str = "SELECT role FROM memberships \
     WHERE tenant_id = $1 AND user_id = $2 AND (expires_at IS NULL OR expires_at > $3) \
     ORDER BY role";
 pub const INSERT_CHANGE: &str = "INSERT INTO changes \
-    (revision, kind, tenant_id, user_id, roles, committed_at) VALUES ($1, $2, $3, $4, $5, $6)";
+    (revision, kind, tenant_id, user_id, roles, committed_at, caller) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// The audit trail: history after a revision, filtered (empty filters match all).
+pub const LIST_CHANGES: &str = "\
+    SELECT revision, kind, tenant_id, user_id, roles, caller, committed_at FROM changes \
+    WHERE revision > $1 AND ($2 = '' OR tenant_id = $2) AND ($3 = '' OR user_id = $3) \
+      AND ($4 = '' OR caller = $4) \
+    ORDER BY revision LIMIT $5";
+
+/// A row of [`LIST_CHANGES`].
+pub type AuditRow = (i64, String, String, String, String, String, i64);
+
+/// Folds [`LIST_CHANGES`] rows into history entries.
+pub fn audit_from(rows: Vec<AuditRow>) -> Vec<crate::store::HistoryEntry> {
+    rows.into_iter()
+        .filter_map(|(revision, kind, tenant_id, user_id, roles, caller, committed_at_ms)| {
+            Some(crate::store::HistoryEntry {
+                revision: revision as Revision,
+                kind: crate::store::ChangeKind::from_code(&kind)?,
+                tenant_id,
+                user_id,
+                roles: split_roles(&roles),
+                caller,
+                committed_at_ms,
+            })
+        })
+        .collect()
+}
+
+fn split_roles(roles: &str) -> Vec<String> {
+    roles.split(',').filter(|r| !r.is_empty()).map(str::to_owned).collect()
+}
 
 /// History after a revision, with the pruning floor, in one statement.
 pub const CHANGES_AFTER: &str = "\
-    SELECT r.pruned_through, c.revision, c.kind, c.tenant_id, c.user_id, c.roles \
+    SELECT r.pruned_through, c.revision, c.kind, c.tenant_id, c.user_id, c.roles, \
+        c.caller, c.committed_at \
     FROM store_revision r LEFT JOIN ( \
-        SELECT revision, kind, tenant_id, user_id, roles FROM changes \
+        SELECT revision, kind, tenant_id, user_id, roles, caller, committed_at FROM changes \
         WHERE revision > $1 ORDER BY revision LIMIT $2 \
     ) c ON TRUE WHERE r.id = 1 ORDER BY c.revision";
 
 /// A row of [`CHANGES_AFTER`].
-pub type ChangeRow =
-    (i64, Option<i64>, Option<String>, Option<String>, Option<String>, Option<String>);
+pub type ChangeRow = (
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
 
 pub const PRUNE_FLOOR: &str = "SELECT max(revision) FROM changes WHERE committed_at < $1";
 pub const PRUNE_CHANGES: &str = "DELETE FROM changes WHERE revision <= $1";
@@ -81,13 +122,15 @@ pub fn history_from(rows: Vec<ChangeRow>) -> crate::store::History {
     let pruned_through = rows.first().map_or(0, |row| row.0 as Revision);
     let entries = rows
         .into_iter()
-        .filter_map(|(_, revision, kind, tenant, user, roles)| {
+        .filter_map(|(_, revision, kind, tenant, user, roles, caller, committed_at)| {
             Some(crate::store::HistoryEntry {
                 revision: revision? as Revision,
                 kind: crate::store::ChangeKind::from_code(&kind?)?,
                 tenant_id: tenant?,
                 user_id: user?,
-                roles: roles?.split(',').filter(|r| !r.is_empty()).map(str::to_owned).collect(),
+                roles: split_roles(&roles?),
+                caller: caller?,
+                committed_at_ms: committed_at?,
             })
         })
         .collect();
@@ -200,6 +243,7 @@ macro_rules! sql_store {
                     kind: $crate::store::ChangeKind::Membership,
                     tenant: write.tenant.as_str(),
                     user: write.user.as_str(),
+                    caller: &write.caller,
                 };
                 self.finish_write(tx, change).await
             }
@@ -225,6 +269,7 @@ macro_rules! sql_store {
             async fn create_tenant(
                 &self,
                 tenant: &$crate::store::Tenant,
+                caller: &str,
             ) -> $crate::error::Result<$crate::domain::Revision> {
                 let _serial = self.write_guard().await;
                 let mut tx = self.write_pool().begin().await?;
@@ -247,6 +292,7 @@ macro_rules! sql_store {
                     kind: $crate::store::ChangeKind::TenantCreated,
                     tenant: tenant.id.as_str(),
                     user: "",
+                    caller,
                 };
                 self.finish_write(tx, change).await
             }
@@ -281,6 +327,7 @@ macro_rules! sql_store {
             async fn delete_tenant(
                 &self,
                 id: &$crate::domain::TenantId,
+                caller: &str,
             ) -> $crate::error::Result<$crate::domain::Revision> {
                 use $crate::store::sql;
                 if id == self.application_id() {
@@ -300,6 +347,7 @@ macro_rules! sql_store {
                     kind: $crate::store::ChangeKind::TenantDeleted,
                     tenant: id.as_str(),
                     user: "",
+                    caller,
                 };
                 self.finish_write(tx, change).await
             }
@@ -332,6 +380,24 @@ macro_rules! sql_store {
                         .fetch_all(self.read_pool())
                         .await?;
                 Ok($crate::store::sql::history_from(rows))
+            }
+
+            async fn list_changes(
+                &self,
+                filter: &$crate::store::ChangeFilter,
+                after: $crate::domain::Revision,
+                limit: u32,
+            ) -> $crate::error::Result<Vec<$crate::store::HistoryEntry>> {
+                let rows: Vec<$crate::store::sql::AuditRow> =
+                    sqlx::query_as($crate::store::sql::LIST_CHANGES)
+                        .bind(after as i64)
+                        .bind(filter.tenant_id.as_str())
+                        .bind(filter.user_id.as_str())
+                        .bind(filter.caller.as_str())
+                        .bind(i64::from(limit))
+                        .fetch_all(self.read_pool())
+                        .await?;
+                Ok($crate::store::sql::audit_from(rows))
             }
 
             async fn prune_history(
@@ -382,6 +448,7 @@ macro_rules! sql_store {
                     .bind(change.user)
                     .bind(roles)
                     .bind($crate::domain::now_millis())
+                    .bind(change.caller)
                     .execute(&mut *tx)
                     .await?;
                 let revision = revision as $crate::domain::Revision;

@@ -1,0 +1,57 @@
+//! `ListChanges`: the audit trail — who changed what, where, at which revision.
+
+use super::{decode_page_token, encode_page_token, page_size, timestamp_from_millis};
+use crate::{
+    domain::{TenantId, UserId},
+    error::{Error, Result},
+    pb,
+    store::{ChangeFilter, Store},
+};
+
+/// One page of the audit trail matching `req`.
+pub async fn list_changes(
+    store: &dyn Store,
+    req: &pb::ListChangesRequest,
+) -> Result<pb::ListChangesResponse, tonic::Status> {
+    let filter = ChangeFilter {
+        tenant_id: optional(&req.tenant_id, |v| TenantId::parse("tenant_id", v).map(|_| ()))?,
+        user_id: optional(&req.user_id, |v| UserId::parse("user_id", v).map(|_| ()))?,
+        caller: req.caller.clone(),
+    };
+    let limit = page_size(req.page_size)?;
+    let after = match decode_page_token("changes", &req.page_token)? {
+        Some(last) => last
+            .parse()
+            .map_err(|_| Error::invalid("page_token", "not a token this list returned"))?,
+        None => req.after_revision,
+    };
+    let mut entries = store.list_changes(&filter, after, limit + 1).await?;
+    let next_page_token = if entries.len() > limit as usize {
+        entries.truncate(limit as usize);
+        entries
+            .last()
+            .map(|e| encode_page_token("changes", &e.revision.to_string()))
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok(pb::ListChangesResponse {
+        entries: entries
+            .into_iter()
+            .map(|entry| pb::AuditEntry {
+                revision: entry.revision,
+                committed_at: Some(timestamp_from_millis(entry.committed_at_ms)),
+                change: Some(super::watch::to_pb(entry)),
+            })
+            .collect(),
+        next_page_token,
+    })
+}
+
+/// An optional filter field: empty, or valid per `check`.
+fn optional(value: &str, check: impl FnOnce(&str) -> Result<()>) -> Result<String> {
+    if !value.is_empty() {
+        check(value)?;
+    }
+    Ok(value.to_owned())
+}
