@@ -18,7 +18,7 @@ use crate::{
     listen::GrpcListener,
     pb::{self, role_check_server::RoleCheckServer, tenants_server::TenantsServer},
     store::{self, Store, StoreOptions},
-    tls::Tls,
+    tls::{Port, Tls},
     token::{KeySet, TokenSettings, Tokens},
 };
 
@@ -159,7 +159,7 @@ impl Server {
         };
         let http_task = match &self.tls {
             Some(tls) => {
-                let serve = axum::serve(tls.incoming(self.http_listener), http_router)
+                let serve = axum::serve(tls.incoming(self.http_listener, Port::Http), http_router)
                     .with_graceful_shutdown(http_stopped);
                 tokio::spawn(async move { serve.await })
             }
@@ -198,7 +198,9 @@ impl Server {
         let serve = async move {
             match (self.listener, &self.tls) {
                 (GrpcListener::Tcp(listener), Some(tls)) => {
-                    router.serve_with_incoming_shutdown(tls.incoming(listener), shutdown).await
+                    router
+                        .serve_with_incoming_shutdown(tls.incoming(listener, Port::Grpc), shutdown)
+                        .await
                 }
                 (GrpcListener::Tcp(listener), None) => {
                     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

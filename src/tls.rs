@@ -1,5 +1,7 @@
-//! TLS for the gRPC and HTTP listeners (rustls on aws-lc-rs), optionally requiring client
-//! certificates from `--tls-client-ca` (mTLS). The certificate, key and CA files are
+//! TLS for the gRPC and HTTP listeners (rustls on aws-lc-rs). With `--tls-client-ca`, gRPC
+//! clients must present a certificate from that CA (mTLS). The HTTP port serves only
+//! public data (JWKS, probes, metrics), so it asks for no client certificate: kubelet
+//! probes and token verifiers reach it with plain TLS. The certificate, key and CA files are
 //! re-read when they change, so certificates rotate without a restart; a reload that
 //! fails keeps the configuration in force and logs why. Each connection uses the
 //! configuration current when it was accepted.
@@ -44,7 +46,23 @@ pub struct Tls {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
-    config: RwLock<Arc<ServerConfig>>,
+    configs: RwLock<Configs>,
+}
+
+/// The configurations in force: gRPC (client certificates as configured) and HTTP (none).
+#[derive(Clone)]
+struct Configs {
+    grpc: Arc<ServerConfig>,
+    http: Arc<ServerConfig>,
+}
+
+/// Which listener a connection arrives on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// The gRPC port.
+    Grpc,
+    /// The HTTP port.
+    Http,
 }
 
 fn bad(path: &Path, what: &str) -> Error {
@@ -54,25 +72,29 @@ fn bad(path: &Path, what: &str) -> Error {
 impl Tls {
     /// Loads the certificate chain, key and optional client CA.
     pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Arc<Self>> {
-        let config = build(cert, key, client_ca)?;
+        let configs = build_both(cert, key, client_ca)?;
         Ok(Arc::new(Self {
             cert: cert.to_owned(),
             key: key.to_owned(),
             client_ca: client_ca.map(Path::to_owned),
-            config: RwLock::new(Arc::new(config)),
+            configs: RwLock::new(configs),
         }))
     }
 
-    fn current(&self) -> Arc<ServerConfig> {
-        self.config.read().map_or_else(|p| p.into_inner().clone(), |c| c.clone())
+    fn current(&self, port: Port) -> Arc<ServerConfig> {
+        let configs = self.configs.read().map_or_else(|p| p.into_inner().clone(), |c| c.clone());
+        match port {
+            Port::Grpc => configs.grpc,
+            Port::Http => configs.http,
+        }
     }
 
     /// Rebuilds the configuration from the files; keeps the old one on failure.
     pub fn reload(&self) {
-        match build(&self.cert, &self.key, self.client_ca.as_deref()) {
-            Ok(config) => {
-                if let Ok(mut current) = self.config.write() {
-                    *current = Arc::new(config);
+        match build_both(&self.cert, &self.key, self.client_ca.as_deref()) {
+            Ok(configs) => {
+                if let Ok(mut current) = self.configs.write() {
+                    *current = configs;
                 }
                 tracing::info!("TLS certificates reloaded");
             }
@@ -106,7 +128,7 @@ impl Tls {
     }
 
     /// Accepts TLS connections on `listener`; handshakes run concurrently.
-    pub fn incoming(self: &Arc<Self>, listener: TcpListener) -> TlsIncoming {
+    pub fn incoming(self: &Arc<Self>, listener: TcpListener, port: Port) -> TlsIncoming {
         let local = listener.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         let (tx, rx) = mpsc::channel(64);
         let tls = self.clone();
@@ -121,7 +143,7 @@ impl Tls {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let acceptor = TlsAcceptor::from(tls.current());
+                let acceptor = TlsAcceptor::from(tls.current(port));
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -137,6 +159,13 @@ impl Tls {
         });
         TlsIncoming { rx, local, task }
     }
+}
+
+fn build_both(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Configs> {
+    Ok(Configs {
+        grpc: Arc::new(build(cert, key, client_ca)?),
+        http: Arc::new(build(cert, key, None)?),
+    })
 }
 
 fn build(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerConfig> {
