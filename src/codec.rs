@@ -61,3 +61,62 @@ impl<U: Message + Default> Decoder for StrictDecoder<U> {
         self.0.buffer_settings()
     }
 }
+
+/// What tonic reports as `INTERNAL` when a request's gRPC framing is broken (a compressed
+/// frame nobody negotiated, a truncated frame, a missing message). All are the caller's
+/// doing.
+const FRAMING_FAULTS: [&str; 4] =
+    ["protocol error", "Unexpected EOF", "Error decompressing", "Missing request message"];
+
+/// Rewrites tonic's `INTERNAL` for broken request framing to `INVALID_ARGUMENT`, so no
+/// caller-caused error is ever reported as internal. Everything else passes untouched.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FramingFaultLayer;
+
+impl<S> tower::Layer<S> for FramingFaultLayer {
+    type Service = FramingFault<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        FramingFault(inner)
+    }
+}
+
+/// The service [`FramingFaultLayer`] produces.
+#[derive(Clone, Debug)]
+pub struct FramingFault<S>(S);
+
+impl<S, B, R> tower::Service<http::Request<B>> for FramingFault<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            let headers = response.headers_mut();
+            let framing = headers.get("grpc-status").is_some_and(|s| s == "13")
+                && headers.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| {
+                    let message = m.replace("%20", " ");
+                    FRAMING_FAULTS.iter().any(|fault| message.starts_with(fault))
+                });
+            if framing {
+                headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+            }
+            Ok(response)
+        })
+    }
+}

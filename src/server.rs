@@ -11,6 +11,7 @@ use crate::{
     api::{RoleCheckApi, TenantsApi},
     auth::{AuthLayer, Keys},
     cache::{CacheOptions, CachedStore},
+    codec::FramingFaultLayer,
     coherence::{Coherence, Invalidate, NoCache},
     config::Config,
     domain::TenantId,
@@ -185,6 +186,7 @@ impl Server {
         let router = tonic::transport::Server::builder()
             .timeout(self.config.request_timeout)
             .max_concurrent_streams(self.config.max_concurrent_streams)
+            .layer(FramingFaultLayer)
             .layer(AuthLayer::new(self.keys.clone(), rate))
             .add_service(health_service)
             .add_service(reflection_v1)

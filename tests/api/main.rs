@@ -10,4 +10,5 @@ mod proxy;
 mod revisions;
 mod rpc;
 mod tokens;
+mod transport;
 mod validation;
