@@ -277,6 +277,21 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_that_fails_keeps_the_keys_in_force() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("keys.toml");
+        let entry = |name: &str| format!("[[key]]\nname = \"{name}\"\nsha256 = \"{TEST_HASH}\"\nscopes = [\"check\"]\n");
+        std::fs::write(&path, entry("first")).expect("write");
+        let keys = Keys::load(Some(&path)).expect("load");
+        std::fs::write(&path, "[[key]]\nname = ").expect("write");
+        keys.reload();
+        assert_eq!(keys.current().authenticate("test").expect("kept").name, "first");
+        std::fs::write(&path, entry("second")).expect("write");
+        keys.reload();
+        assert_eq!(keys.current().authenticate("test").expect("reloaded").name, "second");
+    }
+
+    #[test]
     fn malformed_files_are_refused_without_echoing_values() {
         assert!(KeyRing::parse("[[key]]\nname = \"x\"\nsha256 = \"zz\"\nscopes = []").is_err());
         assert!(KeyRing::parse("[[key]]\nname = \"x\"\nscopes = [\"root\"]").is_err());
