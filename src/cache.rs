@@ -29,6 +29,7 @@ use std::{
 
 use async_trait::async_trait;
 use moka::{Expiry, future::Cache};
+use prometheus_client::metrics::counter::Counter;
 
 use crate::{
     coherence::{Coherence, Invalidate},
@@ -80,6 +81,8 @@ pub struct CachedStore {
     hasher: RandomState,
     coherence: Arc<Coherence>,
     min_revision_wait: Duration,
+    hits: Counter,
+    misses: Counter,
 }
 
 /// Cache settings.
@@ -92,6 +95,10 @@ pub struct CacheOptions {
     /// How long a read with a `min_revision` not applied yet waits for the feed before
     /// it reads the store.
     pub min_revision_wait: Duration,
+    /// Counts answers from memory.
+    pub hits: Counter,
+    /// Counts loads from the store.
+    pub misses: Counter,
 }
 
 impl CachedStore {
@@ -107,6 +114,8 @@ impl CachedStore {
             hasher: RandomState::new(),
             coherence,
             min_revision_wait: options.min_revision_wait,
+            hits: options.hits.clone(),
+            misses: options.misses.clone(),
         }
     }
 
@@ -137,21 +146,26 @@ impl CachedStore {
 impl Store for CachedStore {
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
         if !self.coherence.is_current() {
+            self.misses.inc();
             return self.inner.user_roles(user, min_revision).await;
         }
         if min_revision > self.coherence.applied()
             && !self.coherence.wait_for(min_revision, self.min_revision_wait).await
         {
+            self.misses.inc();
             return self.inner.user_roles(user, min_revision).await;
         }
         // Read before the generation check: every write at or below `applied` has bumped
         // the generation of the users it touched by now.
         let applied = self.coherence.applied();
         let generation = self.generation(user);
+        let loaded = std::sync::atomic::AtomicBool::new(false);
         for _ in 0..LOAD_ATTEMPTS {
             let entry = self
                 .cache
                 .try_get_with_by_ref(user, async {
+                    self.misses.inc();
+                    loaded.store(true, Ordering::Relaxed);
                     let seen = generation.load(Ordering::SeqCst);
                     let snapshot = self.inner.user_roles(user, 0).await?.roles;
                     Ok::<_, Error>(Arc::new(Entry { generation: seen, snapshot }))
@@ -160,6 +174,9 @@ impl Store for CachedStore {
                 .map_err(Error::unshare)?;
             let revision = entry.snapshot.revision.max(applied);
             if entry.generation == generation.load(Ordering::SeqCst) && revision >= min_revision {
+                if !loaded.load(Ordering::Relaxed) {
+                    self.hits.inc();
+                }
                 return Ok(Answer { roles: entry.snapshot.clone(), revision });
             }
             self.cache.invalidate(user).await;
@@ -341,6 +358,8 @@ mod tests {
             capacity,
             ttl: Duration::from_secs(60),
             min_revision_wait: Duration::from_millis(100),
+            hits: Counter::default(),
+            misses: Counter::default(),
         };
         let cached = Arc::new(CachedStore::new(counting.clone(), &options, coherence.clone()));
         coherence.run(counting.subscribe().await.expect("feed"), cached.clone());

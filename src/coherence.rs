@@ -86,6 +86,12 @@ impl Coherence {
         since_sync < self.lease.as_micros() as u64
     }
 
+    /// Time since the feed last proved it was current: how stale this replica could be.
+    pub fn sync_age(&self) -> Duration {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        Duration::from_micros(now.saturating_sub(self.last_sync_micros.load(Ordering::SeqCst)))
+    }
+
     /// Waits up to `timeout` for `revision` to be applied; whether it was.
     pub async fn wait_for(&self, revision: Revision, timeout: Duration) -> bool {
         let mut rx = self.applied.subscribe();

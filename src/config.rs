@@ -180,6 +180,15 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// After SIGTERM, how long to report not-ready (readyz 503, gRPC health NOT_SERVING)
+    /// while still serving, so load balancers stop sending before connections close.
+    #[arg(long, env = "ROLECHECK_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "ROLECHECK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
     /// Do not apply migrations at start (leave them to `rolecheck migrate`).
     #[arg(long, env = "ROLECHECK_NO_MIGRATE")]
     pub no_migrate: bool,

@@ -99,6 +99,12 @@ impl From<sqlx::migrate::MigrateError> for Error {
     fn from(err: sqlx::migrate::MigrateError) -> Self {
         match err {
             sqlx::migrate::MigrateError::Execute(inner) => inner.into(),
+            sqlx::migrate::MigrateError::VersionMissing(version) => {
+                Error::FailedPrecondition(format!(
+                    "the database schema has migration {version}, which this rolecheck does not \
+                     know: it was migrated by a newer rolecheck; upgrade this one"
+                ))
+            }
             other => Error::Internal(Box::new(other)),
         }
     }

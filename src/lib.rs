@@ -16,6 +16,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod listen;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -5,7 +5,7 @@ use rolecheck::{config::Cli, server, telemetry};
 
 fn main() -> anyhow::Result<()> {
     let (serve, config) = Cli::parse().into_command();
-    telemetry::init();
+    telemetry::init_with(&config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         if serve {

@@ -17,8 +17,9 @@ use crate::{
     domain::TenantId,
     error::{Error, Result},
     listen::GrpcListener,
+    metrics::{Metrics, RequestLayer},
     pb::{self, role_check_server::RoleCheckServer, tenants_server::TenantsServer},
-    store::{self, Store, StoreOptions},
+    store::{self, MeasuredStore, Store, StoreOptions},
     tls::{Port, Tls},
     token::{KeySet, TokenSettings, Tokens},
 };
@@ -34,6 +35,7 @@ pub struct Server {
     http_listener: TcpListener,
     store: Arc<dyn Store>,
     tokens: Arc<Tokens>,
+    metrics: Arc<Metrics>,
     coherence: Arc<Coherence>,
     feed_task: tokio::task::JoinHandle<()>,
     config: Config,
@@ -72,8 +74,10 @@ impl Server {
             Some(key) => tracing::info!(kid = key.kid(), alg = ?key.algorithm(), "signing tokens"),
             None => tracing::warn!("no signing key configured: Issue is refused"),
         }
+        let metrics = Metrics::new();
         let tokens = Arc::new(Tokens::new(
             keys,
+            metrics.clone(),
             TokenSettings {
                 issuer: config.issuer.clone(),
                 audience: config.audience.clone().unwrap_or_else(|| application_id.to_string()),
@@ -83,17 +87,22 @@ impl Server {
             },
         ));
         let store = open_store(&config, &application_id, !config.no_migrate).await?;
+        let store: Arc<dyn Store> = Arc::new(MeasuredStore::new(store, metrics.clone()));
         let feed = store.subscribe().await?;
         let coherence = Coherence::new(config.coherence_lease);
         let (store, sink): (Arc<dyn Store>, Arc<dyn Invalidate>) = if config.cache_capacity == 0 {
+            metrics.observe(coherence.clone(), None);
             (store, Arc::new(NoCache))
         } else {
             let options = CacheOptions {
                 capacity: config.cache_capacity,
                 ttl: config.cache_ttl,
                 min_revision_wait: config.min_revision_wait,
+                hits: metrics.cache_hits.clone(),
+                misses: metrics.cache_misses.clone(),
             };
             let cached = Arc::new(CachedStore::new(store, &options, coherence.clone()));
+            metrics.observe(coherence.clone(), Some(cached.clone()));
             (cached.clone(), cached)
         };
         let feed_task = coherence.run(feed, sink);
@@ -104,6 +113,7 @@ impl Server {
             http_listener,
             store,
             tokens,
+            metrics,
             coherence,
             feed_task,
             config,
@@ -125,7 +135,7 @@ impl Server {
     /// finish, and closes the store's connections.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let health_task = tokio::spawn(watch_health(health, self.store.clone()));
+        let health_task = tokio::spawn(watch_health(health.clone(), self.store.clone()));
         let prune_task =
             tokio::spawn(prune_history(self.store.clone(), self.config.history_retention));
 
@@ -154,7 +164,13 @@ impl Server {
         let addr = self.config.listen.to_string();
         let http_addr = self.http_addr();
         let (stop_http, http_stopping) = tokio::sync::oneshot::channel::<()>();
-        let http_router = crate::http::router(self.tokens.keys().clone(), self.store.clone());
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let http_router = crate::http::router(
+            self.tokens.keys().clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+            draining.clone(),
+        );
         let http_stopped = async {
             let _ = http_stopping.await;
         };
@@ -179,13 +195,25 @@ impl Server {
         let key_watch = self.keys.watch(Duration::from_secs(2));
         let rate = std::num::NonZeroU32::new(self.config.rate_limit);
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+        let delay = self.config.shutdown_delay;
+        let (drain_flag, health_on_drain) = (draining.clone(), health.clone());
         let shutdown = async move {
             shutdown.await;
+            drain_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            health_task.abort();
+            for service in HEALTH_SERVICES {
+                health_on_drain.set_service_status(service, ServingStatus::NotServing).await;
+            }
+            if !delay.is_zero() {
+                tracing::info!(?delay, "not ready; serving until the delay ends");
+                tokio::time::sleep(delay).await;
+            }
             let _ = stopping_tx.send(());
         };
         let router = tonic::transport::Server::builder()
             .timeout(self.config.request_timeout)
             .max_concurrent_streams(self.config.max_concurrent_streams)
+            .layer(RequestLayer(self.metrics.clone()))
             .layer(FramingFaultLayer)
             .layer(AuthLayer::new(self.keys.clone(), rate))
             .add_service(health_service)
@@ -227,7 +255,6 @@ impl Server {
                 Ok(())
             }
         };
-        health_task.abort();
         prune_task.abort();
         key_watch.abort();
         if let Some(task) = tls_watch {
@@ -302,9 +329,12 @@ async fn prune_history(store: Arc<dyn Store>, retention: Duration) {
     }
 }
 
+/// The services `grpc.health.v1` reports on ("" is the whole server).
+const HEALTH_SERVICES: [&str; 3] = ["", "rolecheck.v1.RoleCheck", "rolecheck.v1.Tenants"];
+
 /// Keeps `grpc.health.v1` in step with the store: SERVING while it answers.
 async fn watch_health(health: HealthReporter, store: Arc<dyn Store>) {
-    let services = ["", "rolecheck.v1.RoleCheck", "rolecheck.v1.Tenants"];
+    let services = HEALTH_SERVICES;
     let mut last = None;
     loop {
         let status = match store.revision().await {

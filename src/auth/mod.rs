@@ -280,7 +280,9 @@ mod tests {
     fn a_reload_that_fails_keeps_the_keys_in_force() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("keys.toml");
-        let entry = |name: &str| format!("[[key]]\nname = \"{name}\"\nsha256 = \"{TEST_HASH}\"\nscopes = [\"check\"]\n");
+        let entry = |name: &str| {
+            format!("[[key]]\nname = \"{name}\"\nsha256 = \"{TEST_HASH}\"\nscopes = [\"check\"]\n")
+        };
         std::fs::write(&path, entry("first")).expect("write");
         let keys = Keys::load(Some(&path)).expect("load");
         std::fs::write(&path, "[[key]]\nname = ").expect("write");

@@ -4,6 +4,7 @@
 //! last statement; the row lock makes revisions follow commit order. Every read comes
 //! from one statement, so the rows and the revision it reports are one snapshot.
 
+mod measured;
 mod postgres;
 mod sql;
 mod sqlite;
@@ -17,6 +18,7 @@ use crate::{
     error::Result,
 };
 
+pub use measured::MeasuredStore;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -311,6 +313,8 @@ pub async fn open(
             let store = PgStore::connect(url, application_id, options).await?;
             if migrate {
                 store.migrate().await?;
+            } else {
+                store.check_schema().await?;
             }
             store.ensure_application_tenant(application_id).await?;
             Ok(Arc::new(store))
@@ -323,6 +327,8 @@ pub async fn open(
             let store = SqliteStore::open(&path, application_id, options).await?;
             if migrate {
                 store.migrate().await?;
+            } else {
+                store.check_schema().await?;
             }
             store.ensure_application_tenant(application_id).await?;
             Ok(Arc::new(store))

@@ -55,8 +55,12 @@ impl PgStore {
 
     /// Applies the embedded migrations. Refuses a schema newer than this binary knows.
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("./migrations/postgres").run(&self.pool).await?;
+        self.migrator().run(&self.pool).await?;
         Ok(())
+    }
+
+    fn migrator(&self) -> sqlx::migrate::Migrator {
+        sqlx::migrate!("./migrations/postgres")
     }
 
     /// The pool, for callers that need raw access (tests, benches).

@@ -419,6 +419,28 @@ macro_rules! sql_store {
         }
 
         impl $store {
+            /// Without migrating: refuses a schema newer than this binary knows, or one
+            /// that still needs `rolecheck migrate`.
+            pub async fn check_schema(&self) -> $crate::error::Result<()> {
+                let known = self.migrator().iter().map(|m| m.version).max().unwrap_or(0);
+                let applied: (Option<i64>,) =
+                    sqlx::query_as("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                        .fetch_one(self.read_pool())
+                        .await
+                        .unwrap_or((None,));
+                match applied.0 {
+                    Some(version) if version > known => Err($crate::error::Error::FailedPrecondition(format!(
+                        "the database schema is at version {version}, newer than this rolecheck \
+                         knows ({known}): upgrade rolecheck"
+                    ))),
+                    Some(version) if version == known => Ok(()),
+                    _ => Err($crate::error::Error::FailedPrecondition(format!(
+                        "the database schema is behind this rolecheck (needs version {known}): \
+                         run `rolecheck migrate`"
+                    ))),
+                }
+            }
+
             /// Ends every write the same way: the revision row is bumped (its lock orders
             /// revisions as commits), the change is recorded in the history, the backend
             /// announces it, and the transaction commits.

@@ -90,8 +90,12 @@ impl SqliteStore {
 
     /// Applies the embedded migrations. Refuses a schema newer than this binary knows.
     pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("./migrations/sqlite").run(&self.write).await?;
+        self.migrator().run(&self.write).await?;
         Ok(())
+    }
+
+    fn migrator(&self) -> sqlx::migrate::Migrator {
+        sqlx::migrate!("./migrations/sqlite")
     }
 
     fn read_pool(&self) -> &SqlitePool {

@@ -35,6 +35,7 @@ pub struct TokenSettings {
 #[derive(Debug)]
 pub struct Tokens {
     keys: Arc<KeySet>,
+    metrics: Arc<crate::metrics::Metrics>,
     settings: TokenSettings,
 }
 
@@ -81,8 +82,12 @@ fn user_id_claim(user: &UserId) -> serde_json::Value {
 
 impl Tokens {
     /// Mints with `keys` under `settings`.
-    pub fn new(keys: Arc<KeySet>, settings: TokenSettings) -> Self {
-        Self { keys, settings }
+    pub fn new(
+        keys: Arc<KeySet>,
+        metrics: Arc<crate::metrics::Metrics>,
+        settings: TokenSettings,
+    ) -> Self {
+        Self { keys, metrics, settings }
     }
 
     /// The published keys.
@@ -146,6 +151,7 @@ impl Tokens {
                 self.settings.max_bytes
             )));
         }
+        self.metrics.token_issued(&format!("{:?}", key.algorithm()));
         Ok(Minted { token, expires_at: exp })
     }
 }

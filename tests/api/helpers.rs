@@ -334,3 +334,15 @@ pub fn authz(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
         .map(|(tenant, roles)| (tenant.to_string(), roles.iter().map(|r| r.to_string()).collect()))
         .collect()
 }
+
+/// `GET path` on the HTTP port: (head, body).
+pub async fn http_get(app: &TestApp, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(app.http).await.expect("connect http");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+    (head.to_owned(), body.to_owned())
+}

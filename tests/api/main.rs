@@ -5,6 +5,7 @@ mod callers;
 mod coherence;
 mod helpers;
 mod model;
+mod operations;
 mod outage;
 mod proxy;
 mod revisions;

@@ -16,12 +16,11 @@ use rolecheck::{
     token::{KeyKind, SigningKey},
 };
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 use crate::{
     both_stores,
-    helpers::{Backend, TestApp, TestDb, authz, spawn_with, start, test_config},
+    helpers::{Backend, TestApp, TestDb, authz, http_get, spawn_with, start, test_config},
 };
 
 /// PEM files for `kinds`, in a directory that lives as long as the returned guard.
@@ -90,17 +89,6 @@ async fn issue(app: &TestApp, user: &str, tenants: &[&str], ttl: u32) -> pb::Iss
         .await
         .expect("Issue")
         .into_inner()
-}
-
-/// `GET path` on the HTTP port: (head, body).
-async fn http_get(app: &TestApp, path: &str) -> (String, String) {
-    let mut stream = tokio::net::TcpStream::connect(app.http).await.expect("connect http");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
-    (head.to_owned(), body.to_owned())
 }
 
 fn authorization_of(payload: &Value) -> BTreeMap<String, Vec<String>> {

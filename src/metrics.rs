@@ -1,0 +1,246 @@
+//! Prometheus metrics at `GET /metrics`, and the gRPC layer that records every request
+//! (duration by method and status code, a request id, one debug line per request).
+//!
+//! Names follow Prometheus conventions: `rolecheck_…_seconds` histograms, `_total`
+//! counters. Recording a Check costs one histogram observation (a few atomic adds).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tracing::Instrument;
+
+use crate::{cache::CachedStore, coherence::Coherence};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    code: String,
+}
+
+/// Labels of store query durations.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// The store operation.
+    pub operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    alg: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 25 µs .. ~3.3 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(25e-6, 2.0, 18))
+}
+
+/// Every metric rolecheck exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: HistogramFamily<RequestLabels>,
+    store: HistogramFamily<StoreLabels>,
+    tokens: Family<TokenLabels, Counter>,
+    /// Cache hits (answered from memory).
+    pub cache_hits: Counter,
+    /// Cache misses (loaded from the store).
+    pub cache_misses: Counter,
+    cache_entries: Gauge,
+    applied_revision: Gauge,
+    sync_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    cache_trusted: Gauge,
+    reconnects: Gauge,
+    sources: OnceLock<(Arc<Coherence>, Option<Arc<CachedStore>>)>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("rolecheck");
+        let requests = HistogramFamily::<RequestLabels>::new_with_constructor(latency_histogram);
+        let store = HistogramFamily::<StoreLabels>::new_with_constructor(latency_histogram);
+        let tokens = Family::<TokenLabels, Counter>::default();
+        let (cache_hits, cache_misses) = (Counter::default(), Counter::default());
+        let (cache_entries, applied_revision, cache_trusted, reconnects) =
+            (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
+        let sync_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "grpc_request_duration_seconds",
+            "gRPC requests by method and status code",
+            requests.clone(),
+        );
+        registry.register(
+            "store_query_duration_seconds",
+            "Store operations by kind",
+            store.clone(),
+        );
+        registry.register("tokens_issued", "Access tokens minted, by algorithm", tokens.clone());
+        registry.register("cache_hits", "Checks answered from the cache", cache_hits.clone());
+        registry.register("cache_misses", "Cache loads from the store", cache_misses.clone());
+        registry.register("cache_entries", "Users in the cache", cache_entries.clone());
+        registry.register(
+            "applied_revision",
+            "Highest revision this replica has applied",
+            applied_revision.clone(),
+        );
+        registry.register(
+            "coherence_sync_age_seconds",
+            "Replica lag bound: time since the change feed last proved it was current",
+            sync_age.clone(),
+        );
+        registry.register(
+            "cache_trusted",
+            "1 while cached answers are served, 0 while blind",
+            cache_trusted.clone(),
+        );
+        registry.register(
+            "listener_reconnects",
+            "Times the change listener lost its connection",
+            reconnects.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            requests,
+            store,
+            tokens,
+            cache_hits,
+            cache_misses,
+            cache_entries,
+            applied_revision,
+            sync_age,
+            cache_trusted,
+            reconnects,
+            sources: OnceLock::new(),
+        })
+    }
+
+    /// Where the scrape-time gauges come from.
+    pub fn observe(&self, coherence: Arc<Coherence>, cache: Option<Arc<CachedStore>>) {
+        let _ = self.sources.set((coherence, cache));
+    }
+
+    /// Records one store operation.
+    pub fn store_query(&self, operation: &'static str, started: Instant) {
+        self.store
+            .get_or_create(&StoreLabels { operation })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts one minted token.
+    pub fn token_issued(&self, alg: &str) {
+        self.tokens.get_or_create(&TokenLabels { alg: alg.to_owned() }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        if let Some((coherence, cache)) = self.sources.get() {
+            self.applied_revision.set(coherence.applied() as i64);
+            self.sync_age.set(coherence.sync_age().as_secs_f64());
+            self.cache_trusted.set(i64::from(coherence.is_current()));
+            self.reconnects.set(coherence.reconnects() as i64);
+            if let Some(cache) = cache {
+                self.cache_entries.set(cache.entry_count() as i64);
+            }
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// The method label: known services by name, anything else as `unknown` (so random paths
+/// cannot grow the label set).
+fn method_label(path: &str) -> String {
+    let known = ["/rolecheck.v1.", "/grpc.health.v1.", "/grpc.reflection."];
+    if known.iter().any(|prefix| path.starts_with(prefix)) && path.len() < 96 {
+        path.trim_start_matches('/').to_owned()
+    } else {
+        "unknown".to_owned()
+    }
+}
+
+/// Records each request's duration and status, under a span with its request id
+/// (`x-request-id` when the caller sends one).
+#[derive(Clone, Debug)]
+pub struct RequestLayer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for RequestLayer {
+    type Service = RequestMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestMetrics { inner, metrics: self.0.clone() }
+    }
+}
+
+/// The service [`RequestLayer`] produces.
+#[derive(Clone, Debug)]
+pub struct RequestMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for RequestMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let method = method_label(request.uri().path());
+        let request_id = request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
+        let span = tracing::debug_span!("request", request_id = %request_id, method = %method);
+        let response = self.inner.call(request);
+        let metrics = self.metrics.clone();
+        Box::pin(
+            async move {
+                let response = response.await?;
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from_i32);
+                let elapsed = started.elapsed();
+                metrics
+                    .requests
+                    .get_or_create(&RequestLabels { method, code: format!("{code:?}") })
+                    .observe(elapsed.as_secs_f64());
+                tracing::debug!(code = ?code, micros = elapsed.as_micros() as u64, "request");
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}

@@ -1,0 +1,105 @@
+//! A [`Store`] decorator that times every store operation into
+//! `rolecheck_store_query_duration_seconds{operation}`.
+
+use std::{sync::Arc, time::Instant};
+
+use async_trait::async_trait;
+
+use crate::{
+    domain::{Revision, TenantId, UnixSeconds, UserId},
+    error::Result,
+    metrics::Metrics,
+    store::{
+        Answer, ChangeFilter, Feed, History, HistoryEntry, Member, MembershipWrite, Store, Tenant,
+    },
+};
+
+/// Times the store it wraps.
+pub struct MeasuredStore {
+    inner: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeasuredStore {
+    /// Wraps `inner`, recording into `metrics`.
+    pub fn new(inner: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = T>,
+    ) -> T {
+        let started = Instant::now();
+        let out = call.await;
+        self.metrics.store_query(operation, started);
+        out
+    }
+}
+
+#[async_trait]
+impl Store for MeasuredStore {
+    async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
+        self.timed("user_roles", self.inner.user_roles(user, min_revision)).await
+    }
+
+    async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {
+        self.timed("write_membership", self.inner.write_membership(write)).await
+    }
+
+    async fn list_members(
+        &self,
+        tenant: &TenantId,
+        after: Option<&UserId>,
+        limit: u32,
+        now: UnixSeconds,
+    ) -> Result<(Vec<Member>, Revision)> {
+        self.timed("list_members", self.inner.list_members(tenant, after, limit, now)).await
+    }
+
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
+        self.timed("create_tenant", self.inner.create_tenant(tenant, caller)).await
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
+        self.timed("get_tenant", self.inner.get_tenant(id)).await
+    }
+
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
+        self.timed("list_tenants", self.inner.list_tenants(after, limit)).await
+    }
+
+    async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
+        self.timed("delete_tenant", self.inner.delete_tenant(id, caller)).await
+    }
+
+    async fn revision(&self) -> Result<Revision> {
+        self.timed("revision", self.inner.revision()).await
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+
+    async fn subscribe(&self) -> Result<Feed> {
+        self.inner.subscribe().await
+    }
+
+    async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
+        self.timed("changes_after", self.inner.changes_after(after, limit)).await
+    }
+
+    async fn list_changes(
+        &self,
+        filter: &ChangeFilter,
+        after: Revision,
+        limit: u32,
+    ) -> Result<Vec<HistoryEntry>> {
+        self.timed("list_changes", self.inner.list_changes(filter, after, limit)).await
+    }
+
+    async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
+        self.timed("prune_history", self.inner.prune_history(older_than_ms)).await
+    }
+}

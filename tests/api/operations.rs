@@ -1,0 +1,104 @@
+//! Operations: metrics, health and readiness that agree, schema version checks.
+
+use std::time::Duration;
+
+use rolecheck::{pb, server::Server};
+use sqlx::{Connection, PgConnection};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::{
+    helpers::{Backend, TestDb, connect, http_get, spawn, test_config},
+    tokens::key_files,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_cache_store_and_tokens() {
+    let (_dir, keys) = key_files(&[rolecheck::token::KeyKind::Ed25519]);
+    let app = crate::helpers::spawn_with(Backend::Postgres, |c| c.signing_key = keys).await;
+    app.create_tenant("acme").await;
+    app.grant("u", "acme", &["admin"]).await;
+    for _ in 0..3 {
+        assert!(app.check("u", "acme", "admin").await);
+    }
+    let missing =
+        app.tenants.clone().get_tenant(pb::GetTenantRequest { tenant_id: "nope".into() }).await;
+    assert!(missing.is_err());
+    app.checks
+        .clone()
+        .issue(pb::IssueRequest { user_id: "u".into(), ..Default::default() })
+        .await
+        .expect("issue");
+
+    let (head, body) = http_get(&app, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    for expected in [
+        r#"rolecheck_grpc_request_duration_seconds_count{method="rolecheck.v1.RoleCheck/Check",code="Ok"} 3"#,
+        r#"rolecheck_grpc_request_duration_seconds_count{method="rolecheck.v1.Tenants/GetTenant",code="NotFound"} 1"#,
+        "rolecheck_cache_hits_total 3", // two Checks and the Issue
+        "rolecheck_cache_misses_total 1",
+        "rolecheck_cache_entries ",
+        r#"rolecheck_store_query_duration_seconds_count{operation="user_roles"} 1"#,
+        r#"rolecheck_tokens_issued_total{alg="EdDSA"} 1"#,
+        "rolecheck_applied_revision ",
+        "rolecheck_coherence_sync_age_seconds ",
+        "rolecheck_cache_trusted 1",
+        "rolecheck_listener_reconnects 0",
+    ] {
+        assert!(body.contains(expected), "missing {expected:?} in\n{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_readyz_and_grpc_health_agree() {
+    let app = spawn(Backend::Sqlite).await;
+    let (head, _) = http_get(&app, "/healthz").await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+    let (head, _) = http_get(&app, "/readyz").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut health = HealthClient::new(connect(app.addr).await);
+    let status = health
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+}
+
+async fn fresh_migrated_database() -> TestDb {
+    let db = TestDb::create(Backend::Postgres).await;
+    let config = test_config(&db);
+    rolecheck::server::migrate(&config).await.expect("migrate");
+    db
+}
+
+#[tokio::test]
+async fn serve_refuses_a_schema_newer_than_it_knows() {
+    let db = fresh_migrated_database().await;
+    let mut conn = PgConnection::connect(db.url()).await.expect("connect");
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99999, 'from the future', true, '\\x00', 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("fake a newer migration");
+    for no_migrate in [false, true] {
+        let mut config = test_config(&db);
+        config.no_migrate = no_migrate;
+        let err = Server::bind(config).await.err().expect("refused");
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn no_migrate_refuses_a_schema_that_is_behind() {
+    let db = TestDb::create(Backend::Postgres).await;
+    let mut config = test_config(&db);
+    config.no_migrate = true;
+    config.db_startup_wait = Duration::ZERO;
+    let err = Server::bind(config).await.err().expect("refused");
+    assert!(err.to_string().contains("rolecheck migrate"), "{err}");
+}
