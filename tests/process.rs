@@ -70,6 +70,17 @@ struct Proc {
     child: Child,
     lines: mpsc::Receiver<String>,
     addr: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    seen: Vec<String>,
+}
+
+/// A field of a log line, text (`key=value`) or JSON (`"key":"value"`).
+fn field(line: &str, key: &str) -> String {
+    if let Some(rest) = line.split(&format!("\"{key}\":\"")).nth(1) {
+        return rest.split('"').next().unwrap_or_default().to_owned();
+    }
+    let rest = line.split(&format!(" {key}=")).nth(1).unwrap_or_else(|| panic!("{key} in {line}"));
+    rest.split_whitespace().next().unwrap_or_default().to_owned()
 }
 
 fn rolecheck(args: &[&str], env: &[(&str, &str)]) -> Command {
@@ -98,10 +109,11 @@ impl Proc {
                 }
             }
         });
-        let mut proc = Proc { child, lines, addr: None };
+        let mut proc = Proc { child, lines, addr: None, http: None, seen: Vec::new() };
+        let line = proc.wait_for_line("serving HTTP");
+        proc.http = Some(field(&line, "http_addr").parse().expect("http address"));
         let line = proc.wait_for_line("serving gRPC");
-        let addr = line.split("addr=").nth(1).expect("addr in log").split_whitespace().next();
-        proc.addr = Some(addr.expect("addr").parse().expect("socket address"));
+        proc.addr = Some(field(&line, "addr").parse().expect("socket address"));
         proc
     }
 
@@ -110,8 +122,11 @@ impl Proc {
         loop {
             let left = until.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
+                Ok(line) if line.contains(needle) => {
+                    self.seen.push(line.clone());
+                    return line;
+                }
+                Ok(line) => self.seen.push(line),
                 Err(_) => panic!("rolecheck never logged {needle:?}"),
             }
         }
@@ -123,6 +138,24 @@ impl Proc {
             .connect()
             .await
             .expect("connect")
+    }
+
+    /// Every line written so far, after the process exited.
+    fn all_lines(&mut self) -> Vec<String> {
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(line);
+        }
+        self.seen.clone()
+    }
+
+    async fn http_status(&self, path: &str) -> Option<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.http?).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        response.split_whitespace().nth(1)?.parse().ok()
     }
 
     fn sigterm(&self) {
@@ -290,4 +323,74 @@ async fn sigterm_finishes_the_in_flight_call_then_exits_zero() {
         .connect()
         .await;
     assert!(after.is_err(), "no longer accepting");
+}
+
+#[tokio::test]
+async fn sigterm_goes_unready_first_and_json_logs_hold_no_secrets() {
+    let dir = tempfile::tempdir().expect("dir");
+    let secret = "s3cr3t-bearer-value-never-logged";
+    let hash: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!("[[key]]\nname = \"ops\"\nsha256 = \"{hash}\"\nscopes = [\"check\", \"write\"]\n"),
+    )
+    .expect("keys");
+    let data = dir.path().join("data");
+    let mut proc = Proc::spawn(&[
+        ("ROLECHECK_DATA_DIR", data.to_str().expect("path")),
+        ("ROLECHECK_API_KEYS_FILE", keys.to_str().expect("path")),
+        ("ROLECHECK_LOG_FORMAT", "json"),
+        ("ROLECHECK_SHUTDOWN_DELAY", "2s"),
+        ("RUST_LOG", "debug,h2=info,hyper=info,tower=info,sqlx=info"),
+    ]);
+    let channel = proc.channel().await;
+    let authed = |body| {
+        let mut request = tonic::Request::new(body);
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {secret}").parse().expect("header"));
+        request.metadata_mut().insert("x-request-id", "req-42".parse().expect("header"));
+        request
+    };
+    let check = || pb::CheckRequest {
+        user_id: "u".into(),
+        tenant_id: String::new(),
+        role: "r".into(),
+        min_revision: 0,
+    };
+    RoleCheckClient::new(channel.clone()).check(authed(check())).await.expect("check");
+    assert_eq!(proc.http_status("/readyz").await, Some(200));
+
+    proc.sigterm();
+    let until = Instant::now() + DEADLINE;
+    while proc.http_status("/readyz").await != Some(503) {
+        assert!(Instant::now() < until, "readyz never went unready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(proc.http_status("/healthz").await, Some(200), "liveness stays up");
+    RoleCheckClient::new(channel.clone())
+        .check(authed(check()))
+        .await
+        .expect("still serving while unready");
+    assert_eq!(proc.wait_exit().await.code(), Some(0));
+
+    let lines = proc.all_lines();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "not JSON: {line}");
+        assert!(!line.contains(secret) && !line.contains("Bearer"), "secret in the log: {line}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"request_id\":\"req-42\"")
+                && l.contains("\"message\":\"request\"")),
+        "one debug line per request, with its id"
+    );
 }
