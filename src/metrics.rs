@@ -214,13 +214,18 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let started = Instant::now();
         let method = method_label(request.uri().path());
-        let request_id = request
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
-            .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
-        let span = tracing::debug_span!("request", request_id = %request_id, method = %method);
+        // The request id and span cost something only when debug logging is on.
+        let span = if tracing::enabled!(tracing::Level::DEBUG) {
+            let request_id = request
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+                .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
+            tracing::debug_span!("request", request_id = %request_id, method = %method)
+        } else {
+            tracing::Span::none()
+        };
         let response = self.inner.call(request);
         let metrics = self.metrics.clone();
         Box::pin(
