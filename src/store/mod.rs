@@ -7,6 +7,8 @@
 mod measured;
 mod postgres;
 mod sql;
+
+mod sql_store;
 mod sqlite;
 
 use std::{path::Path, sync::Arc, time::Duration};

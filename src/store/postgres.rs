@@ -212,4 +212,4 @@ async fn heartbeat(
     }
 }
 
-super::sql::sql_store!(PgStore, sqlx::Postgres);
+super::sql_store::sql_store!(PgStore, sqlx::Postgres);

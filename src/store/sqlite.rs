@@ -143,4 +143,4 @@ impl SqliteStore {
     }
 }
 
-super::sql::sql_store!(SqliteStore, sqlx::Sqlite);
+super::sql_store::sql_store!(SqliteStore, sqlx::Sqlite);
