@@ -62,7 +62,7 @@ impl From<sqlx::Error> for Error {
         use sqlx::Error as E;
         match &err {
             E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
-                tracing::warn!(error = %err, "store unavailable");
+                tracing::warn!(error = &err as &dyn std::error::Error, "store unavailable");
                 Error::Unavailable("store unavailable".into())
             }
             E::Database(db) if db.is_unique_violation() => {
@@ -72,11 +72,11 @@ impl From<sqlx::Error> for Error {
                 Error::NotFound("tenant not found".into())
             }
             E::Database(db) if is_transient(db.code().as_deref()) => {
-                tracing::warn!(error = %err, "store temporarily unavailable");
+                tracing::warn!(error = &err as &dyn std::error::Error, "store temporarily unavailable");
                 Error::Unavailable("store unavailable, retry".into())
             }
             _ => {
-                tracing::error!(error = %err, "store error");
+                tracing::error!(error = &err as &dyn std::error::Error, "store error");
                 Error::Internal(Box::new(err))
             }
         }
