@@ -72,7 +72,10 @@ impl From<sqlx::Error> for Error {
                 Error::NotFound("tenant not found".into())
             }
             E::Database(db) if is_transient(db.code().as_deref()) => {
-                tracing::warn!(error = &err as &dyn std::error::Error, "store temporarily unavailable");
+                tracing::warn!(
+                    error = &err as &dyn std::error::Error,
+                    "store temporarily unavailable"
+                );
                 Error::Unavailable("store unavailable, retry".into())
             }
             _ => {
