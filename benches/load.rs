@@ -1,51 +1,181 @@
-//! Load bench: in one run, with one load generator and identical client settings (one
-//! HTTP/2 connection, `BENCH_CONCURRENCY` calls in flight, `BENCH_SECONDS` per scenario),
-//! measures a no-op gRPC unary call (`grpc.health.v1.Health/Check` on a tiny server of
-//! this bench's own, in its own process) and rolecheck's RPCs against a `rolecheck`
-//! process. Prints requests/s, p50, p99, p99.9, server CPU per request, and the ratio to
-//! the no-op.
+//! Load bench: in one run, with one load generator and identical client settings, measures
+//! a no-op gRPC unary call (`grpc.health.v1.Health/Check` on a tiny server of this bench's
+//! own, in its own process) and rolecheck's RPCs against `rolecheck` processes. Prints
+//! calls/s, p50, p99, p99.9, server CPU per call (from `/proc`), and the ratios to the
+//! no-op, as Markdown tables.
 //!
-//! `cargo bench --bench load`. The store is the embedded SQLite file unless
-//! `BENCH_DATABASE_URL` names a Postgres database (it must exist and be empty).
+//! The load generator is a bare HTTP/2 client (the `h2` crate, as `h2load` is one for
+//! nghttp2): one connection, `BENCH_CONCURRENCY` (50) streams in flight, request bodies
+//! encoded before the clock starts where they are fixed, every answer's `grpc-status`
+//! checked and its message decoded and verified (a Check must say allowed). When `h2load`
+//! is installed, the fixed-body scenarios are also run through it as a cross-check that
+//! the generator is not the bottleneck.
+//!
+//! Phases:
+//! 1. the embedded SQLite store: no-op, cached Check, CheckBatch of 100, GetAuthorization
+//!    over 50 tenants, Issue with each key type, Grant;
+//! 2. when `BENCH_DATABASE_URL` names a Postgres server (an admin URL; the bench creates
+//!    and drops `rolecheck_bench_*` databases there), for each size in `BENCH_SIZES`
+//!    (memberships; default `10000,1000000`): a dataset loaded with COPY, then cache-miss
+//!    Check (every user once), resident memory with the dataset cached, cached Check,
+//!    Check spread over the whole dataset, CheckBatch of 100, Grant.
+//!
+//! `scripts/bench` runs it all; `BENCH_SECONDS` (5) sets each time-bound scenario's length.
 
 use std::{
-    future::Future,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read, Write},
+    path::Path,
     process::{Child, Command, Stdio},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use rolecheck::{pb, pb::role_check_client::RoleCheckClient, pb::tenants_client::TenantsClient};
-use tonic::transport::Channel;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use bytes::{BufMut, Bytes, BytesMut};
+use h2::client::SendRequest;
+use prost::Message;
+use rolecheck::{
+    pb,
+    token::{KeyKind, SigningKey},
+};
+use sqlx::{Connection, PgConnection};
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// Starts `command`, waits for the log line holding `marker`, returns the child and the
-/// address after `addr=`.
-fn spawn_server(mut command: Command, marker: &str) -> (Child, String) {
-    let mut child =
-        command.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn server");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited").expect("read");
-        if line.contains(marker) {
-            break line
-                .split("addr=")
-                .nth(1)
-                .expect("addr")
-                .split_whitespace()
-                .next()
-                .expect("addr")
-                .to_owned();
+// ---------------------------------------------------------------------------------------
+// The load generator.
+
+/// One HTTP/2 connection with large flow-control windows, driven by its own task.
+async fn connect(addr: &str) -> SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 24)
+        .handshake(tcp)
+        .await
+        .expect("handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    send
+}
+
+/// A protobuf message in a gRPC length-prefixed frame.
+fn frame(message: &impl Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    message.encode(&mut buf).expect("encode");
+    buf.freeze()
+}
+
+/// One gRPC unary call; the response message's bytes when `grpc-status` is 0.
+async fn unary(conn: &SendRequest<Bytes>, uri: &http::Uri, body: Bytes) -> Result<Bytes, String> {
+    let mut send = conn.clone().ready().await.map_err(|e| e.to_string())?;
+    let request = http::Request::post(uri.clone())
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = send.send_request(request, false).map_err(|e| e.to_string())?;
+    stream.send_data(body, true).map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| e.to_string())?;
+    if response.status() != http::StatusCode::OK {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    let status = |headers: &http::HeaderMap| -> Result<(), String> {
+        match headers.get("grpc-status") {
+            Some(code) if code == "0" => Ok(()),
+            Some(code) => Err(format!(
+                "grpc-status {code:?}: {:?}",
+                headers.get("grpc-message").map(|m| String::from_utf8_lossy(m.as_bytes()))
+            )),
+            None => Err("no grpc-status".into()),
         }
     };
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    (child, addr)
+    if response.headers().contains_key("grpc-status") {
+        // Trailers-only: an error (or an empty answer, which no RPC here gives).
+        status(response.headers())?;
+        return Err("trailers-only success".into());
+    }
+    let mut body = response.into_body();
+    let mut message = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        message.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.map_err(|e| e.to_string())?;
+    status(&trailers.ok_or("no trailers")?)?;
+    if message.len() < 5 {
+        return Err("short response".into());
+    }
+    Ok(message.freeze().split_off(5))
+}
+
+type Verify = fn(&[u8]) -> Result<(), String>;
+
+/// What a scenario sends and how it checks each answer.
+struct Scenario {
+    name: String,
+    /// The gRPC method path.
+    path: &'static str,
+    /// The `i`-th call's framed request body.
+    body: Box<dyn Fn(u64) -> Bytes + Send + Sync>,
+    verify: Verify,
+    /// Answers per call (checks in a batch).
+    items: u64,
+    /// At most this many calls (`i` runs from 0); the scenario also ends at its deadline.
+    limit: u64,
+    seconds: f64,
+}
+
+impl Scenario {
+    fn new(
+        name: impl Into<String>,
+        path: &'static str,
+        verify: Verify,
+        body: impl Fn(u64) -> Bytes + Send + Sync + 'static,
+    ) -> Self {
+        Scenario {
+            name: name.into(),
+            path,
+            body: Box::new(body),
+            verify,
+            items: 1,
+            limit: u64::MAX,
+            seconds: env_or("BENCH_SECONDS", 5.0),
+        }
+    }
+
+    /// The same body for every call: encoded once, before the clock starts.
+    fn fixed(name: impl Into<String>, path: &'static str, verify: Verify, body: Bytes) -> Self {
+        Self::new(name, path, verify, move |_| body.clone())
+    }
+}
+
+#[derive(Clone)]
+struct Outcome {
+    name: String,
+    calls: u64,
+    per_second: f64,
+    items_per_second: f64,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    cpu_per_call: Duration,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default()
 }
 
 /// CPU seconds (user + system) a process has used, from /proc (100 ticks per second).
@@ -57,71 +187,247 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-struct Outcome {
-    name: String,
-    per_second: f64,
-    latencies: Vec<Duration>,
-    cpu_per_request: Duration,
-    errors: u64,
+/// Resident memory of a process, in MiB, from /proc.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
-/// Runs `call` from `concurrency` tasks for `seconds`; `pid` is the server measured.
-async fn load<F, Fut>(name: &str, pid: u32, concurrency: usize, seconds: f64, call: F) -> Outcome
-where
-    F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), tonic::Status>> + Send,
-{
-    let call = Arc::new(call);
-    // Warm up (connections, caches), then measure.
-    for i in 0..200 {
-        let _ = call(i).await;
-    }
+/// Runs `scenario` on `conn` from `concurrency` tasks; `pid` is the server measured.
+async fn load(
+    conn: &SendRequest<Bytes>,
+    pid: u32,
+    concurrency: usize,
+    scenario: Scenario,
+) -> Outcome {
+    let uri: http::Uri = format!("http://bench{}", scenario.path).parse().expect("uri");
+    let scenario = Arc::new(scenario);
+    let next = Arc::new(AtomicU64::new(0));
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
-    let deadline = started + Duration::from_secs_f64(seconds);
+    let deadline = started + Duration::from_secs_f64(scenario.seconds);
     let tasks: Vec<_> = (0..concurrency)
-        .map(|t| {
-            let call = call.clone();
+        .map(|_| {
+            let (conn, uri, scenario, next) =
+                (conn.clone(), uri.clone(), scenario.clone(), next.clone());
             tokio::spawn(async move {
-                let (mut latencies, mut errors, mut i) =
-                    (Vec::new(), 0u64, t as u64 * 1_000_000_000);
-                while Instant::now() < deadline {
-                    let sent = Instant::now();
-                    if call(i).await.is_err() {
-                        errors += 1;
+                let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0u64, None);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= scenario.limit || Instant::now() >= deadline {
+                        break;
                     }
+                    let body = (scenario.body)(i);
+                    let sent = Instant::now();
+                    let answer = unary(&conn, &uri, body).await;
                     latencies.push(sent.elapsed());
-                    i += 1;
+                    if let Err(e) = answer.and_then(|m| (scenario.verify)(&m)) {
+                        errors += 1;
+                        first_error.get_or_insert(e);
+                    }
                 }
-                (latencies, errors)
+                (latencies, errors, first_error)
             })
         })
         .collect();
-    let (mut latencies, mut errors) = (Vec::new(), 0);
+    let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0, None);
     for task in tasks {
-        let (l, e) = task.await.expect("load task");
+        let (l, e, f) = task.await.expect("load task");
         latencies.extend(l);
         errors += e;
+        first_error = first_error.or(f);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu_before;
     latencies.sort_unstable();
-    let count = latencies.len().max(1) as f64;
+    let calls = latencies.len() as u64;
+    let per_second = calls as f64 / elapsed;
     Outcome {
-        name: name.to_owned(),
-        per_second: latencies.len() as f64 / elapsed,
-        cpu_per_request: Duration::from_secs_f64(cpu / count),
-        latencies,
+        name: scenario.name.clone(),
+        calls,
+        per_second,
+        items_per_second: per_second * scenario.items as f64,
+        p50: pct(&latencies, 0.50),
+        p99: pct(&latencies, 0.99),
+        p999: pct(&latencies, 0.999),
+        cpu_per_call: Duration::from_secs_f64(cpu / calls.max(1) as f64),
         errors,
+        first_error,
     }
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default()
+/// The same fixed-body scenario driven by `h2load` (one connection, the same streams in
+/// flight), when it is installed. Every answer's `grpc-status` is checked by comparing the
+/// server's OK count before and after (`ok_count`), or skipped for the no-op.
+fn h2load(
+    addr: &str,
+    pid: u32,
+    concurrency: usize,
+    name: &str,
+    path: &str,
+    body: &Bytes,
+) -> Option<Outcome> {
+    let dir = tempfile::tempdir().ok()?;
+    let (body_file, log_file) = (dir.path().join("body"), dir.path().join("log"));
+    std::fs::write(&body_file, body).ok()?;
+    let seconds: f64 = env_or("BENCH_SECONDS", 5.0);
+    let cpu_before = cpu_seconds(pid);
+    let output = Command::new("h2load")
+        .args(["-c", "1", "-t", "1", "-m", &concurrency.to_string()])
+        .args(["-D", &format!("{}", seconds.ceil() as u64), "--warm-up-time", "1"])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(&body_file)
+        .arg(format!("--log-file={}", log_file.display()))
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .ok()?;
+    // The warm-up second is not in the log; CPU is measured over both, so scale it.
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let log = std::fs::read_to_string(&log_file).ok()?;
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for line in log.lines() {
+        let cols: Vec<&str> = line.split('\t').collect();
+        if cols.get(1) != Some(&"200") {
+            errors += 1;
+        }
+        if let Some(us) = cols.get(2).and_then(|v| v.parse::<u64>().ok()) {
+            latencies.push(Duration::from_micros(us));
+        }
+    }
+    latencies.sort_unstable();
+    let calls = latencies.len() as u64;
+    let per_second = stdout
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let measured_share = seconds.ceil() / (seconds.ceil() + 1.0);
+    Some(Outcome {
+        name: format!("{name} [h2load]"),
+        calls,
+        per_second,
+        items_per_second: per_second,
+        p50: pct(&latencies, 0.50),
+        p99: pct(&latencies, 0.99),
+        p999: pct(&latencies, 0.999),
+        cpu_per_call: Duration::from_secs_f64(cpu * measured_share / calls.max(1) as f64),
+        errors,
+        first_error: (errors > 0).then(|| "non-200 HTTP status".to_owned()),
+    })
 }
 
-async fn connect(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
+// ---------------------------------------------------------------------------------------
+// Verifying answers.
+
+fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, String> {
+    M::decode(bytes).map_err(|e| e.to_string())
+}
+
+fn serving(bytes: &[u8]) -> Result<(), String> {
+    let answer: tonic_health::pb::HealthCheckResponse = decode(bytes)?;
+    (answer.status == 1).then_some(()).ok_or_else(|| "not serving".into())
+}
+
+fn allowed(bytes: &[u8]) -> Result<(), String> {
+    let answer: pb::CheckResponse = decode(bytes)?;
+    answer.allowed.then_some(()).ok_or_else(|| "denied".into())
+}
+
+fn all_allowed(bytes: &[u8]) -> Result<(), String> {
+    let answer: pb::CheckBatchResponse = decode(bytes)?;
+    (answer.results.len() == 100 && answer.results.iter().all(|r| r.allowed))
+        .then_some(())
+        .ok_or_else(|| "not 100 allowed".into())
+}
+
+fn fifty_tenants(bytes: &[u8]) -> Result<(), String> {
+    let answer: pb::GetAuthorizationResponse = decode(bytes)?;
+    (answer.authorization.len() == 50).then_some(()).ok_or_else(|| "not 50 tenants".into())
+}
+
+fn token(bytes: &[u8]) -> Result<(), String> {
+    let answer: pb::IssueResponse = decode(bytes)?;
+    (answer.access_token.split('.').count() == 3).then_some(()).ok_or_else(|| "no JWT".into())
+}
+
+fn revision(bytes: &[u8]) -> Result<(), String> {
+    let answer: pb::GrantResponse = decode(bytes)?;
+    (answer.revision > 0).then_some(()).ok_or_else(|| "no revision".into())
+}
+
+const CHECK: &str = "/rolecheck.v1.RoleCheck/Check";
+const CHECK_BATCH: &str = "/rolecheck.v1.RoleCheck/CheckBatch";
+const GRANT: &str = "/rolecheck.v1.RoleCheck/Grant";
+const ISSUE: &str = "/rolecheck.v1.RoleCheck/Issue";
+const GET_AUTHORIZATION: &str = "/rolecheck.v1.RoleCheck/GetAuthorization";
+const CREATE_TENANT: &str = "/rolecheck.v1.Tenants/CreateTenant";
+const HEALTH: &str = "/grpc.health.v1.Health/Check";
+
+fn check(user: String, tenant: String, role: &str) -> pb::CheckRequest {
+    pb::CheckRequest { user_id: user, tenant_id: tenant, role: role.into(), min_revision: 0 }
+}
+
+// ---------------------------------------------------------------------------------------
+// Servers.
+
+struct Server {
+    child: Child,
+    pid: u32,
+    grpc: String,
+    http: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `command` and waits for its "serving gRPC" log line.
+fn spawn(mut command: Command) -> Server {
+    let mut child =
+        command.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn server");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let field = |line: &str, key: &str| {
+        line.split(key).nth(1).and_then(|v| v.split_whitespace().next()).map(str::to_owned)
+    };
+    let mut http = String::new();
+    let grpc = loop {
+        let line = lines.next().expect("server exited before serving").expect("read");
+        if let Some(addr) = field(&line, "http_addr=") {
+            http = addr;
+        }
+        if line.contains("serving gRPC") {
+            break field(&line, "addr=").expect("addr");
+        }
+    };
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    Server { pid: child.id(), child, grpc, http }
+}
+
+fn rolecheck(data_dir: &Path, envs: &[(&str, String)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rolecheck"));
+    command
+        .env("ROLECHECK_LISTEN", "127.0.0.1:0")
+        .env("ROLECHECK_HTTP_LISTEN", "127.0.0.1:0")
+        .env("ROLECHECK_DATA_DIR", data_dir)
+        // Long enough that nothing expires while a dataset is being warmed and measured.
+        .env("ROLECHECK_CACHE_TTL", "30m")
+        .env("RUST_LOG", "warn,rolecheck::server=info");
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    command
 }
 
 fn noop_server() {
@@ -129,7 +435,7 @@ fn noop_server() {
         tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        eprintln!("noop serving addr={}", listener.local_addr().expect("addr"));
+        eprintln!("noop serving gRPC addr={}", listener.local_addr().expect("addr"));
         let (_, health) = tonic_health::server::health_reporter();
         tonic::transport::Server::builder()
             .add_service(health)
@@ -141,175 +447,508 @@ fn noop_server() {
     });
 }
 
+/// One sample of a Prometheus text metric (summed over its label sets matching `filter`).
+fn metric(http_addr: &str, name: &str, filter: &str) -> f64 {
+    let mut stream = std::net::TcpStream::connect(http_addr).expect("metrics");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n").expect("write");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter(|l| l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs `call` once per `i` in `0..n`, `concurrency` at a time; panics on any error.
+async fn setup_calls(
+    conn: &SendRequest<Bytes>,
+    n: u64,
+    concurrency: usize,
+    path: &'static str,
+    body: impl Fn(u64) -> Bytes + Send + Sync + 'static,
+) {
+    let mut scenario = Scenario::new("setup", path, |_| Ok(()), body);
+    scenario.limit = n;
+    scenario.seconds = 3600.0;
+    let outcome = load(conn, std::process::id(), concurrency, scenario).await;
+    assert_eq!(outcome.errors, 0, "setup {path}: {:?}", outcome.first_error);
+    assert_eq!(outcome.calls, n, "setup {path}");
+}
+
+fn grant(user: String, tenant: String, role: &str) -> Bytes {
+    frame(&pb::GrantRequest {
+        user_id: user,
+        tenant_id: tenant,
+        roles: vec![role.to_owned()],
+        expires_at: None,
+    })
+}
+
+fn create_tenant(id: String) -> Bytes {
+    frame(&pb::CreateTenantRequest { name: id.clone(), tenant_id: id })
+}
+
+/// On a fresh store: tenant "hot" with 1000 viewers `h0..h999`; "wide" in 50 tenants.
+async fn seed_small(conn: &SendRequest<Bytes>) {
+    setup_calls(conn, 1, 1, CREATE_TENANT, |_| create_tenant("hot".into())).await;
+    setup_calls(conn, 1000, 8, GRANT, |i| grant(format!("h{i}"), "hot".into(), "viewer")).await;
+    setup_calls(conn, 50, 1, CREATE_TENANT, |i| create_tenant(format!("w{i:02}"))).await;
+    setup_calls(conn, 50, 1, GRANT, |i| grant("wide".into(), format!("w{i:02}"), "admin")).await;
+}
+
+fn hot_check(i: u64) -> pb::CheckRequest {
+    check(format!("h{}", i % 1000), "hot".into(), "viewer")
+}
+
+// ---------------------------------------------------------------------------------------
+// The Postgres dataset.
+
+/// Memberships per user in a generated dataset.
+const PER_USER: u64 = 5;
+
+/// The shape of a generated dataset of `memberships` memberships: `users` users
+/// (`user-<n>`), each with a role in `PER_USER` of `tenants` tenants (`tenant-<n>`),
+/// "viewer" in the first (tenant `u % tenants`), alternating "editor"/"viewer" after.
+#[derive(Clone, Copy)]
+struct Dataset {
+    users: u64,
+    tenants: u64,
+}
+
+impl Dataset {
+    fn new(memberships: u64) -> Self {
+        let users = (memberships / PER_USER).max(1);
+        Dataset { users, tenants: (memberships / 1000).max(10) }
+    }
+
+    fn tenant_of(&self, user: u64, k: u64) -> u64 {
+        (user + k * (self.tenants / PER_USER)) % self.tenants
+    }
+
+    /// A Check that the dataset allows: the user's first tenant, as viewer.
+    fn allowed_check(&self, user: u64) -> pb::CheckRequest {
+        check(user_id(user), tenant_id(self.tenant_of(user, 0)), "viewer")
+    }
+}
+
+fn user_id(u: u64) -> String {
+    format!("user-{u:08}")
+}
+
+fn tenant_id(t: u64) -> String {
+    format!("tenant-{t:06}")
+}
+
+/// Loads `dataset` into the empty, migrated database at `url` with COPY. Foreign-key
+/// triggers are skipped for the load (`session_replication_role = replica`): every
+/// membership names a tenant loaded first, by construction.
+async fn generate(url: &str, dataset: Dataset) -> Duration {
+    let started = Instant::now();
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut conn)
+        .await
+        .expect("replica role");
+    let mut copy = conn
+        .copy_in_raw("COPY tenants (tenant_id, name, created_at) FROM STDIN")
+        .await
+        .expect("copy tenants");
+    let mut rows = String::new();
+    for t in 0..dataset.tenants {
+        rows.push_str(&format!("{id}\t{id}\t0\n", id = tenant_id(t)));
+    }
+    copy.send(rows.into_bytes()).await.expect("send");
+    copy.finish().await.expect("finish");
+
+    let mut copy = conn
+        .copy_in_raw("COPY memberships (tenant_id, user_id, role, expires_at) FROM STDIN")
+        .await
+        .expect("copy memberships");
+    let mut chunk = Vec::with_capacity(1 << 20);
+    for u in 0..dataset.users {
+        for k in 0..PER_USER {
+            let role = if k % 2 == 0 { "viewer" } else { "editor" };
+            writeln!(chunk, "{}\t{}\t{role}\t\\N", tenant_id(dataset.tenant_of(u, k)), user_id(u))
+                .expect("write");
+        }
+        if chunk.len() > (1 << 20) - 256 {
+            copy.send(std::mem::replace(&mut chunk, Vec::with_capacity(1 << 20)))
+                .await
+                .expect("send");
+        }
+    }
+    copy.send(chunk).await.expect("send");
+    copy.finish().await.expect("finish");
+    sqlx::query("ANALYZE").execute(&mut conn).await.expect("analyze");
+    started.elapsed()
+}
+
+/// Creates (or re-creates) the database `name` on the server at `admin_url`.
+async fn fresh_database(admin_url: &str, name: &str) -> String {
+    let mut admin = PgConnection::connect(admin_url).await.expect("admin connect");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .expect("drop");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create");
+    let (base, _) = admin_url.rsplit_once('/').expect("url with a database");
+    format!("{base}/{name}")
+}
+
+// ---------------------------------------------------------------------------------------
+// Reporting.
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn table(title: &str, baseline: &Outcome, outcomes: &[Outcome]) {
+    println!("\n### {title}\n");
+    println!(
+        "| scenario | calls/s | answers/s | p50 | p99 | p99.9 | server CPU/call | × no-op calls/s | × no-op CPU | errors |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for o in outcomes {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.1} µs | {:.2} | {:.2} | {} |",
+            o.name,
+            thousands(o.per_second),
+            thousands(o.items_per_second),
+            ms(o.p50),
+            ms(o.p99),
+            ms(o.p999),
+            o.cpu_per_call.as_secs_f64() * 1e6,
+            o.per_second / baseline.per_second,
+            o.cpu_per_call.as_secs_f64() / baseline.cpu_per_call.as_secs_f64(),
+            o.errors
+        );
+        if let Some(e) = &o.first_error {
+            println!("|   first error: {e} | | | | | | | | | |");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
 fn main() {
     if std::env::args().any(|a| a == "--noop-server") {
         return noop_server();
     }
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    // The generator runs on one thread, as h2load does, leaving the other core to servers.
+    let threads: usize = env_or("BENCH_CLIENT_THREADS", 1);
+    let runtime = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
+    .expect("runtime");
     runtime.block_on(run());
 }
 
 async fn run() {
     let concurrency: usize = env_or("BENCH_CONCURRENCY", 50);
     let seconds: f64 = env_or("BENCH_SECONDS", 5.0);
-    let data = tempfile::tempdir().expect("dir");
+    println!(
+        "# rolecheck load bench\n\none HTTP/2 connection, {concurrency} calls in flight, {seconds} s per \
+         time-bound scenario; server, load generator and Postgres share this machine"
+    );
 
     let mut noop_cmd = Command::new(std::env::current_exe().expect("exe"));
     noop_cmd.arg("--noop-server");
-    let (mut noop, noop_addr) = spawn_server(noop_cmd, "noop serving");
+    let noop = spawn(noop_cmd);
+    let noop_conn = connect(&noop.grpc).await;
+    let health = frame(&tonic_health::pb::HealthCheckRequest { service: String::new() });
+    setup_calls(&noop_conn, 1000, concurrency, HEALTH, {
+        let health = health.clone();
+        move |_| health.clone()
+    })
+    .await;
+    let baseline = load(
+        &noop_conn,
+        noop.pid,
+        concurrency,
+        Scenario::fixed("no-op (health Check)", HEALTH, serving, health.clone()),
+    )
+    .await;
 
-    let mut rc_cmd = Command::new(env!("CARGO_BIN_EXE_rolecheck"));
-    rc_cmd
-        .env("ROLECHECK_LISTEN", "127.0.0.1:0")
-        .env("ROLECHECK_HTTP_LISTEN", "127.0.0.1:0")
-        .env("ROLECHECK_DATA_DIR", data.path())
-        .env("RUST_LOG", "info");
-    if let Ok(url) = std::env::var("BENCH_DATABASE_URL") {
-        rc_cmd.env("ROLECHECK_DATABASE_URL", url);
+    if std::env::var_os("BENCH_SKIP_SQLITE").is_none() {
+        sqlite_phase(&noop, &health, concurrency, &baseline).await;
     }
-    let (mut server, rc_addr) = spawn_server(rc_cmd, "serving gRPC");
-    let pid = server.id();
-
-    let noop_channel = connect(&noop_addr).await;
-    let channel = connect(&rc_addr).await;
-    let checks = RoleCheckClient::new(channel.clone());
-    let mut tenants = TenantsClient::new(channel.clone());
-
-    // Data: 1000 hot users with a role in "hot"; one user in 50 tenants.
-    tenants
-        .create_tenant(pb::CreateTenantRequest { tenant_id: "hot".into(), name: "Hot".into() })
-        .await
-        .expect("tenant");
-    for u in 0..1000 {
-        let grant = pb::GrantRequest {
-            user_id: format!("u{u}"),
-            tenant_id: "hot".into(),
-            roles: vec!["viewer".into()],
-            expires_at: None,
-        };
-        checks.clone().grant(grant).await.expect("grant");
-    }
-    for t in 0..50 {
-        let id = format!("t{t:02}");
-        tenants
-            .create_tenant(pb::CreateTenantRequest { tenant_id: id.clone(), name: id.clone() })
-            .await
-            .expect("tenant");
-        let grant = pb::GrantRequest {
-            user_id: "wide".into(),
-            tenant_id: id,
-            roles: vec!["admin".into(), "viewer".into()],
-            expires_at: None,
-        };
-        checks.clone().grant(grant).await.expect("grant");
-    }
-
-    let noop_pid = noop.id();
-    let mut outcomes = Vec::new();
-    let health = HealthClient::new(noop_channel);
-    outcomes.push(
-        load("no-op (health Check)", noop_pid, concurrency, seconds, move |_| {
-            let mut health = health.clone();
-            async move { health.check(HealthCheckRequest { service: String::new() }).await.map(|_| ()) }
-        })
-        .await,
-    );
-    let c = checks.clone();
-    outcomes.push(
-        load("Check (cached, 1000 hot users)", pid, concurrency, seconds, move |i| {
-            let mut c = c.clone();
-            let req = pb::CheckRequest {
-                user_id: format!("u{}", i % 1000),
-                tenant_id: "hot".into(),
-                role: "viewer".into(),
-                min_revision: 0,
-            };
-            async move { c.check(req).await.map(|_| ()) }
-        })
-        .await,
-    );
-    let c = checks.clone();
-    outcomes.push(
-        load("CheckBatch of 100 (cached)", pid, concurrency, seconds, move |i| {
-            let mut c = c.clone();
-            let checks = (0..100)
-                .map(|k| pb::CheckRequest {
-                    user_id: format!("u{}", (i + k) % 1000),
-                    tenant_id: "hot".into(),
-                    role: "viewer".into(),
-                    min_revision: 0,
-                })
-                .collect();
-            async move {
-                c.check_batch(pb::CheckBatchRequest { checks, min_revision: 0 }).await.map(|_| ())
-            }
-        })
-        .await,
-    );
-    let c = checks.clone();
-    outcomes.push(
-        load("GetAuthorization (50 tenants)", pid, concurrency, seconds, move |_| {
-            let mut c = c.clone();
-            async move {
-                c.get_authorization(pb::GetAuthorizationRequest {
-                    user_id: "wide".into(),
-                    min_revision: 0,
-                })
-                .await
-                .map(|_| ())
-            }
-        })
-        .await,
-    );
-    let c = checks.clone();
-    outcomes.push(
-        load("Issue (RS256, generated key)", pid, concurrency, seconds, move |i| {
-            let mut c = c.clone();
-            let req = pb::IssueRequest { user_id: format!("u{}", i % 1000), ..Default::default() };
-            async move { c.issue(req).await.map(|_| ()) }
-        })
-        .await,
-    );
-    let c = checks.clone();
-    outcomes.push(
-        load("Grant (new user each call)", pid, concurrency, seconds, move |i| {
-            let mut c = c.clone();
-            let req = pb::GrantRequest {
-                user_id: format!("g{i}"),
-                tenant_id: "hot".into(),
-                roles: vec!["viewer".into()],
-                expires_at: None,
-            };
-            async move { c.grant(req).await.map(|_| ()) }
-        })
-        .await,
-    );
-
-    let baseline = outcomes[0].per_second;
-    let base_cpu = outcomes[0].cpu_per_request.as_secs_f64();
-    println!(
-        "{} s per scenario, {concurrency} calls in flight on one connection; server and client share this machine",
-        seconds
-    );
-    println!(
-        "{:<32} {:>10} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8} {:>6}",
-        "scenario", "req/s", "p50", "p99", "p99.9", "cpu/req", "x no-op", "cpu x", "errors"
-    );
-    for o in &outcomes {
+    if let Ok(admin_url) = std::env::var("BENCH_DATABASE_URL") {
+        let sizes: String = env_or("BENCH_SIZES", "10000,1000000".to_owned());
+        let mut scaling = Vec::new();
+        for size in sizes.split(',').filter_map(|s| s.trim().parse::<u64>().ok()) {
+            scaling.push(postgres_phase(&admin_url, size, concurrency, &baseline).await);
+        }
+        println!("\n### How cost grows with the dataset (Postgres)\n");
         println!(
-            "{:<32} {:>10.0} {:>9.3?} {:>9.3?} {:>9.3?} {:>10.2?} {:>8.2} {:>8.2} {:>6}",
-            o.name,
-            o.per_second,
-            pct(&o.latencies, 0.50),
-            pct(&o.latencies, 0.99),
-            pct(&o.latencies, 0.999),
-            o.cpu_per_request,
-            o.per_second / baseline,
-            o.cpu_per_request.as_secs_f64() / base_cpu,
-            o.errors
+            "| memberships | load (COPY) | cache-miss Check calls/s | miss p50 | miss p99 | cached Check calls/s | cached p50 | cached p99 | spread Check calls/s | spread hit ratio | RSS at start | RSS warmed | users cached |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        for row in &scaling {
+            println!("{row}");
+        }
+    }
+}
+
+/// The embedded SQLite store with small data, then the h2load cross-check.
+async fn sqlite_phase(noop: &Server, health: &Bytes, concurrency: usize, baseline: &Outcome) {
+    // Phase 1: the embedded SQLite store.
+    let data = tempfile::tempdir().expect("dir");
+    let server = spawn(rolecheck(data.path(), &[]));
+    let conn = connect(&server.grpc).await;
+    seed_small(&conn).await;
+    setup_calls(&conn, 1000, concurrency, CHECK, |i| frame(&hot_check(i))).await;
+    let mut outcomes = vec![baseline.clone()];
+    let one_check = frame(&hot_check(7));
+    outcomes.push(
+        load(
+            &conn,
+            server.pid,
+            concurrency,
+            Scenario::fixed("Check, cached, one key", CHECK, allowed, one_check.clone()),
+        )
+        .await,
+    );
+    outcomes.push(
+        load(
+            &conn,
+            server.pid,
+            concurrency,
+            Scenario::new("Check, cached, 1000 hot users", CHECK, allowed, |i| {
+                frame(&hot_check(i))
+            }),
+        )
+        .await,
+    );
+    let batch = frame(&pb::CheckBatchRequest {
+        checks: (0..100).map(hot_check).collect(),
+        min_revision: 0,
+    });
+    let mut scenario =
+        Scenario::fixed("CheckBatch of 100, cached", CHECK_BATCH, all_allowed, batch);
+    scenario.items = 100;
+    outcomes.push(load(&conn, server.pid, concurrency, scenario).await);
+    let wide = frame(&pb::GetAuthorizationRequest { user_id: "wide".into(), min_revision: 0 });
+    outcomes.push(
+        load(
+            &conn,
+            server.pid,
+            concurrency,
+            Scenario::fixed("GetAuthorization, 50 tenants", GET_AUTHORIZATION, fifty_tenants, wide),
+        )
+        .await,
+    );
+    outcomes.push(
+        load(
+            &conn,
+            server.pid,
+            concurrency,
+            Scenario::new("Grant, SQLite (durable)", GRANT, revision, |i| {
+                grant(format!("g{i}"), "hot".into(), "viewer")
+            }),
+        )
+        .await,
+    );
+    let issue = |i: u64| {
+        frame(&pb::IssueRequest { user_id: format!("h{}", i % 1000), ..Default::default() })
+    };
+    outcomes.push(
+        load(
+            &conn,
+            server.pid,
+            concurrency,
+            Scenario::new("Issue, RS256 (RSA 2048)", ISSUE, token, issue),
+        )
+        .await,
+    );
+    drop(server);
+    let keys = tempfile::tempdir().expect("dir");
+    for (kind, name) in
+        [(KeyKind::EcP256, "Issue, ES256 (P-256)"), (KeyKind::Ed25519, "Issue, EdDSA (Ed25519)")]
+    {
+        let (_, pem) = SigningKey::generate(kind).expect("generate key");
+        let path = keys.path().join(format!("{kind:?}.pem"));
+        std::fs::write(&path, pem).expect("write key");
+        let data = tempfile::tempdir().expect("dir");
+        let server =
+            spawn(rolecheck(data.path(), &[("ROLECHECK_SIGNING_KEY", path.display().to_string())]));
+        let conn = connect(&server.grpc).await;
+        seed_small(&conn).await;
+        outcomes.push(
+            load(&conn, server.pid, concurrency, Scenario::new(name, ISSUE, token, issue)).await,
         );
     }
-    let _ = server.kill();
-    let _ = noop.kill();
+
+    // The same fixed bodies through h2load, when installed.
+    let mut cross = Vec::new();
+    if Command::new("h2load").arg("--version").output().is_ok() {
+        cross.extend(h2load(
+            &noop.grpc,
+            noop.pid,
+            concurrency,
+            "no-op (health Check)",
+            HEALTH,
+            health,
+        ));
+        let data = tempfile::tempdir().expect("dir");
+        let server = spawn(rolecheck(data.path(), &[]));
+        let conn = connect(&server.grpc).await;
+        seed_small(&conn).await;
+        let outcome = h2load(
+            &server.grpc,
+            server.pid,
+            concurrency,
+            "Check, cached, one key",
+            CHECK,
+            &one_check,
+        );
+        if let Some(mut outcome) = outcome {
+            // h2load sees HTTP statuses only: every call the server answered must be OK.
+            let count = "rolecheck_grpc_request_duration_seconds_count";
+            let not_ok =
+                metric(&server.http, count, "") - metric(&server.http, count, "code=\"Ok\"");
+            if not_ok > 0.0 {
+                outcome.errors += not_ok as u64;
+                outcome.first_error = Some(format!("{not_ok} answers with a non-OK grpc-status"));
+            }
+            cross.push(outcome);
+        }
+        drop(conn);
+    }
+    table("Embedded SQLite store, small data", baseline, &outcomes);
+    if !cross.is_empty() {
+        let base = cross[0].clone();
+        table("Cross-check: the same fixed-body calls driven by h2load", &base, &cross);
+    }
+}
+
+/// Dataset `size` in a fresh Postgres database: every scenario, then one scaling row.
+async fn postgres_phase(
+    admin_url: &str,
+    size: u64,
+    concurrency: usize,
+    baseline: &Outcome,
+) -> String {
+    let dataset = Dataset::new(size);
+    let url = fresh_database(admin_url, &format!("rolecheck_bench_{size}")).await;
+    let data = tempfile::tempdir().expect("dir");
+    let db = [("ROLECHECK_DATABASE_URL", url.clone())];
+    let status = rolecheck(data.path(), &db).arg("migrate").status().expect("migrate");
+    assert!(status.success(), "migrate");
+    let loaded = generate(&url, dataset).await;
+
+    let server = spawn(rolecheck(data.path(), &db));
+    let conn = connect(&server.grpc).await;
+    let rss_start = rss_mib(server.pid);
+    let (hits, misses) = ("rolecheck_cache_hits_total", "rolecheck_cache_misses_total");
+
+    // Every user once, in an order that jumps around the key space.
+    let step = 7_919 * 104_729; // a product of primes: coprime with the user count below
+    let users = dataset.users;
+    let stride = if users % 7_919 == 0 || users % 104_729 == 0 { 1 } else { step % users };
+    let mut miss = Scenario::new("Check, cache miss (every user new)", CHECK, allowed, move |i| {
+        frame(&dataset.allowed_check((i * stride) % users))
+    });
+    miss.limit = users;
+    miss.seconds = env_or("BENCH_MISS_SECONDS", 60.0);
+    let misses_before = metric(&server.http, misses, "");
+    let miss = load(&conn, server.pid, concurrency, miss).await;
+    let loaded_users = metric(&server.http, misses, "") - misses_before;
+    let rss_warm = rss_mib(server.pid);
+    let entries = metric(&server.http, "rolecheck_cache_entries", "");
+    assert!(loaded_users as u64 >= miss.calls - miss.errors, "every call a miss");
+
+    let hot = move |i: u64| frame(&dataset.allowed_check(i % 1000));
+    setup_calls(&conn, 1000, concurrency, CHECK, hot).await;
+    let cached = load(
+        &conn,
+        server.pid,
+        concurrency,
+        Scenario::new("Check, cached, 1000 hot users", CHECK, allowed, hot),
+    )
+    .await;
+
+    let (h0, m0) = (metric(&server.http, hits, ""), metric(&server.http, misses, ""));
+    let spread = load(
+        &conn,
+        server.pid,
+        concurrency,
+        Scenario::new("Check spread over every user", CHECK, allowed, move |i| {
+            // A multiplicative hash of i: uniform over the users, every run the same.
+            frame(&dataset.allowed_check(i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % users))
+        }),
+    )
+    .await;
+    let (h1, m1) = (metric(&server.http, hits, ""), metric(&server.http, misses, ""));
+    let hit_ratio = (h1 - h0) / ((h1 - h0) + (m1 - m0)).max(1.0);
+
+    let mut batch =
+        Scenario::new("CheckBatch of 100, cached", CHECK_BATCH, all_allowed, move |i| {
+            frame(&pb::CheckBatchRequest {
+                checks: (0..100).map(|k| dataset.allowed_check((i + k) % 1000)).collect(),
+                min_revision: 0,
+            })
+        });
+    batch.items = 100;
+    let batch = load(&conn, server.pid, concurrency, batch).await;
+    let grants = load(
+        &conn,
+        server.pid,
+        concurrency,
+        Scenario::new("Grant, Postgres (durable commit)", GRANT, revision, move |i| {
+            grant(format!("new-{i}"), tenant_id(i % dataset.tenants), "viewer")
+        }),
+    )
+    .await;
+    let title = format!(
+        "Postgres, {} memberships ({} users, {} tenants; COPY load {:.1} s)",
+        thousands(size as f64),
+        thousands(users as f64),
+        thousands(dataset.tenants as f64),
+        loaded.as_secs_f64()
+    );
+    let outcomes = [miss.clone(), cached.clone(), spread.clone(), batch, grants];
+    table(&title, baseline, &outcomes);
+    println!(
+        "\nresident memory: {rss_start:.0} MiB at start, {rss_warm:.0} MiB with {entries:.0} users \
+         ({} memberships) cached; spread Check hit ratio {:.3}",
+        thousands(entries * PER_USER as f64),
+        hit_ratio
+    );
+    drop(conn);
+    drop(server);
+    let mut admin = PgConnection::connect(admin_url).await.expect("admin");
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS rolecheck_bench_{size} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await;
+    format!(
+        "| {} | {:.1} s | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.0} MiB | {:.0} MiB | {} |",
+        thousands(size as f64),
+        loaded.as_secs_f64(),
+        thousands(miss.per_second),
+        ms(miss.p50),
+        ms(miss.p99),
+        thousands(cached.per_second),
+        ms(cached.p50),
+        ms(cached.p99),
+        thousands(spread.per_second),
+        hit_ratio,
+        rss_start,
+        rss_warm,
+        thousands(entries)
+    )
 }

@@ -104,18 +104,24 @@ identifier!(
 /// At most this many roles in one Grant, Revoke or SetRoles.
 pub const MAX_ROLES_PER_WRITE: usize = 32;
 
-/// One role a user holds in a tenant, with its expiry (`None`: never expires).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HeldRole {
-    /// The role.
-    pub role: String,
-    /// Unix seconds at which the role stops allowing.
-    pub expires_at: Option<UnixSeconds>,
+/// Where a name lies in [`UserRoles`]' shared string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    len: u32,
 }
 
-impl HeldRole {
+/// One role a user holds in a tenant, with its expiry (`None`: never expires).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    tenant: Span,
+    role: Span,
+    expires_at: Option<UnixSeconds>,
+}
+
+impl Held {
     /// Whether the role still allows at `now`.
-    pub fn is_live(&self, now: UnixSeconds) -> bool {
+    fn is_live(&self, now: UnixSeconds) -> bool {
         self.expires_at.is_none_or(|at| now < at)
     }
 }
@@ -124,38 +130,40 @@ impl HeldRole {
 ///
 /// Expired roles may be present; every accessor filters them by the time it is given,
 /// so a cached snapshot never allows past an expiry.
+///
+/// Compact because the cache holds one per user: every tenant and role name lives in one
+/// string, and the (tenant, role, expiry) triples, sorted, in one slice — two allocations
+/// per user however many memberships it has (see BENCHMARKS.md for the memory figures).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UserRoles {
     /// The revision the snapshot was read at.
     pub revision: Revision,
-    /// Tenant id -> roles held there, sorted by role.
-    pub tenants: BTreeMap<String, Vec<HeldRole>>,
+    names: Box<str>,
+    held: Box<[Held]>,
 }
 
 impl UserRoles {
+    fn name(&self, span: Span) -> &str {
+        &self.names[span.start as usize..(span.start + span.len) as usize]
+    }
+
     /// Whether the user holds `role` in `tenant` at `now`.
     pub fn allows(&self, tenant: &TenantId, role: &Role, now: UnixSeconds) -> bool {
-        self.tenants.get(tenant.as_str()).is_some_and(|roles| {
-            roles
-                .binary_search_by(|held| held.role.as_str().cmp(role.as_str()))
-                .is_ok_and(|i| roles[i].is_live(now))
-        })
+        let key = (tenant.as_str(), role.as_str());
+        self.held
+            .binary_search_by(|held| (self.name(held.tenant), self.name(held.role)).cmp(&key))
+            .is_ok_and(|i| self.held[i].is_live(now))
     }
 
     /// The authorization object at `now`: tenant id -> sorted live roles, only tenants
     /// with at least one live role.
     pub fn authorization(&self, now: UnixSeconds) -> BTreeMap<String, Vec<String>> {
-        self.tenants
-            .iter()
-            .filter_map(|(tenant, roles)| {
-                let live: Vec<String> = roles
-                    .iter()
-                    .filter(|held| held.is_live(now))
-                    .map(|held| held.role.clone())
-                    .collect();
-                (!live.is_empty()).then(|| (tenant.clone(), live))
-            })
-            .collect()
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for held in self.held.iter().filter(|held| held.is_live(now)) {
+            let role = self.name(held.role).to_owned();
+            out.entry(self.name(held.tenant).to_owned()).or_default().push(role);
+        }
+        out
     }
 
     /// The earliest expiry among roles still live at `now`, if any expires.
@@ -169,28 +177,40 @@ impl UserRoles {
         now: UnixSeconds,
         include: impl Fn(&str) -> bool,
     ) -> Option<UnixSeconds> {
-        self.tenants
+        self.held
             .iter()
-            .filter(|(tenant, _)| include(tenant))
-            .flat_map(|(_, roles)| roles)
-            .filter(|held| held.is_live(now))
+            .filter(|held| held.is_live(now) && include(self.name(held.tenant)))
             .filter_map(|held| held.expires_at)
             .min()
     }
 
-    /// Builds a snapshot from `(tenant, role, expires_at)` rows sorted by tenant, role.
+    /// Builds a snapshot from `(tenant, role, expires_at)` rows (any order; a repeated
+    /// tenant and role keeps its first row).
     pub fn from_rows(
         revision: Revision,
         rows: impl IntoIterator<Item = (String, String, Option<UnixSeconds>)>,
     ) -> Self {
-        let mut tenants: BTreeMap<String, Vec<HeldRole>> = BTreeMap::new();
-        for (tenant, role, expires_at) in rows {
-            tenants.entry(tenant).or_default().push(HeldRole { role, expires_at });
+        let mut rows: Vec<_> = rows.into_iter().collect();
+        rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        rows.dedup_by(|b, a| (&a.0, &a.1) == (&b.0, &b.1));
+        let mut names = String::with_capacity(rows.iter().map(|r| r.0.len() + r.1.len()).sum());
+        let mut push = |name: &str| {
+            let span = Span { start: names.len() as u32, len: name.len() as u32 };
+            names.push_str(name);
+            span
+        };
+        let mut held = Vec::with_capacity(rows.len());
+        let mut last_tenant: Option<(&str, Span)> = None;
+        for (tenant, role, expires_at) in &rows {
+            // A tenant's rows are adjacent: store its name once.
+            let tenant_span = match last_tenant {
+                Some((name, span)) if name == tenant => span,
+                _ => push(tenant),
+            };
+            last_tenant = Some((tenant, tenant_span));
+            held.push(Held { tenant: tenant_span, role: push(role), expires_at: *expires_at });
         }
-        for roles in tenants.values_mut() {
-            roles.sort_by(|a, b| a.role.cmp(&b.role));
-        }
-        Self { revision, tenants }
+        Self { revision, names: names.into_boxed_str(), held: held.into_boxed_slice() }
     }
 }
 

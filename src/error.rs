@@ -38,6 +38,18 @@ impl Error {
     pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
         Self::InvalidArgument { field: field.to_owned(), reason: reason.into() }
     }
+
+    /// This error with `prefix` before the field it names (for fields of a nested message,
+    /// such as `checks[3].`); other errors unchanged. Lets the happy path validate with
+    /// static field names and pay for the full name only on failure.
+    pub fn in_field(self, prefix: impl FnOnce() -> String) -> Self {
+        match self {
+            Error::InvalidArgument { field, reason } => {
+                Error::InvalidArgument { field: prefix() + &field, reason }
+            }
+            other => other,
+        }
+    }
 }
 
 impl Error {

@@ -51,11 +51,11 @@ impl RoleCheckApi {
         tenant_or_application(field, value, &self.application_id)
     }
 
-    fn parse_check(&self, prefix: &str, req: &pb::CheckRequest) -> Result<CheckQuery> {
+    fn parse_check(&self, req: &pb::CheckRequest) -> Result<CheckQuery> {
         Ok(CheckQuery {
-            user: UserId::parse(&format!("{prefix}user_id"), &req.user_id)?,
-            tenant: self.tenant(&format!("{prefix}tenant_id"), &req.tenant_id)?,
-            role: Role::parse(&format!("{prefix}role"), &req.role)?,
+            user: UserId::parse("user_id", &req.user_id)?,
+            tenant: self.tenant("tenant_id", &req.tenant_id)?,
+            role: Role::parse("role", &req.role)?,
         })
     }
 
@@ -114,7 +114,7 @@ impl RoleCheck for RoleCheckApi {
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let req = request.get_ref();
-        let query = self.parse_check("", req)?;
+        let query = self.parse_check(req)?;
         let answer = self.store.user_roles(&query.user, req.min_revision).await?;
         Ok(Response::new(pb::CheckResponse {
             allowed: answer.roles.allows(&query.tenant, &query.role, now_unix()),
@@ -139,7 +139,9 @@ impl RoleCheck for RoleCheckApi {
             .checks
             .iter()
             .enumerate()
-            .map(|(i, check)| self.parse_check(&format!("checks[{i}]."), check))
+            .map(|(i, check)| {
+                self.parse_check(check).map_err(|e| e.in_field(|| format!("checks[{i}].")))
+            })
             .collect::<Result<Vec<_>>>()?;
         let users = self.load_users(&queries, req.min_revision).await?;
         let now = now_unix();

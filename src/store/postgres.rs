@@ -48,6 +48,9 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
+            // No ping round trip before every query: a dead connection fails the query
+            // itself (UNAVAILABLE, fail closed) and is dropped from the pool.
+            .test_before_acquire(false)
             .connect_with(connect.application_name("rolecheck"))
             .await?;
         Ok(Self { pool, application_id: application_id.clone() })
@@ -85,20 +88,43 @@ impl PgStore {
         None
     }
 
-    /// Queues the notification; Postgres delivers it when the transaction commits.
-    async fn announce(
+    /// Keeps concurrent writes to one membership apart until this one commits (a
+    /// transaction-scoped advisory lock on a hash of the pair; a collision only makes two
+    /// unrelated writes wait for each other).
+    async fn lock_member(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        revision: Revision,
-        change: &ChangeRef<'_>,
+        tenant: &TenantId,
+        user: &crate::domain::UserId,
     ) -> Result<()> {
-        let payload = format!("{revision}:{}:{}", change.kind.code(), change.user);
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(payload)
+        sqlx::query(LOCK_MEMBER)
+            .bind(tenant.as_str())
+            .bind(user.as_str())
             .execute(&mut **tx)
             .await?;
         Ok(())
+    }
+
+    /// One statement takes the next revision (the row lock it holds until COMMIT orders
+    /// revisions as commits), records the change and queues its notification, which
+    /// Postgres delivers at commit: the lock is held for one round trip and the commit.
+    async fn record(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        change: &ChangeRef<'_>,
+        roles: String,
+    ) -> Result<Revision> {
+        let (revision,): (i64,) = sqlx::query_as(RECORD_CHANGE)
+            .bind(change.kind.code())
+            .bind(change.tenant)
+            .bind(change.user)
+            .bind(roles)
+            .bind(crate::domain::now_millis())
+            .bind(change.caller)
+            .bind(CHANNEL)
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(revision as Revision)
     }
 
     fn committed(&self, _revision: Revision, _change: &ChangeRef<'_>) {}
@@ -113,6 +139,17 @@ impl PgStore {
         Ok(Feed { events, needs_lease: true })
     }
 }
+
+/// Serializes writes to one (tenant, user) for the rest of the transaction.
+const LOCK_MEMBER: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(10) || $2, 0))";
+
+/// Bumps the revision, inserts the history row and queues the `<revision>:<kind>:<user>`
+/// notification, in one statement.
+const RECORD_CHANGE: &str = "\
+    WITH r AS (UPDATE store_revision SET value = value + 1 WHERE id = 1 RETURNING value), \
+    c AS (INSERT INTO changes (revision, kind, tenant_id, user_id, roles, committed_at, caller) \
+        SELECT value, $1::text, $2, $3, $4, $5, $6 FROM r RETURNING revision) \
+    SELECT revision, pg_notify($7, revision || ':' || $1::text || ':' || $3) FROM c";
 
 /// Parses `<revision>:<kind>:<user>`.
 fn parse_change(payload: &str) -> Option<FeedEvent> {

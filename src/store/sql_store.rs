@@ -1,6 +1,6 @@
 //! The one implementation of [`Store`](crate::store::Store) over the shared SQL in
 //! `sql.rs`, expanded for each backend's pool type. A backend provides `read_pool()`,
-//! `write_pool()`, `application_id()`, `write_guard()`, `announce()`, `committed()`,
+//! `write_pool()`, `application_id()`, `write_guard()`, `lock_member()`, `record()`, `committed()`,
 //! `feed()` and `migrator()`.
 
 /// Implements [`crate::store::Store`] for a backend struct over sqlx database `$db`.
@@ -30,6 +30,7 @@ macro_rules! sql_store {
                 use $crate::store::{WriteKind, sql};
                 let _serial = self.write_guard().await;
                 let mut tx = self.write_pool().begin().await?;
+                self.lock_member(&mut tx, &write.tenant, &write.user).await?;
                 let exists: Option<(i32,)> = sqlx::query_as(sql::TENANT_EXISTS)
                     .bind(write.tenant.as_str())
                     .fetch_optional(&mut *tx)
@@ -276,17 +277,19 @@ macro_rules! sql_store {
                 }
             }
 
-            /// Ends every write the same way: the revision row is bumped (its lock orders
-            /// revisions as commits), the change is recorded in the history, the backend
-            /// announces it, and the transaction commits.
+            /// Ends every write the same way: the backend's `record` bumps the revision row
+            /// (its lock orders revisions as commits), records the change in the history and
+            /// announces it; then the transaction commits.
             async fn finish_write(
                 &self,
                 mut tx: sqlx::Transaction<'static, $db>,
                 change: $crate::store::ChangeRef<'_>,
             ) -> $crate::error::Result<$crate::domain::Revision> {
                 use $crate::store::sql;
-                let (revision,): (i64,) =
-                    sqlx::query_as(sql::BUMP_REVISION).fetch_one(&mut *tx).await?;
+                // The roles after this change. Read before the revision is taken: no other
+                // write to this membership can commit in between (SQLite: the write guard;
+                // Postgres: `lock_member`, taken before the membership was changed), and
+                // this keeps the section that holds the revision lock to one statement.
                 let roles = if change.kind == $crate::store::ChangeKind::Membership {
                     let rows: Vec<(String,)> = sqlx::query_as(sql::ROLES_AFTER)
                         .bind(change.tenant)
@@ -298,18 +301,7 @@ macro_rules! sql_store {
                 } else {
                     String::new()
                 };
-                sqlx::query(sql::INSERT_CHANGE)
-                    .bind(revision)
-                    .bind(change.kind.code())
-                    .bind(change.tenant)
-                    .bind(change.user)
-                    .bind(roles)
-                    .bind($crate::domain::now_millis())
-                    .bind(change.caller)
-                    .execute(&mut *tx)
-                    .await?;
-                let revision = revision as $crate::domain::Revision;
-                self.announce(&mut tx, revision, &change).await?;
+                let revision = self.record(&mut tx, &change, roles).await?;
                 tx.commit().await?;
                 self.committed(revision, &change);
                 Ok(revision)

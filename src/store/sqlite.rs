@@ -114,13 +114,36 @@ impl SqliteStore {
         Some(self.serial.lock().await)
     }
 
-    async fn announce(
+    /// The write guard already keeps writes to a membership apart.
+    async fn lock_member(
         &self,
         _tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-        _revision: Revision,
-        _change: &ChangeRef<'_>,
+        _tenant: &TenantId,
+        _user: &crate::domain::UserId,
     ) -> Result<()> {
         Ok(())
+    }
+
+    /// Takes the next revision and records the change; the feed hears of it in
+    /// `committed`.
+    async fn record(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+        change: &ChangeRef<'_>,
+        roles: String,
+    ) -> Result<Revision> {
+        let (revision,): (i64,) = sqlx::query_as(sql::BUMP_REVISION).fetch_one(&mut **tx).await?;
+        sqlx::query(sql::INSERT_CHANGE)
+            .bind(revision)
+            .bind(change.kind.code())
+            .bind(change.tenant)
+            .bind(change.user)
+            .bind(roles)
+            .bind(crate::domain::now_millis())
+            .bind(change.caller)
+            .execute(&mut **tx)
+            .await?;
+        Ok(revision as Revision)
     }
 
     /// Runs after COMMIT with the write guard still held, so events are in order.
