@@ -206,6 +206,10 @@ async fn load(
     scenario: Scenario,
 ) -> Outcome {
     let uri: http::Uri = format!("http://bench{}", scenario.path).parse().expect("uri");
+    if scenario.name != "setup" {
+        // For profilers attached from outside: which process runs what, from now on.
+        eprintln!("scenario starting: {} (server pid {pid})", scenario.name);
+    }
     let scenario = Arc::new(scenario);
     let next = Arc::new(AtomicU64::new(0));
     let cpu_before = cpu_seconds(pid);

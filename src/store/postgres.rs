@@ -9,6 +9,11 @@
 //! replica also sends itself a sync notification on a private channel every
 //! [`SYNC_INTERVAL`]: its arrival proves every commit before it was delivered. The cache
 //! trusts the feed only while the last sync is recent (the lease).
+//!
+//! Reads of one user's roles (cache misses) are coalesced: while [`LOAD_CONCURRENCY`]
+//! loads are in flight, the users asked for meanwhile are read together by the next one,
+//! in one statement (so one snapshot and one revision for all of them). A lone miss is
+//! one query, as before; under load a round trip serves up to [`LOAD_BATCH`] users.
 
 use std::time::{Duration, Instant};
 
@@ -16,11 +21,15 @@ use sqlx::{
     PgPool, Postgres, Transaction,
     postgres::{PgConnectOptions, PgListener, PgPoolOptions},
 };
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::{
+    Semaphore,
+    mpsc::{UnboundedReceiver, UnboundedSender},
+    oneshot,
+};
 
 use crate::{
-    domain::{Revision, TenantId},
-    error::Result,
+    domain::{Revision, TenantId, UserId, UserRoles},
+    error::{Error, Result},
     store::{ChangeKind, ChangeRef, Feed, FeedEvent, Stale, StoreOptions, sql},
 };
 
@@ -29,10 +38,22 @@ pub const CHANNEL: &str = "rolecheck";
 /// How often a replica sends itself a sync notification.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
+/// At most this many coalesced user loads run at once.
+pub const LOAD_CONCURRENCY: usize = 4;
+/// At most this many users are read by one load.
+pub const LOAD_BATCH: usize = 64;
+
+/// A user whose roles were asked for, and where the answer goes.
+type PendingLoad = (String, oneshot::Sender<Result<UserRoles>>);
+
 /// Memberships in Postgres. One pool serves reads and writes.
 pub struct PgStore {
     pool: PgPool,
     application_id: TenantId,
+    /// This process's writers take turns at the revision row (see `commit_guard`).
+    committing: tokio::sync::Mutex<()>,
+    /// Misses for the coalescing loader (see the module docs).
+    loads: UnboundedSender<PendingLoad>,
 }
 
 impl PgStore {
@@ -53,7 +74,14 @@ impl PgStore {
             .test_before_acquire(false)
             .connect_with(connect.application_name("rolecheck"))
             .await?;
-        Ok(Self { pool, application_id: application_id.clone() })
+        let (loads, pending) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(coalesce_loads(pool.clone(), pending));
+        Ok(Self {
+            pool,
+            application_id: application_id.clone(),
+            committing: Default::default(),
+            loads,
+        })
     }
 
     /// Applies the embedded migrations. Refuses a schema newer than this binary knows.
@@ -71,6 +99,14 @@ impl PgStore {
         &self.pool
     }
 
+    /// One user's roles, through the coalescing loader.
+    async fn read_user(&self, user: &UserId) -> Result<UserRoles> {
+        let (tx, rx) = oneshot::channel();
+        let closed = || Error::Unavailable("store closed".into());
+        self.loads.send((user.as_str().to_owned(), tx)).map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
     fn read_pool(&self) -> &PgPool {
         &self.pool
     }
@@ -86,6 +122,14 @@ impl PgStore {
     /// Postgres orders concurrent writers itself (the revision row lock).
     async fn write_guard(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         None
+    }
+
+    /// Held from taking the revision until COMMIT returns. The revision row lock already
+    /// orders writers; queueing this process's writers here instead of on the row lock
+    /// spares Postgres waking every waiting backend at each commit (measured: Grant
+    /// throughput, see BENCHMARKS.md).
+    async fn commit_guard(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        Some(self.committing.lock().await)
     }
 
     /// Keeps concurrent writes to one membership apart until this one commits (a
@@ -137,6 +181,69 @@ impl PgStore {
         tokio::spawn(listen(self.pool.clone(), tx.clone(), sync_channel.clone(), epoch));
         tokio::spawn(heartbeat(self.pool.clone(), tx, sync_channel, epoch));
         Ok(Feed { events, needs_lease: true })
+    }
+}
+
+/// Everything each of a list of users holds, with the revision, in one statement. A user
+/// with no memberships still gets a row (with NULLs), so every user gets the revision.
+const USERS_ROLES: &str = "\
+    SELECT r.value, u.user_id, m.tenant_id, m.role, m.expires_at \
+    FROM store_revision r CROSS JOIN unnest($1::text[]) AS u(user_id) \
+    LEFT JOIN memberships m ON m.user_id = u.user_id \
+    WHERE r.id = 1";
+
+/// Runs the loads queued on `pending`: each takes every user queued by the time it
+/// starts, up to [`LOAD_BATCH`], with at most [`LOAD_CONCURRENCY`] in flight. Ends when
+/// the store is dropped.
+async fn coalesce_loads(pool: PgPool, mut pending: UnboundedReceiver<PendingLoad>) {
+    let slots = std::sync::Arc::new(Semaphore::new(LOAD_CONCURRENCY));
+    while let Some(first) = pending.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < LOAD_BATCH {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            load_batch(&pool, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+type UsersRolesRow = (i64, String, Option<String>, Option<String>, Option<i64>);
+
+async fn load_batch(pool: &PgPool, batch: Vec<PendingLoad>) {
+    let mut users: Vec<&str> = batch.iter().map(|(user, _)| user.as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    let rows: std::result::Result<Vec<UsersRolesRow>, _> =
+        sqlx::query_as(USERS_ROLES).bind(&users).fetch_all(pool).await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => {
+            let shared = std::sync::Arc::new(Error::from(e));
+            for (_, reply) in batch {
+                let _ = reply.send(Err(Error::unshare(shared.clone())));
+            }
+            return;
+        }
+    };
+    let revision = rows.first().map_or(0, |row| row.0 as Revision);
+    let mut held: std::collections::HashMap<&str, Vec<(String, String, Option<i64>)>> =
+        std::collections::HashMap::with_capacity(users.len());
+    for (_, user, tenant, role, expires_at) in &rows {
+        let entry = held.entry(user.as_str()).or_default();
+        if let (Some(tenant), Some(role)) = (tenant, role) {
+            entry.push((tenant.clone(), role.clone(), *expires_at));
+        }
+    }
+    for (user, reply) in batch {
+        let rows = held.get(user.as_str()).cloned().unwrap_or_default();
+        let _ = reply.send(Ok(UserRoles::from_rows(revision, rows)));
     }
 }
 

@@ -1,6 +1,6 @@
 //! The one implementation of [`Store`](crate::store::Store) over the shared SQL in
 //! `sql.rs`, expanded for each backend's pool type. A backend provides `read_pool()`,
-//! `write_pool()`, `application_id()`, `write_guard()`, `lock_member()`, `record()`, `committed()`,
+//! `write_pool()`, `application_id()`, `read_user()`, `write_guard()`, `commit_guard()`, `lock_member()`, `record()`, `committed()`,
 //! `feed()` and `migrator()`.
 
 /// Implements [`crate::store::Store`] for a backend struct over sqlx database `$db`.
@@ -13,12 +13,7 @@ macro_rules! sql_store {
                 user: &$crate::domain::UserId,
                 min_revision: $crate::domain::Revision,
             ) -> $crate::error::Result<$crate::store::Answer> {
-                let rows: Vec<$crate::store::sql::UserRoleRow> =
-                    sqlx::query_as($crate::store::sql::USER_ROLES)
-                        .bind(user.as_str())
-                        .fetch_all(self.read_pool())
-                        .await?;
-                let snapshot = $crate::store::sql::user_roles_from(rows);
+                let snapshot = self.read_user(user).await?;
                 $crate::store::check_min_revision(snapshot.revision, min_revision)?;
                 Ok($crate::store::Answer::new(std::sync::Arc::new(snapshot)))
             }
@@ -301,6 +296,7 @@ macro_rules! sql_store {
                 } else {
                     String::new()
                 };
+                let _turn = self.commit_guard().await;
                 let revision = self.record(&mut tx, &change, roles).await?;
                 tx.commit().await?;
                 self.committed(revision, &change);

@@ -98,6 +98,13 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
     }
 
+    /// One user's roles, in one statement (one snapshot).
+    async fn read_user(&self, user: &crate::domain::UserId) -> Result<crate::domain::UserRoles> {
+        let rows: Vec<sql::UserRoleRow> =
+            sqlx::query_as(sql::USER_ROLES).bind(user.as_str()).fetch_all(&self.read).await?;
+        Ok(sql::user_roles_from(rows))
+    }
+
     fn read_pool(&self) -> &SqlitePool {
         &self.read
     }
@@ -112,6 +119,11 @@ impl SqliteStore {
 
     async fn write_guard(&self) -> Option<MutexGuard<'_, ()>> {
         Some(self.serial.lock().await)
+    }
+
+    /// The write guard, held for the whole write, already serializes commits.
+    async fn commit_guard(&self) -> Option<MutexGuard<'_, ()>> {
+        None
     }
 
     /// The write guard already keeps writes to a membership apart.
