@@ -39,7 +39,7 @@ pub const CHANNEL: &str = "rolecheck";
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
 /// At most this many coalesced user loads run at once.
-pub const LOAD_CONCURRENCY: usize = 4;
+pub const LOAD_CONCURRENCY: usize = 2;
 /// At most this many users are read by one load.
 pub const LOAD_BATCH: usize = 64;
 
@@ -215,6 +215,8 @@ async fn coalesce_loads(pool: PgPool, mut pending: UnboundedReceiver<PendingLoad
 }
 
 type UsersRolesRow = (i64, String, Option<String>, Option<String>, Option<i64>);
+/// (tenant, role, expires_at)
+type HeldRow = (String, String, Option<i64>);
 
 async fn load_batch(pool: &PgPool, batch: Vec<PendingLoad>) {
     let mut users: Vec<&str> = batch.iter().map(|(user, _)| user.as_str()).collect();
@@ -233,7 +235,7 @@ async fn load_batch(pool: &PgPool, batch: Vec<PendingLoad>) {
         }
     };
     let revision = rows.first().map_or(0, |row| row.0 as Revision);
-    let mut held: std::collections::HashMap<&str, Vec<(String, String, Option<i64>)>> =
+    let mut held: std::collections::HashMap<&str, Vec<HeldRow>> =
         std::collections::HashMap::with_capacity(users.len());
     for (_, user, tenant, role, expires_at) in &rows {
         let entry = held.entry(user.as_str()).or_default();
