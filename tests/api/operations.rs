@@ -18,8 +18,17 @@ async fn metrics_count_requests_cache_store_and_tokens() {
     let (_dir, keys) = key_files(&[rolecheck::token::KeyKind::Ed25519]);
     let app = crate::helpers::spawn_with(Backend::Postgres, |c| c.signing_key = keys).await;
     app.create_tenant("acme").await;
-    app.grant("u", "acme", &["admin"]).await;
-    for _ in 0..3 {
+    let granted = app.grant("u", "acme", &["admin"]).await;
+    // The first Check waits until this replica's feed has applied the Grant, so the
+    // Grant's notification cannot arrive after the load and force a second one.
+    let first = pb::CheckRequest {
+        user_id: "u".into(),
+        tenant_id: "acme".into(),
+        role: "admin".into(),
+        min_revision: granted,
+    };
+    assert!(app.checks.clone().check(first).await.expect("check").into_inner().allowed);
+    for _ in 0..2 {
         assert!(app.check("u", "acme", "admin").await);
     }
     let missing =

@@ -100,6 +100,44 @@ async fn set_roles_replaces_exactly(backend: Backend) {
     assert_eq!(err.code(), Code::NotFound);
 }
 
+/// Many users read at once, each a cache miss (on Postgres, coalesced into shared
+/// queries): every user gets exactly its own roles, and a user without any gets none.
+async fn concurrent_misses_get_their_own_roles(backend: Backend) {
+    let app = spawn(backend).await;
+    app.create_tenant("acme").await;
+    for i in 0..40 {
+        app.grant(&format!("u{i}"), "acme", &[&format!("r{i}")]).await;
+    }
+    let reads = (0..41).map(|i| {
+        let mut checks = app.checks.clone();
+        async move {
+            let req = pb::GetAuthorizationRequest { user_id: format!("u{i}"), min_revision: 0 };
+            (i, checks.get_authorization(req).await.expect("GetAuthorization").into_inner())
+        }
+    });
+    for (i, got) in futures::future::join_all(reads).await {
+        let roles: Vec<(String, Vec<String>)> =
+            got.authorization.into_iter().map(|(t, r)| (t, r.roles)).collect();
+        let want = if i < 40 { vec![("acme".to_owned(), vec![format!("r{i}")])] } else { vec![] };
+        assert_eq!(roles, want, "user u{i}");
+    }
+    let check = |u: usize, r: usize| pb::CheckRequest {
+        user_id: format!("u{u}"),
+        tenant_id: "acme".into(),
+        role: format!("r{r}"),
+        min_revision: 0,
+    };
+    let pairs: Vec<(usize, usize)> = (0..100).map(|k| (k % 40, (k * 7) % 40)).collect();
+    let batch = pb::CheckBatchRequest {
+        checks: pairs.iter().map(|&(u, r)| check(u, r)).collect(),
+        min_revision: 0,
+    };
+    let got = app.checks.clone().check_batch(batch).await.unwrap().into_inner();
+    for (result, (u, r)) in got.results.iter().zip(&pairs) {
+        assert_eq!(result.allowed, u == r, "u{u} r{r}");
+    }
+}
+
 async fn check_batch_answers_in_order(backend: Backend) {
     let app = spawn(backend).await;
     app.create_tenant("acme").await;
@@ -395,6 +433,7 @@ both_stores!(
     grant_and_revoke_are_idempotent,
     set_roles_replaces_exactly,
     check_batch_answers_in_order,
+    concurrent_misses_get_their_own_roles,
     tenants_create_get_and_generate_ids,
     delete_tenant_removes_every_membership,
     list_members_pages_across_boundaries,
