@@ -14,6 +14,14 @@
 //! loads are in flight, the users asked for meanwhile are read together by the next one,
 //! in one statement (so one snapshot and one revision for all of them). A lone miss is
 //! one query, as before; under load a round trip serves up to [`LOAD_BATCH`] users.
+//!
+//! Membership writes are group-committed the same way: one writer per process takes
+//! every write queued while its previous transaction ran (up to [`WRITE_BATCH`]) and
+//! applies them in one call of `rolecheck_apply` (migration 0004) and one COMMIT, so one
+//! WAL flush serves the batch. Each write still gets its own revision, history row and
+//! notification, in queue order; a caller hears of its revision only after the COMMIT.
+//! A write to a missing tenant fails alone (NOT_FOUND); any other failure rolls the whole
+//! batch back and every write in it fails (UNAVAILABLE), so nothing is half-written.
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +38,10 @@ use tokio::sync::{
 use crate::{
     domain::{Revision, TenantId, UserId, UserRoles},
     error::{Error, Result},
-    store::{ChangeKind, ChangeRef, Feed, FeedEvent, Stale, StoreOptions, sql},
+    store::{
+        ChangeKind, ChangeRef, Feed, FeedEvent, MembershipWrite, Stale, StoreOptions, WriteKind,
+        sql,
+    },
 };
 
 /// The channel every write notifies.
@@ -43,6 +54,12 @@ pub const LOAD_CONCURRENCY: usize = 2;
 /// At most this many users are read by one load.
 pub const LOAD_BATCH: usize = 64;
 
+/// At most this many membership writes share one transaction.
+pub const WRITE_BATCH: usize = 128;
+
+/// A membership write, and where its revision goes.
+type PendingWrite = (MembershipWrite, oneshot::Sender<Result<Revision>>);
+
 /// A user whose roles were asked for, and where the answer goes.
 type PendingLoad = (String, oneshot::Sender<Result<UserRoles>>);
 
@@ -54,6 +71,8 @@ pub struct PgStore {
     committing: tokio::sync::Mutex<()>,
     /// Misses for the coalescing loader (see the module docs).
     loads: UnboundedSender<PendingLoad>,
+    /// Membership writes for the batch writer (see the module docs).
+    writes: UnboundedSender<PendingWrite>,
 }
 
 impl PgStore {
@@ -76,11 +95,14 @@ impl PgStore {
             .await?;
         let (loads, pending) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(coalesce_loads(pool.clone(), pending));
+        let (writes, queued) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(write_batches(pool.clone(), queued));
         Ok(Self {
             pool,
             application_id: application_id.clone(),
             committing: Default::default(),
             loads,
+            writes,
         })
     }
 
@@ -132,21 +154,12 @@ impl PgStore {
         Some(self.committing.lock().await)
     }
 
-    /// Keeps concurrent writes to one membership apart until this one commits (a
-    /// transaction-scoped advisory lock on a hash of the pair; a collision only makes two
-    /// unrelated writes wait for each other).
-    async fn lock_member(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        tenant: &TenantId,
-        user: &crate::domain::UserId,
-    ) -> Result<()> {
-        sqlx::query(LOCK_MEMBER)
-            .bind(tenant.as_str())
-            .bind(user.as_str())
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+    /// Queues the write for the batch writer (see the module docs).
+    async fn write_member(&self, write: &MembershipWrite) -> Result<Revision> {
+        let (tx, rx) = oneshot::channel();
+        let closed = || Error::Unavailable("store closed".into());
+        self.writes.send((write.clone(), tx)).map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
     }
 
     /// One statement takes the next revision (the row lock it holds until COMMIT orders
@@ -181,6 +194,82 @@ impl PgStore {
         tokio::spawn(listen(self.pool.clone(), tx.clone(), sync_channel.clone(), epoch));
         tokio::spawn(heartbeat(self.pool.clone(), tx, sync_channel, epoch));
         Ok(Feed { events, needs_lease: true })
+    }
+}
+
+/// Applies a batch of membership writes; one revision (or -1: no such tenant) per write.
+const APPLY: &str = "SELECT rolecheck_apply($1::text::jsonb, $2, $3)";
+
+/// Runs the writes queued on `queued`, a batch at a time. Ends when the store is dropped.
+async fn write_batches(pool: PgPool, mut queued: UnboundedReceiver<PendingWrite>) {
+    while let Some(first) = queued.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < WRITE_BATCH {
+            match queued.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        write_batch(&pool, batch).await;
+    }
+}
+
+async fn write_batch(pool: &PgPool, batch: Vec<PendingWrite>) {
+    let writes: Vec<serde_json::Value> = batch
+        .iter()
+        .map(|(write, _)| {
+            let kind = match write.kind {
+                WriteKind::Grant => "grant",
+                WriteKind::Revoke => "revoke",
+                WriteKind::SetRoles => "set",
+            };
+            serde_json::json!({
+                "k": kind,
+                "t": write.tenant.as_str(),
+                "u": write.user.as_str(),
+                "r": write.roles.iter().map(|role| role.as_str()).collect::<Vec<_>>(),
+                "e": write.expires_at,
+                "c": write.caller,
+            })
+        })
+        .collect();
+    let applied = async {
+        let mut tx = pool.begin().await?;
+        let revisions: Vec<(i64,)> = sqlx::query_as(APPLY)
+            .bind(serde_json::Value::Array(writes).to_string())
+            .bind(crate::domain::now_unix())
+            .bind(crate::domain::now_millis())
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok::<_, Error>(revisions)
+    }
+    .await;
+    match applied {
+        Ok(revisions) if revisions.len() == batch.len() => {
+            for ((write, reply), (revision,)) in batch.into_iter().zip(revisions) {
+                let _ = reply.send(if revision < 0 {
+                    Err(Error::NotFound(format!("tenant {} not found", write.tenant)))
+                } else {
+                    Ok(revision as Revision)
+                });
+            }
+        }
+        Ok(revisions) => {
+            let shared = std::sync::Arc::new(Error::Internal(
+                format!("rolecheck_apply answered {} of {} writes", revisions.len(), batch.len())
+                    .into(),
+            ));
+            for (_, reply) in batch {
+                let _ = reply.send(Err(Error::unshare(shared.clone())));
+            }
+        }
+        Err(e) => {
+            let shared = std::sync::Arc::new(e);
+            for (_, reply) in batch {
+                let _ = reply.send(Err(Error::unshare(shared.clone())));
+            }
+        }
     }
 }
 
@@ -248,9 +337,6 @@ async fn load_batch(pool: &PgPool, batch: Vec<PendingLoad>) {
         let _ = reply.send(Ok(UserRoles::from_rows(revision, rows)));
     }
 }
-
-/// Serializes writes to one (tenant, user) for the rest of the transaction.
-const LOCK_MEMBER: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(10) || $2, 0))";
 
 /// Bumps the revision, inserts the history row and queues the `<revision>:<kind>:<user>`
 /// notification, in one statement.

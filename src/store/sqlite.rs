@@ -126,14 +126,9 @@ impl SqliteStore {
         None
     }
 
-    /// The write guard already keeps writes to a membership apart.
-    async fn lock_member(
-        &self,
-        _tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-        _tenant: &TenantId,
-        _user: &crate::domain::UserId,
-    ) -> Result<()> {
-        Ok(())
+    /// Membership writes run one at a time under the write guard.
+    async fn write_member(&self, write: &crate::store::MembershipWrite) -> Result<Revision> {
+        self.write_in_steps(write).await
     }
 
     /// Takes the next revision and records the change; the feed hears of it in

@@ -100,6 +100,40 @@ async fn set_roles_replaces_exactly(backend: Backend) {
     assert_eq!(err.code(), Code::NotFound);
 }
 
+/// Concurrent writes (on Postgres, group-committed together): a write to a missing
+/// tenant fails alone with NOT_FOUND, every other one lands with its own revision.
+async fn concurrent_writes_fail_alone(backend: Backend) {
+    let app = spawn(backend).await;
+    app.create_tenant("acme").await;
+    let writes = (0..30).map(|i| {
+        let mut checks = app.checks.clone();
+        async move {
+            let tenant = if i % 6 == 5 { "missing" } else { "acme" };
+            let req = pb::GrantRequest {
+                user_id: format!("w{i}"),
+                tenant_id: tenant.into(),
+                roles: vec!["admin".into()],
+                expires_at: None,
+            };
+            (i, checks.grant(req).await)
+        }
+    });
+    let mut revisions = Vec::new();
+    for (i, outcome) in futures::future::join_all(writes).await {
+        if i % 6 == 5 {
+            assert_eq!(outcome.expect_err("missing tenant").code(), Code::NotFound, "w{i}");
+            assert!(!app.check(&format!("w{i}"), "acme", "admin").await);
+        } else {
+            revisions.push(outcome.expect("grant").into_inner().revision);
+            assert!(app.check(&format!("w{i}"), "acme", "admin").await, "w{i}");
+        }
+    }
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(revisions.len(), 25, "one revision per landed write");
+    assert_eq!(revisions[24] - revisions[0], 24, "contiguous: {revisions:?}");
+}
+
 /// Many users read at once, each a cache miss (on Postgres, coalesced into shared
 /// queries): every user gets exactly its own roles, and a user without any gets none.
 async fn concurrent_misses_get_their_own_roles(backend: Backend) {
@@ -434,6 +468,7 @@ both_stores!(
     set_roles_replaces_exactly,
     check_batch_answers_in_order,
     concurrent_misses_get_their_own_roles,
+    concurrent_writes_fail_alone,
     tenants_create_get_and_generate_ids,
     delete_tenant_removes_every_membership,
     list_members_pages_across_boundaries,
