@@ -35,14 +35,15 @@ macro_rules! identifier {
 
             /// Validates `value` as this identifier; `field` names it in the error.
             pub fn parse(field: &str, value: &str) -> Result<Self, Error> {
+                Self::validate(field, value).map(|()| Self(value.to_owned()))
+            }
+
+            /// Checks `value` without copying it (hot paths that only compare).
+            pub fn validate(field: &str, value: &str) -> Result<(), Error> {
                 let ok = !value.is_empty()
                     && value.len() <= Self::MAX_LEN
                     && value.bytes().all($allowed);
-                if ok {
-                    Ok(Self(value.to_owned()))
-                } else {
-                    Err(Error::invalid(field, format!("must be {}", $rule)))
-                }
+                if ok { Ok(()) } else { Err(Error::invalid(field, format!("must be {}", $rule))) }
             }
 
             /// Wraps a value read back from the store, which only holds validated ids.
@@ -149,7 +150,12 @@ impl UserRoles {
 
     /// Whether the user holds `role` in `tenant` at `now`.
     pub fn allows(&self, tenant: &TenantId, role: &Role, now: UnixSeconds) -> bool {
-        let key = (tenant.as_str(), role.as_str());
+        self.allows_str(tenant.as_str(), role.as_str(), now)
+    }
+
+    /// [`allows`](Self::allows) for already validated text.
+    pub fn allows_str(&self, tenant: &str, role: &str, now: UnixSeconds) -> bool {
+        let key = (tenant, role);
         self.held
             .binary_search_by(|held| (self.name(held.tenant), self.name(held.role)).cmp(&key))
             .is_ok_and(|i| self.held[i].is_live(now))

@@ -288,12 +288,19 @@ async fn coalesce_loads(pool: PgPool, mut pending: UnboundedReceiver<PendingLoad
     let slots = std::sync::Arc::new(Semaphore::new(LOAD_CONCURRENCY));
     while let Some(first) = pending.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let mut batch = vec![first];
+        // Skip loads nobody waits for any more (a caller that gave up, or a batch that
+        // only tried the cache without waiting).
+        let mut batch: Vec<PendingLoad> =
+            Some(first).into_iter().filter(|p| !p.1.is_closed()).collect();
         while batch.len() < LOAD_BATCH {
             match pending.try_recv() {
+                Ok(next) if next.1.is_closed() => {}
                 Ok(next) => batch.push(next),
                 Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         let pool = pool.clone();
         tokio::spawn(async move {
