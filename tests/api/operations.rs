@@ -9,7 +9,7 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    helpers::{Backend, TestDb, connect, http_get, spawn, test_config},
+    helpers::{Backend, TestDb, connect, http_get, spawn, test_config, wait_for},
     tokens::key_files,
 };
 
@@ -19,6 +19,18 @@ async fn metrics_count_requests_cache_store_and_tokens() {
     let app = crate::helpers::spawn_with(Backend::Postgres, |c| c.signing_key = keys).await;
     app.create_tenant("acme").await;
     let granted = app.grant("u", "acme", &["admin"]).await;
+    // Until the change listener is connected and has applied the Grant, reads bypass the
+    // cache (fail closed), which would make the counts below depend on start-up timing.
+    wait_for(Duration::from_secs(10), "the cache to be trusted with the Grant applied", || async {
+        let (_, body) = http_get(&app, "/metrics").await;
+        let applied = body
+            .lines()
+            .find_map(|l| l.strip_prefix("rolecheck_applied_revision "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        (body.contains("rolecheck_cache_trusted 1") && applied >= granted).then_some(())
+    })
+    .await;
     // The first Check waits until this replica's feed has applied the Grant, so the
     // Grant's notification cannot arrive after the load and force a second one.
     let first = pb::CheckRequest {
