@@ -719,28 +719,12 @@ async fn sqlite_phase(noop: &Server, health: &Bytes, concurrency: usize, baselin
     let conn = connect(&server.grpc).await;
     seed_small(&conn).await;
     setup_calls(&conn, 1000, concurrency, CHECK, |i| frame(&hot_check(i))).await;
-    let mut outcomes = vec![baseline.clone()];
+    let mut scenarios = Vec::new();
     let one_check = frame(&hot_check(7));
-    outcomes.push(
-        load(
-            &conn,
-            server.pid,
-            concurrency,
-            Scenario::fixed("Check, cached, one key", CHECK, allowed, one_check.clone()),
-        )
-        .await,
-    );
-    outcomes.push(
-        load(
-            &conn,
-            server.pid,
-            concurrency,
-            Scenario::new("Check, cached, 1000 hot users", CHECK, allowed, |i| {
-                frame(&hot_check(i))
-            }),
-        )
-        .await,
-    );
+    scenarios.push(Scenario::fixed("Check, cached, one key", CHECK, allowed, one_check.clone()));
+    scenarios.push(Scenario::new("Check, cached, 1000 hot users", CHECK, allowed, |i| {
+        frame(&hot_check(i))
+    }));
     let batch = frame(&pb::CheckBatchRequest {
         checks: (0..100).map(hot_check).collect(),
         min_revision: 0,
@@ -748,40 +732,25 @@ async fn sqlite_phase(noop: &Server, health: &Bytes, concurrency: usize, baselin
     let mut scenario =
         Scenario::fixed("CheckBatch of 100, cached", CHECK_BATCH, all_allowed, batch.clone());
     scenario.items = 100;
-    outcomes.push(load(&conn, server.pid, concurrency, scenario).await);
+    scenarios.push(scenario);
     let wide = frame(&pb::GetAuthorizationRequest { user_id: "wide".into(), min_revision: 0 });
-    outcomes.push(
-        load(
-            &conn,
-            server.pid,
-            concurrency,
-            Scenario::fixed("GetAuthorization, 50 tenants", GET_AUTHORIZATION, fifty_tenants, wide),
-        )
-        .await,
-    );
-    outcomes.push(
-        load(
-            &conn,
-            server.pid,
-            concurrency,
-            Scenario::new("Grant, SQLite (durable)", GRANT, revision, |i| {
-                grant(format!("g{i}"), "hot".into(), "viewer")
-            }),
-        )
-        .await,
-    );
+    scenarios.push(Scenario::fixed(
+        "GetAuthorization, 50 tenants",
+        GET_AUTHORIZATION,
+        fifty_tenants,
+        wide,
+    ));
+    scenarios.push(Scenario::new("Grant, SQLite (durable)", GRANT, revision, |i| {
+        grant(format!("g{i}"), "hot".into(), "viewer")
+    }));
     let issue = |i: u64| {
         frame(&pb::IssueRequest { user_id: format!("h{}", i % 1000), ..Default::default() })
     };
-    outcomes.push(
-        load(
-            &conn,
-            server.pid,
-            concurrency,
-            Scenario::new("Issue, RS256 (RSA 2048)", ISSUE, token, issue),
-        )
-        .await,
-    );
+    scenarios.push(Scenario::new("Issue, RS256 (RSA 2048)", ISSUE, token, issue));
+    let mut outcomes = vec![baseline.clone()];
+    for scenario in scenarios {
+        outcomes.push(load(&conn, server.pid, concurrency, scenario).await);
+    }
     drop(server);
     let keys = tempfile::tempdir().expect("dir");
     for (kind, name) in

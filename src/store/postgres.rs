@@ -200,16 +200,30 @@ impl PgStore {
 /// Applies a batch of membership writes; one revision (or -1: no such tenant) per write.
 const APPLY: &str = "SELECT rolecheck_apply($1::text::jsonb, $2, $3)";
 
+/// `first` and whatever else is queued right now, up to `max` in all.
+fn take_batch<T>(first: T, queue: &mut UnboundedReceiver<T>, max: usize) -> Vec<T> {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match queue.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// Answers every waiter of a batch with (a copy of) `error`.
+fn fail_all<K, T>(batch: Vec<(K, oneshot::Sender<Result<T>>)>, error: Error) {
+    let shared = std::sync::Arc::new(error);
+    for (_, reply) in batch {
+        let _ = reply.send(Err(Error::unshare(shared.clone())));
+    }
+}
+
 /// Runs the writes queued on `queued`, a batch at a time. Ends when the store is dropped.
 async fn write_batches(pool: PgPool, mut queued: UnboundedReceiver<PendingWrite>) {
     while let Some(first) = queued.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < WRITE_BATCH {
-            match queued.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
+        let batch = take_batch(first, &mut queued, WRITE_BATCH);
         write_batch(&pool, batch).await;
     }
 }
@@ -256,20 +270,11 @@ async fn write_batch(pool: &PgPool, batch: Vec<PendingWrite>) {
             }
         }
         Ok(revisions) => {
-            let shared = std::sync::Arc::new(Error::Internal(
-                format!("rolecheck_apply answered {} of {} writes", revisions.len(), batch.len())
-                    .into(),
-            ));
-            for (_, reply) in batch {
-                let _ = reply.send(Err(Error::unshare(shared.clone())));
-            }
+            let message =
+                format!("rolecheck_apply answered {} of {} writes", revisions.len(), batch.len());
+            fail_all(batch, Error::Internal(message.into()));
         }
-        Err(e) => {
-            let shared = std::sync::Arc::new(e);
-            for (_, reply) in batch {
-                let _ = reply.send(Err(Error::unshare(shared.clone())));
-            }
-        }
+        Err(e) => fail_all(batch, e),
     }
 }
 
@@ -288,17 +293,10 @@ async fn coalesce_loads(pool: PgPool, mut pending: UnboundedReceiver<PendingLoad
     let slots = std::sync::Arc::new(Semaphore::new(LOAD_CONCURRENCY));
     while let Some(first) = pending.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut batch = take_batch(first, &mut pending, LOAD_BATCH);
         // Skip loads nobody waits for any more (a caller that gave up, or a batch that
         // only tried the cache without waiting).
-        let mut batch: Vec<PendingLoad> =
-            Some(first).into_iter().filter(|p| !p.1.is_closed()).collect();
-        while batch.len() < LOAD_BATCH {
-            match pending.try_recv() {
-                Ok(next) if next.1.is_closed() => {}
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
+        batch.retain(|(_, reply)| !reply.is_closed());
         if batch.is_empty() {
             continue;
         }
@@ -322,13 +320,7 @@ async fn load_batch(pool: &PgPool, batch: Vec<PendingLoad>) {
         sqlx::query_as(USERS_ROLES).bind(&users).fetch_all(pool).await;
     let rows = match rows {
         Ok(rows) => rows,
-        Err(e) => {
-            let shared = std::sync::Arc::new(Error::from(e));
-            for (_, reply) in batch {
-                let _ = reply.send(Err(Error::unshare(shared.clone())));
-            }
-            return;
-        }
+        Err(e) => return fail_all(batch, e.into()),
     };
     let revision = rows.first().map_or(0, |row| row.0 as Revision);
     let mut held: std::collections::HashMap<&str, Vec<HeldRow>> =
