@@ -28,6 +28,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use moka::{Expiry, future::Cache};
 use prometheus_client::metrics::counter::Counter;
 
@@ -124,13 +125,13 @@ impl CachedStore {
         self.cache.entry_count()
     }
 
-    fn generation(&self, user: &UserId) -> &AtomicU64 {
+    fn generation(&self, user: &str) -> &AtomicU64 {
         let shard = self.hasher.hash_one(user) as usize % SHARDS;
         &self.generations[shard]
     }
 
     async fn forget(&self, user: &UserId) {
-        self.generation(user).fetch_add(1, Ordering::SeqCst);
+        self.generation(user.as_str()).fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate(user).await;
     }
 
@@ -155,10 +156,13 @@ impl Store for CachedStore {
             self.misses.inc();
             return self.inner.user_roles(user, min_revision).await;
         }
+        if let Some(answer) = self.user_roles_in_memory(user.as_str(), min_revision) {
+            return Ok(answer);
+        }
         // Read before the generation check: every write at or below `applied` has bumped
         // the generation of the users it touched by now.
         let applied = self.coherence.applied();
-        let generation = self.generation(user);
+        let generation = self.generation(user.as_str());
         let loaded = std::sync::atomic::AtomicBool::new(false);
         for _ in 0..LOAD_ATTEMPTS {
             let entry = self
@@ -182,6 +186,26 @@ impl Store for CachedStore {
             self.cache.invalidate(user).await;
         }
         self.inner.user_roles(user, min_revision).await
+    }
+
+    fn user_roles_in_memory(&self, user: &str, min_revision: Revision) -> Option<Answer> {
+        if !self.coherence.is_current() {
+            return None;
+        }
+        // Read before the generation check, as in `user_roles`.
+        let applied = self.coherence.applied();
+        if min_revision > applied {
+            return None;
+        }
+        // A hit completes on its first poll; moka only waits when its read log needs
+        // housekeeping first, and then `user_roles` waits for it.
+        let entry = self.cache.get(user).now_or_never()??;
+        let revision = entry.snapshot.revision.max(applied);
+        if entry.generation != self.generation(user).load(Ordering::SeqCst) {
+            return None;
+        }
+        self.hits.inc();
+        Some(Answer { roles: entry.snapshot.clone(), revision })
     }
 
     async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {

@@ -70,6 +70,13 @@ macro_rules! identifier {
             }
         }
 
+        // Lookups by `&str` (the derived `Hash` and `Eq` are those of the string).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0

@@ -2,7 +2,7 @@
 
 use std::{pin::Pin, sync::Arc};
 
-use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status};
 
 use super::{decode_page_token, encode_page_token, page_size, parse_expiry, tenant_or_application};
@@ -29,13 +29,6 @@ pub struct RoleCheckApi {
     coherence: Arc<Coherence>,
 }
 
-/// One validated check.
-struct CheckQuery {
-    user: UserId,
-    tenant: TenantId,
-    role: Role,
-}
-
 impl RoleCheckApi {
     /// Serves checks and writes from `store`; empty tenant ids mean `application_id`.
     pub fn new(
@@ -51,21 +44,18 @@ impl RoleCheckApi {
         tenant_or_application(field, value, &self.application_id)
     }
 
-    /// [`parse_check`](Self::parse_check) without copying the strings.
+    /// A validated tenant id, or the application's when empty.
+    fn tenant_str<'a>(&'a self, tenant_id: &'a str) -> &'a str {
+        if tenant_id.is_empty() { self.application_id.as_str() } else { tenant_id }
+    }
+
+    /// Validates a check without copying its strings.
     fn validate_check(&self, req: &pb::CheckRequest) -> Result<()> {
         UserId::validate("user_id", &req.user_id)?;
         if !req.tenant_id.is_empty() {
             TenantId::validate("tenant_id", &req.tenant_id)?;
         }
         Role::validate("role", &req.role)
-    }
-
-    fn parse_check(&self, req: &pb::CheckRequest) -> Result<CheckQuery> {
-        Ok(CheckQuery {
-            user: UserId::parse("user_id", &req.user_id)?,
-            tenant: self.tenant("tenant_id", &req.tenant_id)?,
-            role: Role::parse("role", &req.role)?,
-        })
     }
 
     fn parse_write(
@@ -91,6 +81,15 @@ impl RoleCheckApi {
         })
     }
 
+    /// `user`'s answer: from memory when the cache has it, else through the store.
+    /// `user` must be valid.
+    async fn answer(&self, user: &str, min_revision: Revision) -> Result<Answer> {
+        match self.store.user_roles_in_memory(user, min_revision) {
+            Some(answer) => Ok(answer),
+            None => self.store.user_roles(&UserId::trusted(user.to_owned()), min_revision).await,
+        }
+    }
+
     /// Loads each distinct user of a batch once: cached users at once, in order, the
     /// rest a few at a time. Returns (user, answer) sorted by user.
     async fn load_users<'a>(
@@ -102,12 +101,9 @@ impl RoleCheckApi {
         let mut loaded = Vec::with_capacity(users.len());
         let mut waiting = Vec::new();
         for (i, &user) in users.iter().enumerate() {
-            let id = UserId::trusted(user.to_owned());
-            // A cache hit completes on its first poll; anything that would wait (a load)
-            // is dropped here and awaited below with the other misses.
-            match store.user_roles(&id, min_revision).now_or_never() {
-                Some(answer) => loaded.push((user, answer?)),
-                None => waiting.push((i, id)),
+            match store.user_roles_in_memory(user, min_revision) {
+                Some(answer) => loaded.push((user, answer)),
+                None => waiting.push((i, UserId::trusted(user.to_owned()))),
             }
         }
         if !waiting.is_empty() {
@@ -136,10 +132,14 @@ impl RoleCheck for RoleCheckApi {
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let req = request.get_ref();
-        let query = self.parse_check(req)?;
-        let answer = self.store.user_roles(&query.user, req.min_revision).await?;
+        self.validate_check(req)?;
+        let answer = self.answer(&req.user_id, req.min_revision).await?;
         Ok(Response::new(pb::CheckResponse {
-            allowed: answer.roles.allows(&query.tenant, &query.role, now_unix()),
+            allowed: answer.roles.allows_str(
+                self.tenant_str(&req.tenant_id),
+                &req.role,
+                now_unix(),
+            ),
             revision: answer.revision,
         }))
     }
@@ -174,13 +174,12 @@ impl RoleCheck for RoleCheckApi {
                     .binary_search_by(|(user, _)| (*user).cmp(check.user_id.as_str()))
                     .expect("every user was loaded");
                 let answer = &answers[at].1;
-                let tenant = if check.tenant_id.is_empty() {
-                    self.application_id.as_str()
-                } else {
-                    check.tenant_id.as_str()
-                };
                 pb::CheckResponse {
-                    allowed: answer.roles.allows_str(tenant, &check.role, now),
+                    allowed: answer.roles.allows_str(
+                        self.tenant_str(&check.tenant_id),
+                        &check.role,
+                        now,
+                    ),
                     revision: answer.revision,
                 }
             })
@@ -249,8 +248,8 @@ impl RoleCheck for RoleCheckApi {
         request: Request<pb::GetAuthorizationRequest>,
     ) -> Result<Response<pb::GetAuthorizationResponse>, Status> {
         let req = request.get_ref();
-        let user = UserId::parse("user_id", &req.user_id)?;
-        let answer = self.store.user_roles(&user, req.min_revision).await?;
+        UserId::validate("user_id", &req.user_id)?;
+        let answer = self.answer(&req.user_id, req.min_revision).await?;
         let authorization = answer
             .roles
             .authorization(now_unix())

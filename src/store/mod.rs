@@ -79,6 +79,13 @@ pub trait Store: Send + Sync + 'static {
     /// than `min_revision` is never returned.
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer>;
 
+    /// The answer to [`user_roles`](Self::user_roles) when it is in memory and current,
+    /// without waiting or allocating; `None` means "ask `user_roles`". `user` must be a
+    /// valid [`UserId`]. Only the cache answers; the hot path of `Check` and `CheckBatch`.
+    fn user_roles_in_memory(&self, _user: &str, _min_revision: Revision) -> Option<Answer> {
+        None
+    }
+
     /// Applies one membership write; returns the revision it committed at.
     /// An unknown tenant is `NotFound`.
     async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision>;
