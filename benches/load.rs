@@ -297,10 +297,13 @@ fn h2load(
     let log = std::fs::read_to_string(&log_file).ok()?;
     let mut latencies = Vec::new();
     let mut errors = 0;
+    let mut first_error = None;
     for line in log.lines() {
         let cols: Vec<&str> = line.split('\t').collect();
         if cols.get(1) != Some(&"200") {
             errors += 1;
+            first_error
+                .get_or_insert_with(|| format!("h2load logged HTTP status {:?}", cols.get(1)));
         }
         if let Some(us) = cols.get(2).and_then(|v| v.parse::<u64>().ok()) {
             latencies.push(Duration::from_micros(us));
@@ -324,7 +327,7 @@ fn h2load(
         p999: pct(&latencies, 0.999),
         cpu_per_call: Duration::from_secs_f64(cpu * measured_share / calls.max(1) as f64),
         errors,
-        first_error: (errors > 0).then(|| "non-200 HTTP status".to_owned()),
+        first_error,
     })
 }
 
@@ -859,8 +862,16 @@ async fn postgres_phase(
     let entries = metric(&server.http, "rolecheck_cache_entries", "");
     assert!(loaded_users as u64 >= miss.calls - miss.errors, "every call a miss");
 
+    // The share of answers from memory while `scenario` runs.
+    let counts = || (metric(&server.http, hits, ""), metric(&server.http, misses, ""));
+    let hit_ratio = |before: (f64, f64), after: (f64, f64)| {
+        let (hits, misses) = (after.0 - before.0, after.1 - before.1);
+        hits / (hits + misses).max(1.0)
+    };
+
     let hot = move |i: u64| frame(&dataset.allowed_check(i % 1000));
     setup_calls(&conn, 1000, concurrency, CHECK, hot).await;
+    let before = counts();
     let cached = load(
         &conn,
         server.pid,
@@ -868,8 +879,9 @@ async fn postgres_phase(
         Scenario::new("Check, cached, 1000 hot users", CHECK, allowed, hot),
     )
     .await;
+    let cached_hits = hit_ratio(before, counts());
 
-    let (h0, m0) = (metric(&server.http, hits, ""), metric(&server.http, misses, ""));
+    let before = counts();
     let spread = load(
         &conn,
         server.pid,
@@ -880,8 +892,7 @@ async fn postgres_phase(
         }),
     )
     .await;
-    let (h1, m1) = (metric(&server.http, hits, ""), metric(&server.http, misses, ""));
-    let hit_ratio = (h1 - h0) / ((h1 - h0) + (m1 - m0)).max(1.0);
+    let spread_hits = hit_ratio(before, counts());
 
     let mut batch =
         Scenario::new("CheckBatch of 100, cached", CHECK_BATCH, all_allowed, move |i| {
@@ -891,7 +902,9 @@ async fn postgres_phase(
             })
         });
     batch.items = 100;
+    let before = counts();
     let batch = load(&conn, server.pid, concurrency, batch).await;
+    let batch_hits = hit_ratio(before, counts());
     let grants = load(
         &conn,
         server.pid,
@@ -912,9 +925,9 @@ async fn postgres_phase(
     table(&title, baseline, &outcomes);
     println!(
         "\nresident memory: {rss_start:.0} MiB at start, {rss_warm:.0} MiB with {entries:.0} users \
-         ({} memberships) cached; spread Check hit ratio {:.3}",
+         ({} memberships) cached; hit ratio: cached Check {cached_hits:.3}, spread Check \
+         {spread_hits:.3}, CheckBatch {batch_hits:.3}",
         thousands(entries * PER_USER as f64),
-        hit_ratio
     );
     drop(conn);
     drop(server);
@@ -933,7 +946,7 @@ async fn postgres_phase(
         ms(cached.p50),
         ms(cached.p99),
         thousands(spread.per_second),
-        hit_ratio,
+        spread_hits,
         rss_start,
         rss_warm,
         thousands(entries)
