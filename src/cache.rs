@@ -157,6 +157,7 @@ impl Store for CachedStore {
             return self.inner.user_roles(user, min_revision).await;
         }
         if let Some(answer) = self.user_roles_in_memory(user.as_str(), min_revision) {
+            self.hits.inc();
             return Ok(answer);
         }
         // Read before the generation check: every write at or below `applied` has bumped
@@ -204,8 +205,13 @@ impl Store for CachedStore {
         if entry.generation != self.generation(user).load(Ordering::SeqCst) {
             return None;
         }
-        self.hits.inc();
         Some(Answer { roles: entry.snapshot.clone(), revision })
+    }
+
+    fn count_hits(&self, n: u64) {
+        if n > 0 {
+            self.hits.inc_by(n);
+        }
     }
 
     async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {

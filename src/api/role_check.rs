@@ -85,39 +85,12 @@ impl RoleCheckApi {
     /// `user` must be valid.
     async fn answer(&self, user: &str, min_revision: Revision) -> Result<Answer> {
         match self.store.user_roles_in_memory(user, min_revision) {
-            Some(answer) => Ok(answer),
+            Some(answer) => {
+                self.store.count_hits(1);
+                Ok(answer)
+            }
             None => self.store.user_roles(&UserId::trusted(user.to_owned()), min_revision).await,
         }
-    }
-
-    /// Loads each distinct user of a batch once: cached users at once, in order, the
-    /// rest a few at a time. Returns (user, answer) sorted by user.
-    async fn load_users<'a>(
-        &self,
-        users: &[&'a str],
-        min_revision: Revision,
-    ) -> Result<Vec<(&'a str, Answer)>> {
-        let store = &self.store;
-        let mut loaded = Vec::with_capacity(users.len());
-        let mut waiting = Vec::new();
-        for (i, &user) in users.iter().enumerate() {
-            match store.user_roles_in_memory(user, min_revision) {
-                Some(answer) => loaded.push((user, answer)),
-                None => waiting.push((i, UserId::trusted(user.to_owned()))),
-            }
-        }
-        if !waiting.is_empty() {
-            let fetched: Vec<(usize, Answer)> = futures::stream::iter(waiting)
-                .map(|(i, id)| async move {
-                    Ok::<_, Error>((i, store.user_roles(&id, min_revision).await?))
-                })
-                .buffer_unordered(BATCH_LOAD_CONCURRENCY)
-                .try_collect()
-                .await?;
-            loaded.extend(fetched.into_iter().map(|(i, answer)| (users[i], answer)));
-            loaded.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        }
-        Ok(loaded)
     }
 }
 
@@ -161,30 +134,54 @@ impl RoleCheck for RoleCheckApi {
         for (i, check) in req.checks.iter().enumerate() {
             self.validate_check(check).map_err(|e| e.in_field(|| format!("checks[{i}].")))?;
         }
-        let mut users: Vec<&str> = req.checks.iter().map(|c| c.user_id.as_str()).collect();
-        users.sort_unstable();
-        users.dedup();
-        let answers = self.load_users(&users, req.min_revision).await?;
-        let now = now_unix();
-        let results: Vec<pb::CheckResponse> = req
-            .checks
-            .iter()
-            .map(|check| {
-                let at = answers
-                    .binary_search_by(|(user, _)| (*user).cmp(check.user_id.as_str()))
-                    .expect("every user was loaded");
-                let answer = &answers[at].1;
-                pb::CheckResponse {
+        let (checks, min_revision) = (&req.checks, req.min_revision);
+        // The checks' indices grouped by user: one lookup per distinct user, cached users
+        // answered at once, the rest loaded a few at a time.
+        let mut order: Vec<usize> = (0..checks.len()).collect();
+        order.sort_unstable_by(|&a, &b| checks[a].user_id.cmp(&checks[b].user_id));
+        let mut results = vec![pb::CheckResponse::default(); checks.len()];
+        let mut revision = if checks.is_empty() { 0 } else { Revision::MAX };
+        let mut answer_group = |group: &[usize], answer: &Answer, now| {
+            for &i in group {
+                let check = &checks[i];
+                results[i] = pb::CheckResponse {
                     allowed: answer.roles.allows_str(
                         self.tenant_str(&check.tenant_id),
                         &check.role,
                         now,
                     ),
                     revision: answer.revision,
+                };
+            }
+            revision = revision.min(answer.revision);
+        };
+        let (now, mut hits, mut waiting, mut start) = (now_unix(), 0, Vec::new(), 0);
+        for group in order.chunk_by(|&a, &b| checks[a].user_id == checks[b].user_id) {
+            let user = &checks[group[0]].user_id;
+            match self.store.user_roles_in_memory(user, min_revision) {
+                Some(answer) => {
+                    hits += 1;
+                    answer_group(group, &answer, now);
                 }
-            })
-            .collect();
-        let revision = answers.iter().map(|(_, answer)| answer.revision).min().unwrap_or_default();
+                None => waiting.push((start..start + group.len(), UserId::trusted(user.clone()))),
+            }
+            start += group.len();
+        }
+        self.store.count_hits(hits);
+        if !waiting.is_empty() {
+            let store = &self.store;
+            let fetched: Vec<(std::ops::Range<usize>, Answer)> = futures::stream::iter(waiting)
+                .map(|(group, id)| async move {
+                    Ok::<_, Error>((group, store.user_roles(&id, min_revision).await?))
+                })
+                .buffer_unordered(BATCH_LOAD_CONCURRENCY)
+                .try_collect()
+                .await?;
+            let now = now_unix();
+            for (group, answer) in fetched {
+                answer_group(&order[group], &answer, now);
+            }
+        }
         Ok(Response::new(pb::CheckBatchResponse { results, revision }))
     }
 

@@ -82,9 +82,14 @@ pub trait Store: Send + Sync + 'static {
     /// The answer to [`user_roles`](Self::user_roles) when it is in memory and current,
     /// without waiting or allocating; `None` means "ask `user_roles`". `user` must be a
     /// valid [`UserId`]. Only the cache answers; the hot path of `Check` and `CheckBatch`.
+    /// The caller reports the answers it got with [`count_hits`](Self::count_hits).
     fn user_roles_in_memory(&self, _user: &str, _min_revision: Revision) -> Option<Answer> {
         None
     }
+
+    /// Counts `n` answers from [`user_roles_in_memory`](Self::user_roles_in_memory), once
+    /// per request rather than once per user (one shared counter, two cores).
+    fn count_hits(&self, _n: u64) {}
 
     /// Applies one membership write; returns the revision it committed at.
     /// An unknown tenant is `NotFound`.
