@@ -130,7 +130,7 @@ impl RoleCheck for RoleCheckApi {
             )
             .into());
         }
-        // Validate in place: no copies of the 3 × N strings, one per distinct user.
+        // Validate in place: the 3 × N strings are never copied (only a missed user id is).
         for (i, check) in req.checks.iter().enumerate() {
             self.validate_check(check).map_err(|e| e.in_field(|| format!("checks[{i}].")))?;
         }
