@@ -156,10 +156,6 @@ impl Store for CachedStore {
             self.misses.inc();
             return self.inner.user_roles(user, min_revision).await;
         }
-        if let Some(answer) = self.user_roles_in_memory(user.as_str(), min_revision) {
-            self.hits.inc();
-            return Ok(answer);
-        }
         // Read before the generation check: every write at or below `applied` has bumped
         // the generation of the users it touched by now.
         let applied = self.coherence.applied();

@@ -81,8 +81,9 @@ impl RoleCheckApi {
         })
     }
 
-    /// `user`'s answer: from memory when the cache has it, else through the store.
-    /// `user` must be valid.
+    /// `user`'s answer: from memory when the cache has it, else through the store (which
+    /// loads it into the cache). `user` must be valid. Every RPC reads roles through here
+    /// or, for a batch's misses, straight through `user_roles`.
     async fn answer(&self, user: &str, min_revision: Revision) -> Result<Answer> {
         match self.store.user_roles_in_memory(user, min_revision) {
             Some(answer) => {
@@ -304,7 +305,7 @@ impl RoleCheck for RoleCheckApi {
         if self.tokens.keys().signer().is_none() {
             return Err(Error::FailedPrecondition("no signing key configured".into()).into());
         }
-        let answer = self.store.user_roles(&user, req.min_revision).await?;
+        let answer = self.answer(user.as_str(), req.min_revision).await?;
         let minted = self.tokens.mint(&user, &answer.roles, &only, req.ttl_seconds, now_unix())?;
         Ok(Response::new(pb::IssueResponse {
             access_token: minted.token,
