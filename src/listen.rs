@@ -41,6 +41,11 @@ impl fmt::Display for ListenAddr {
 }
 
 impl ListenAddr {
+    /// Whether this is a unix socket path.
+    pub fn is_unix(&self) -> bool {
+        matches!(self, ListenAddr::Unix(_))
+    }
+
     /// Whether only this machine can connect: loopback TCP or a unix socket.
     pub fn is_local_only(&self) -> bool {
         match self {

@@ -23,8 +23,8 @@ use crate::{cache::CachedStore, coherence::Coherence};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    method: String,
-    code: String,
+    method: &'static str,
+    code: &'static str,
 }
 
 /// Labels of store query durations.
@@ -52,6 +52,10 @@ pub struct Metrics {
     requests: HistogramFamily<RequestLabels>,
     store: HistogramFamily<StoreLabels>,
     tokens: Family<TokenLabels, Counter>,
+    /// API key file reloads that failed and kept the keys in force.
+    pub key_reload_failures: Counter,
+    /// Times the change listener heard nothing for too long and reconnected.
+    pub listener_silences: Counter,
     /// Cache hits (answered from memory).
     pub cache_hits: Counter,
     /// Cache misses (loaded from the store).
@@ -78,6 +82,17 @@ impl Metrics {
         let store = HistogramFamily::<StoreLabels>::new_with_constructor(latency_histogram);
         let tokens = Family::<TokenLabels, Counter>::default();
         let (cache_hits, cache_misses) = (Counter::default(), Counter::default());
+        let (key_reload_failures, listener_silences) = (Counter::default(), Counter::default());
+        registry.register(
+            "api_keys_reload_failures",
+            "API key file reloads refused (unreadable, unparsable, empty); the keys in force were kept",
+            key_reload_failures.clone(),
+        );
+        registry.register(
+            "listener_silences",
+            "Times the change listener heard nothing (not even its own sync) for too long and reconnected",
+            listener_silences.clone(),
+        );
         let (cache_entries, applied_revision, cache_trusted, reconnects) =
             (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
         let sync_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
@@ -120,6 +135,8 @@ impl Metrics {
             requests,
             store,
             tokens,
+            key_reload_failures,
+            listener_silences,
             cache_hits,
             cache_misses,
             cache_entries,
@@ -167,14 +184,33 @@ impl Metrics {
     }
 }
 
-/// The method label: known services by name, anything else as `unknown` (so random paths
-/// cannot grow the label set).
-fn method_label(path: &str) -> String {
-    let known = ["/rolecheck.v1.", "/grpc.health.v1.", "/grpc.reflection."];
-    if known.iter().any(|prefix| path.starts_with(prefix)) && path.len() < 96 {
-        path.trim_start_matches('/').to_owned()
-    } else {
-        "unknown".to_owned()
+/// The method label: a method the server serves (one of the auth layer's rules), else
+/// `unknown`, so no request, authenticated or not, can add a label value.
+fn method_label(path: &str) -> &'static str {
+    crate::auth::rule(path).map_or("unknown", |(known, _)| known.trim_start_matches('/'))
+}
+
+/// The code label: one of the seventeen gRPC codes.
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
     }
 }
 
@@ -240,7 +276,7 @@ where
                 let elapsed = started.elapsed();
                 metrics
                     .requests
-                    .get_or_create(&RequestLabels { method, code: format!("{code:?}") })
+                    .get_or_create(&RequestLabels { method, code: code_label(code) })
                     .observe(elapsed.as_secs_f64());
                 tracing::debug!(code = ?code, micros = elapsed.as_micros() as u64, "request");
                 Ok(response)

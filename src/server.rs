@@ -47,8 +47,10 @@ impl Server {
     /// migrations unless `--no-migrate`, and wraps the store in the cache.
     pub async fn bind(config: Config) -> Result<Self> {
         let application_id = TenantId::parse("application_id", &config.application_id)?;
-        let callers = Keys::load(config.api_keys_file.as_deref())?;
-        if callers.current().is_empty() {
+        let metrics = Metrics::new();
+        let callers =
+            Keys::load(config.api_keys_file.as_deref(), metrics.key_reload_failures.clone())?;
+        if !callers.enabled() {
             if config.listen.is_local_only() {
                 tracing::warn!(listen = %config.listen, "no API keys configured: every caller on this machine is trusted");
             } else if config.insecure_no_auth {
@@ -60,6 +62,14 @@ impl Server {
                     config.listen
                 )));
             }
+        }
+        if config.listen.is_unix() && config.tls_cert.is_some() {
+            return Err(Error::FailedPrecondition(
+                "--tls-cert/--tls-key/--tls-client-ca apply to a TCP listener; a unix socket \
+                 (--listen unix:…) is protected by its file mode instead: drop the TLS flags \
+                 or listen on host:port"
+                    .into(),
+            ));
         }
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(Tls::load(cert, key, config.tls_client_ca.as_deref())?),
@@ -74,7 +84,6 @@ impl Server {
             Some(key) => tracing::info!(kid = key.kid(), alg = ?key.algorithm(), "signing tokens"),
             None => tracing::warn!("no signing key configured: Issue is refused"),
         }
-        let metrics = Metrics::new();
         let tokens = Arc::new(Tokens::new(
             keys,
             metrics.clone(),

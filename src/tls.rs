@@ -148,7 +148,7 @@ impl Tls {
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            let peer = PeerIdentity { subject: subject(&stream) };
+                            let peer = identity(&stream);
                             let _ = tx.send(TlsConn { stream, peer, addr }).await;
                         }
                         Ok(Err(err)) => tracing::debug!(%err, %addr, "TLS handshake failed"),
@@ -202,11 +202,38 @@ fn build(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerConf
     Ok(config)
 }
 
-/// The subject of the verified client certificate, e.g. `CN=billing-service`.
-fn subject(stream: &TlsStream<TcpStream>) -> Option<String> {
-    let der = stream.get_ref().1.peer_certificates()?.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-    Some(cert.subject().to_string())
+/// The identity of the verified client certificate, from structured fields: the one CN
+/// attribute of the subject (none when there are several or it is not a string), and the
+/// DNS and URI subject alternative names. Nothing is taken from a rendered subject.
+fn identity(stream: &TlsStream<TcpStream>) -> PeerIdentity {
+    let Some(der) = stream.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return PeerIdentity::default();
+    };
+    peer_identity(der.as_ref())
+}
+
+/// [`identity`] of a DER certificate.
+pub fn peer_identity(der: &[u8]) -> PeerIdentity {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return PeerIdentity::default();
+    };
+    let mut cns = cert.subject().iter_common_name();
+    let cn = match (cns.next(), cns.next()) {
+        (Some(only), None) => only.as_str().ok().map(str::to_owned),
+        _ => None,
+    };
+    let (mut dns, mut uris) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(d) => dns.push((*d).to_owned()),
+                GeneralName::URI(u) => uris.push((*u).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    PeerIdentity { cn, dns, uris }
 }
 
 /// An accepted TLS connection.

@@ -21,39 +21,69 @@ use super::{Caller, Keys, Scope};
 pub enum Access {
     /// Anyone (health, reflection, public keys).
     Open,
-    /// A caller holding this scope.
-    Needs(Scope),
-    /// Any authenticated caller (methods this build does not know).
-    Authenticated,
+    /// A caller holding any one of these scopes.
+    Needs(&'static [Scope]),
 }
 
-/// The access rule for a gRPC method path.
-pub fn required_scope(path: &str) -> Access {
-    if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {
-        return Access::Open;
-    }
-    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
-        return Access::Authenticated;
-    };
-    match (service, method) {
-        ("rolecheck.v1.RoleCheck", "GetKeys") => Access::Open,
-        (
-            "rolecheck.v1.RoleCheck",
-            "Check" | "CheckBatch" | "GetAuthorization" | "ListMembers" | "Watch" | "ListChanges",
-        )
-        | ("rolecheck.v1.Tenants", "GetTenant" | "ListTenants") => Access::Needs(Scope::Check),
-        ("rolecheck.v1.RoleCheck", "Grant" | "Revoke" | "SetRoles")
-        | ("rolecheck.v1.Tenants", "CreateTenant" | "DeleteTenant") => Access::Needs(Scope::Write),
-        ("rolecheck.v1.RoleCheck", "Issue") => Access::Needs(Scope::Issue),
-        _ => Access::Authenticated,
-    }
+const CHECK: Access = Access::Needs(&[Scope::Check]);
+const WRITE: Access = Access::Needs(&[Scope::Write]);
+const ISSUE: Access = Access::Needs(&[Scope::Issue]);
+const AUDIT: Access = Access::Needs(&[Scope::Audit]);
+const FOLLOW: Access = Access::Needs(&[Scope::Audit, Scope::Follow]);
+
+/// Every method this server serves and who may call it. A path not listed here is
+/// refused before it reaches a service (default deny); a test walks the served file
+/// descriptor sets and fails on any method missing from this table.
+pub const RULES: &[(&str, Access)] = &[
+    ("/grpc.health.v1.Health/Check", Access::Open),
+    ("/grpc.health.v1.Health/Watch", Access::Open),
+    ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", Access::Open),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", Access::Open),
+    ("/rolecheck.v1.RoleCheck/GetKeys", Access::Open),
+    ("/rolecheck.v1.RoleCheck/Check", CHECK),
+    ("/rolecheck.v1.RoleCheck/CheckBatch", CHECK),
+    ("/rolecheck.v1.RoleCheck/GetAuthorization", CHECK),
+    ("/rolecheck.v1.RoleCheck/ListMembers", CHECK),
+    ("/rolecheck.v1.RoleCheck/Grant", WRITE),
+    ("/rolecheck.v1.RoleCheck/Revoke", WRITE),
+    ("/rolecheck.v1.RoleCheck/SetRoles", WRITE),
+    ("/rolecheck.v1.RoleCheck/Issue", ISSUE),
+    ("/rolecheck.v1.RoleCheck/ListChanges", AUDIT),
+    ("/rolecheck.v1.RoleCheck/Watch", FOLLOW),
+    ("/rolecheck.v1.Tenants/CreateTenant", WRITE),
+    ("/rolecheck.v1.Tenants/GetTenant", CHECK),
+    ("/rolecheck.v1.Tenants/ListTenants", CHECK),
+    ("/rolecheck.v1.Tenants/DeleteTenant", WRITE),
+];
+
+/// The rule for a gRPC method path, with the path as `RULES` spells it (a bounded set of
+/// names, used as the metrics label); `None` for a method this server does not serve.
+pub fn rule(path: &str) -> Option<(&'static str, Access)> {
+    RULES.iter().find(|(known, _)| *known == path).copied()
 }
 
-/// The verified client-certificate subject of a TLS connection, when there is one.
-#[derive(Clone, Debug, Default)]
+/// The access rule for a gRPC method path; `None` means refused.
+pub fn required_scope(path: &str) -> Option<Access> {
+    rule(path).map(|(_, access)| access)
+}
+
+/// The identity a verified client certificate carries, from structured fields only
+/// (never a rendered subject string, in which one RDN's value can imitate another).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerIdentity {
-    /// The certificate subject, e.g. `CN=billing-service`.
-    pub subject: Option<String>,
+    /// The subject's common name, when the subject has exactly one CN attribute.
+    pub cn: Option<String>,
+    /// The certificate's DNS subject alternative names.
+    pub dns: Vec<String>,
+    /// The certificate's URI subject alternative names (e.g. SPIFFE ids).
+    pub uris: Vec<String>,
+}
+
+impl PeerIdentity {
+    /// Whether the certificate carries any identity at all.
+    pub fn is_empty(&self) -> bool {
+        self.cn.is_none() && self.dns.is_empty() && self.uris.is_empty()
+    }
 }
 
 /// Adds caller authentication (and an optional per-caller rate limit) to a service.
@@ -72,30 +102,37 @@ impl AuthLayer {
     }
 
     fn authorize<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
-        let access = required_scope(request.uri().path());
+        let Some(access) = required_scope(request.uri().path()) else {
+            return Err(Status::unimplemented("no such method"));
+        };
         if access == Access::Open {
             return Ok(());
         }
-        let ring = self.keys.current();
-        let caller = if ring.is_empty() {
+        let caller = if !self.keys.enabled() {
             Caller::anonymous()
         } else if let Some(secret) = bearer(request.headers()) {
+            let ring = self.keys.current();
             ring.authenticate(secret).ok_or_else(|| Status::unauthenticated("unknown API key"))?
-        } else if let Some(subject) =
-            request.extensions().get::<PeerIdentity>().and_then(|p| p.subject.clone())
+        } else if let Some(peer) =
+            request.extensions().get::<PeerIdentity>().filter(|p| !p.is_empty())
         {
-            ring.certificate(&subject)
+            let ring = self.keys.current();
+            ring.certificate(peer).ok_or_else(|| {
+                Status::unauthenticated("client certificate is not listed in the API keys file")
+            })?
         } else {
             return Err(Status::unauthenticated(
                 "missing credentials: send `authorization: Bearer <key>`",
             ));
         };
-        if let Access::Needs(scope) = access {
-            if !caller.may(scope) {
-                let scope = format!("{scope:?}").to_lowercase();
+        if let Access::Needs(scopes) = access {
+            if !scopes.iter().any(|scope| caller.may(*scope)) {
+                let names: Vec<String> =
+                    scopes.iter().map(|s| format!("{s:?}").to_lowercase()).collect();
                 return Err(Status::permission_denied(format!(
-                    "caller {} lacks the {scope} scope",
-                    caller.name
+                    "caller {} lacks the {} scope",
+                    caller.name,
+                    names.join(" or ")
                 )));
             }
         }
@@ -163,25 +200,69 @@ where
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
 
+    /// Every method of every file descriptor set the server registers.
+    fn served_methods() -> Vec<String> {
+        let sets = [
+            crate::pb::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
+        let mut methods = Vec::new();
+        for bytes in sets {
+            let set = prost_types::FileDescriptorSet::decode(bytes).expect("descriptor set");
+            for file in set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        methods.push(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        methods
+    }
+
     #[test]
-    fn every_contract_method_has_its_scope() {
-        use Access::*;
+    fn every_served_method_has_a_rule_and_every_rule_a_method() {
+        let served = served_methods();
+        assert!(served.len() >= 19, "{served:?}");
+        let missing: Vec<&String> = served.iter().filter(|m| rule(m).is_none()).collect();
+        assert!(missing.is_empty(), "methods with no access rule: {missing:?}");
+        let stale: Vec<&str> =
+            RULES.iter().map(|(p, _)| *p).filter(|p| !served.iter().any(|m| m == p)).collect();
+        assert!(stale.is_empty(), "rules for methods nobody serves: {stale:?}");
+    }
+
+    #[test]
+    fn scopes_are_as_the_contract_says() {
         let rc = |m: &str| required_scope(&format!("/rolecheck.v1.RoleCheck/{m}"));
         let tn = |m: &str| required_scope(&format!("/rolecheck.v1.Tenants/{m}"));
-        for m in ["Check", "CheckBatch", "GetAuthorization", "ListMembers", "Watch"] {
-            assert_eq!(rc(m), Needs(Scope::Check), "{m}");
+        for m in ["Check", "CheckBatch", "GetAuthorization", "ListMembers"] {
+            assert_eq!(rc(m), Some(CHECK), "{m}");
         }
         for m in ["Grant", "Revoke", "SetRoles"] {
-            assert_eq!(rc(m), Needs(Scope::Write), "{m}");
+            assert_eq!(rc(m), Some(WRITE), "{m}");
         }
-        assert_eq!(rc("Issue"), Needs(Scope::Issue));
-        assert_eq!(rc("GetKeys"), Open);
-        assert_eq!(tn("GetTenant"), Needs(Scope::Check));
-        assert_eq!(tn("CreateTenant"), Needs(Scope::Write));
-        assert_eq!(required_scope("/grpc.health.v1.Health/Check"), Open);
-        assert_eq!(required_scope("/grpc.reflection.v1.ServerReflection/X"), Open);
-        assert_eq!(required_scope("/other.Service/Method"), Authenticated);
+        assert_eq!(rc("Issue"), Some(ISSUE));
+        assert_eq!(rc("ListChanges"), Some(Access::Needs(&[Scope::Audit])));
+        assert_eq!(rc("Watch"), Some(Access::Needs(&[Scope::Audit, Scope::Follow])));
+        assert_eq!(rc("GetKeys"), Some(Access::Open));
+        assert_eq!(tn("GetTenant"), Some(CHECK));
+        assert_eq!(tn("ListTenants"), Some(CHECK));
+        assert_eq!(tn("CreateTenant"), Some(WRITE));
+        assert_eq!(tn("DeleteTenant"), Some(WRITE));
+        assert_eq!(required_scope("/grpc.health.v1.Health/Check"), Some(Access::Open));
+        assert_eq!(required_scope("/rolecheck.v1.RoleCheck/Nope"), None);
+        assert_eq!(required_scope("/other.Service/Method"), None);
+        assert_eq!(required_scope("/rolecheck.v1.RoleCheck/Check/"), None);
     }
 }

@@ -7,12 +7,20 @@
 //! scopes = ["check"]
 //!
 //! [[certificate]]            # mTLS callers, when --tls-client-ca is set
-//! subject = "CN=billing-service"
+//! cn = "billing-service"     # or uri = "spiffe://…", dns = "billing.internal"
 //! scopes = ["check", "issue"]
 //! ```
 //!
-//! The file holds no secrets. It is reloaded on SIGHUP and when it changes; a reload that
-//! fails keeps the keys in force and logs why.
+//! A certificate entry names one structured identity: the subject's CN attribute (`cn`,
+//! or the older spelling `subject = "CN=…"`), a DNS name or a URI from the subject
+//! alternative names. A verified certificate that matches no entry is `UNAUTHENTICATED`.
+//!
+//! The file holds no secrets. Whether callers must authenticate is decided once, at
+//! start: given a keys file, always. The file is reloaded on SIGHUP and when it changes;
+//! a reload that cannot be read, does not parse, or lists no keys and no certificates
+//! (a truncated file, a half-written ConfigMap) keeps the keys in force, logs an error
+//! and counts it in `rolecheck_api_keys_reload_failures_total`: a reload never loosens
+//! authentication.
 
 mod layer;
 
@@ -24,9 +32,10 @@ use std::{
 };
 
 use aws_lc_rs::{constant_time, digest};
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 
-pub use layer::{Access, AuthLayer, PeerIdentity, required_scope};
+pub use layer::{Access, AuthLayer, PeerIdentity, RULES, required_scope, rule};
 
 use crate::error::{Error, Result};
 
@@ -34,13 +43,16 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
-    /// Check, CheckBatch, GetAuthorization, ListMembers, Watch, ListChanges, GetTenant,
-    /// ListTenants.
+    /// Check, CheckBatch, GetAuthorization, ListMembers, GetTenant, ListTenants.
     Check,
     /// Grant, Revoke, SetRoles, CreateTenant, DeleteTenant.
     Write,
     /// Issue.
     Issue,
+    /// ListChanges and Watch: every tenant's history and every caller's name.
+    Audit,
+    /// Watch, for a follower (and relaying its callers).
+    Follow,
 }
 
 /// Who is calling, as the auth layer established it; in request extensions.
@@ -55,7 +67,10 @@ pub struct Caller {
 impl Caller {
     /// The caller when no keys are configured: everything is allowed.
     pub fn anonymous() -> Self {
-        Self { name: "anonymous".into(), scopes: vec![Scope::Check, Scope::Write, Scope::Issue] }
+        Self {
+            name: "anonymous".into(),
+            scopes: vec![Scope::Check, Scope::Write, Scope::Issue, Scope::Audit, Scope::Follow],
+        }
     }
 
     /// Whether the caller holds `scope`.
@@ -89,8 +104,71 @@ struct KeyEntry {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CertEntry {
-    subject: String,
+    /// The older spelling of `cn`: exactly `CN=<name>`.
+    subject: Option<String>,
+    cn: Option<String>,
+    dns: Option<String>,
+    uri: Option<String>,
     scopes: Vec<Scope>,
+}
+
+/// The one structured identity a certificate entry names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum CertId {
+    Cn(String),
+    Dns(String),
+    Uri(String),
+}
+
+impl CertId {
+    fn from_entry(entry: &CertEntry) -> Result<Self> {
+        let legacy = entry.subject.as_deref().map(|subject| {
+            subject.strip_prefix("CN=").filter(|cn| !cn.contains([',', '+', '='])).map(str::to_owned)
+        });
+        let named = [
+            legacy.map(|cn| cn.map(CertId::Cn)),
+            entry.cn.clone().map(|v| Some(CertId::Cn(v))),
+            entry.dns.clone().map(|v| Some(CertId::Dns(v))),
+            entry.uri.clone().map(|v| Some(CertId::Uri(v))),
+        ];
+        let named: Vec<Option<CertId>> = named.into_iter().flatten().collect();
+        match named.as_slice() {
+            [Some(id)] if !id.value().trim().is_empty() => Ok(id.clone()),
+            [None] => Err(Error::FailedPrecondition(
+                "api keys file: a certificate's `subject` must be `CN=<name>`; use `cn`, `dns` \
+                 or `uri` for other identities"
+                    .into(),
+            )),
+            _ => Err(Error::FailedPrecondition(
+                "api keys file: a certificate entry needs exactly one non-empty `cn`, `dns` or \
+                 `uri`"
+                    .into(),
+            )),
+        }
+    }
+
+    fn value(&self) -> &str {
+        match self {
+            CertId::Cn(v) | CertId::Dns(v) | CertId::Uri(v) => v,
+        }
+    }
+
+    fn matches(&self, peer: &PeerIdentity) -> bool {
+        match self {
+            CertId::Cn(cn) => peer.cn.as_deref() == Some(cn.as_str()),
+            CertId::Dns(dns) => peer.dns.iter().any(|d| d.eq_ignore_ascii_case(dns)),
+            CertId::Uri(uri) => peer.uris.iter().any(|u| u == uri),
+        }
+    }
+
+    /// The caller's name in logs and the audit trail.
+    fn name(&self) -> String {
+        match self {
+            CertId::Cn(v) => format!("CN={v}"),
+            CertId::Dns(v) => format!("DNS:{v}"),
+            CertId::Uri(v) => format!("URI:{v}"),
+        }
+    }
 }
 
 struct Key {
@@ -103,7 +181,7 @@ struct Key {
 #[derive(Default)]
 pub struct KeyRing {
     keys: Vec<Key>,
-    certificates: Vec<(String, Vec<Scope>)>,
+    certificates: Vec<(CertId, Vec<Scope>)>,
 }
 
 impl fmt::Debug for KeyRing {
@@ -144,7 +222,15 @@ impl KeyRing {
             })?;
             keys.push(Key { name: entry.name, hash, scopes: entry.scopes });
         }
-        let certificates = file.certificate.into_iter().map(|c| (c.subject, c.scopes)).collect();
+        let mut certificates = Vec::with_capacity(file.certificate.len());
+        for entry in file.certificate {
+            certificates.push((CertId::from_entry(&entry)?, entry.scopes));
+        }
+        if keys.is_empty() && certificates.is_empty() {
+            return Err(Error::FailedPrecondition(
+                "api keys file lists no keys and no certificates".into(),
+            ));
+        }
         Ok(Self { keys, certificates })
     }
 
@@ -154,11 +240,6 @@ impl KeyRing {
             Error::FailedPrecondition(format!("cannot read {}: {err}", path.display()))
         })?;
         Self::parse(&text)
-    }
-
-    /// Whether no keys and no certificate subjects are configured.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.certificates.is_empty()
     }
 
     /// The caller a bearer secret identifies. Every configured hash is compared, in
@@ -174,15 +255,13 @@ impl KeyRing {
         found.map(|key| Caller { name: key.name.clone(), scopes: key.scopes.clone() })
     }
 
-    /// The caller a verified client certificate subject identifies.
-    pub fn certificate(&self, subject: &str) -> Caller {
-        let scopes = self
-            .certificates
+    /// The caller a verified client certificate identifies: the first entry it matches;
+    /// `None` when it matches none.
+    pub fn certificate(&self, peer: &PeerIdentity) -> Option<Caller> {
+        self.certificates
             .iter()
-            .find(|(s, _)| s == subject)
-            .map(|(_, scopes)| scopes.clone())
-            .unwrap_or_default();
-        Caller { name: subject.to_owned(), scopes }
+            .find(|(id, _)| id.matches(peer))
+            .map(|(id, scopes)| Caller { name: id.name(), scopes: scopes.clone() })
     }
 }
 
@@ -191,13 +270,26 @@ impl KeyRing {
 pub struct Keys {
     current: Arc<RwLock<Arc<KeyRing>>>,
     path: Option<PathBuf>,
+    reload_failures: Counter,
 }
 
 impl Keys {
-    /// Keys from `path` (none: auth is off).
-    pub fn load(path: Option<&Path>) -> Result<Self> {
+    /// Keys from `path`; none: authentication is off for the life of the process. A file
+    /// that cannot be read, does not parse or lists nothing is refused.
+    /// `reload_failures` counts reloads that kept the keys in force.
+    pub fn load(path: Option<&Path>, reload_failures: Counter) -> Result<Self> {
         let ring = path.map(KeyRing::load).transpose()?.unwrap_or_default();
-        Ok(Self { current: Arc::new(RwLock::new(Arc::new(ring))), path: path.map(Path::to_owned) })
+        Ok(Self {
+            current: Arc::new(RwLock::new(Arc::new(ring))),
+            path: path.map(Path::to_owned),
+            reload_failures,
+        })
+    }
+
+    /// Whether callers must authenticate: decided at start (a keys file was given), never
+    /// changed by a reload.
+    pub fn enabled(&self) -> bool {
+        self.path.is_some()
     }
 
     /// The key ring in force.
@@ -216,7 +308,10 @@ impl Keys {
                 }
                 tracing::info!(keys = count, "api keys reloaded");
             }
-            Err(err) => tracing::error!(%err, "api keys reload failed; keeping the keys in force"),
+            Err(err) => {
+                self.reload_failures.inc();
+                tracing::error!(%err, "api keys reload failed; keeping the keys in force")
+            }
         }
     }
 
@@ -284,13 +379,67 @@ mod tests {
             format!("[[key]]\nname = \"{name}\"\nsha256 = \"{TEST_HASH}\"\nscopes = [\"check\"]\n")
         };
         std::fs::write(&path, entry("first")).expect("write");
-        let keys = Keys::load(Some(&path)).expect("load");
-        std::fs::write(&path, "[[key]]\nname = ").expect("write");
-        keys.reload();
-        assert_eq!(keys.current().authenticate("test").expect("kept").name, "first");
+        let failures = Counter::default();
+        let keys = Keys::load(Some(&path), failures.clone()).expect("load");
+        let bad_files: [(&str, Option<&str>); 5] = [
+            ("unparsable", Some("[[key]]\nname = ")),
+            ("empty", Some("")),
+            ("blank", Some("\n  \n\t\n")),
+            ("comment-only", Some("# every key was removed\n# by a half-written update\n")),
+            ("unreadable", None),
+        ];
+        for (n, (what, text)) in bad_files.into_iter().enumerate() {
+            match text {
+                Some(text) => std::fs::write(&path, text).expect("write"),
+                None => std::fs::remove_file(&path).expect("remove"),
+            }
+            keys.reload();
+            assert!(keys.enabled(), "{what}: authentication stays on");
+            assert_eq!(keys.current().authenticate("test").expect(what).name, "first", "{what}");
+            assert_eq!(failures.get(), n as u64 + 1, "{what}: counted");
+        }
         std::fs::write(&path, entry("second")).expect("write");
         keys.reload();
         assert_eq!(keys.current().authenticate("test").expect("reloaded").name, "second");
+        assert_eq!(failures.get(), 5);
+    }
+
+    #[test]
+    fn a_keys_file_that_lists_nothing_is_refused_at_start() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, "# nothing yet\n").expect("write");
+        let err = Keys::load(Some(&path), Counter::default()).unwrap_err();
+        assert!(err.to_string().contains("no keys and no certificates"), "{err}");
+        assert!(!Keys::load(None, Counter::default()).expect("no file").enabled());
+    }
+
+    #[test]
+    fn certificates_match_structured_fields_only() {
+        let ring = KeyRing::parse(
+            "[[certificate]]\nsubject = \"CN=billing\"\nscopes = [\"check\"]\n\
+             [[certificate]]\nuri = \"spiffe://td/ns/a/sa/app\"\nscopes = [\"write\"]\n\
+             [[certificate]]\ndns = \"ops.internal\"\nscopes = [\"audit\"]\n",
+        )
+        .expect("parse");
+        let peer = |cn: Option<&str>, dns: &[&str], uris: &[&str]| PeerIdentity {
+            cn: cn.map(str::to_owned),
+            dns: dns.iter().map(|s| s.to_string()).collect(),
+            uris: uris.iter().map(|s| s.to_string()).collect(),
+        };
+        let billing = ring.certificate(&peer(Some("billing"), &[], &[])).expect("listed CN");
+        assert_eq!((billing.name.as_str(), billing.scopes.as_slice()), ("CN=billing", &[Scope::Check][..]));
+        let app = ring.certificate(&peer(None, &[], &["spiffe://td/ns/a/sa/app"])).expect("URI");
+        assert!(app.may(Scope::Write) && !app.may(Scope::Check));
+        assert!(ring.certificate(&peer(None, &["OPS.internal"], &[])).expect("DNS").may(Scope::Audit));
+        // A CN whose value spells another subject is not that subject.
+        assert!(ring.certificate(&peer(Some("x, CN=billing"), &[], &[])).is_none());
+        assert!(ring.certificate(&peer(Some("billing2"), &[], &[])).is_none());
+        assert!(ring.certificate(&peer(None, &["billing"], &[])).is_none());
+        // Only `CN=<name>` is accepted in the older spelling, and one identity per entry.
+        assert!(KeyRing::parse("[[certificate]]\nsubject = \"O=x, CN=y\"\nscopes = []").is_err());
+        assert!(KeyRing::parse("[[certificate]]\ncn = \"a\"\ndns = \"b\"\nscopes = []").is_err());
+        assert!(KeyRing::parse("[[certificate]]\nscopes = []").is_err());
     }
 
     #[test]

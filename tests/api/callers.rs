@@ -101,6 +101,8 @@ const KEYS: &[(&str, &str, &[&str])] = &[
     ("writer", "writer-secret", &["write"]),
     ("issuer", "issuer-secret", &["issue"]),
     ("admin", "admin-secret", &["check", "write", "issue"]),
+    ("auditor", "auditor-secret", &["audit"]),
+    ("follower", "follower-secret", &["follow"]),
 ];
 
 fn write_keys(dir: &tempfile::TempDir, text: &str) -> PathBuf {
@@ -115,23 +117,26 @@ async fn every_rpc_demands_its_scope() {
     let path = write_keys(&dir, &keys_toml(KEYS, &[]));
     let app = spawn_with(Backend::Sqlite, |c| c.api_keys_file = Some(path)).await;
     let channel = connect(app.addr).await;
-    let methods: &[(&str, Option<&str>)] = &[
-        ("/rolecheck.v1.RoleCheck/Check", Some("check")),
-        ("/rolecheck.v1.RoleCheck/CheckBatch", Some("check")),
-        ("/rolecheck.v1.RoleCheck/GetAuthorization", Some("check")),
-        ("/rolecheck.v1.RoleCheck/ListMembers", Some("check")),
-        ("/rolecheck.v1.RoleCheck/ListChanges", Some("check")),
-        ("/rolecheck.v1.RoleCheck/Watch", Some("check")),
-        ("/rolecheck.v1.Tenants/GetTenant", Some("check")),
-        ("/rolecheck.v1.Tenants/ListTenants", Some("check")),
-        ("/rolecheck.v1.RoleCheck/Grant", Some("write")),
-        ("/rolecheck.v1.RoleCheck/Revoke", Some("write")),
-        ("/rolecheck.v1.RoleCheck/SetRoles", Some("write")),
-        ("/rolecheck.v1.Tenants/CreateTenant", Some("write")),
-        ("/rolecheck.v1.Tenants/DeleteTenant", Some("write")),
-        ("/rolecheck.v1.RoleCheck/Issue", Some("issue")),
-        ("/rolecheck.v1.RoleCheck/GetKeys", None),
-        ("/grpc.health.v1.Health/Check", None),
+    // Every method the server serves, with the scopes any one of which admits a caller
+    // (empty: open). The unit test in src/auth/layer.rs holds the rule table to the
+    // served descriptor sets; this one holds the running server to the contract.
+    let methods: &[(&str, &[&str])] = &[
+        ("/rolecheck.v1.RoleCheck/Check", &["check"]),
+        ("/rolecheck.v1.RoleCheck/CheckBatch", &["check"]),
+        ("/rolecheck.v1.RoleCheck/GetAuthorization", &["check"]),
+        ("/rolecheck.v1.RoleCheck/ListMembers", &["check"]),
+        ("/rolecheck.v1.RoleCheck/ListChanges", &["audit"]),
+        ("/rolecheck.v1.RoleCheck/Watch", &["audit", "follow"]),
+        ("/rolecheck.v1.Tenants/GetTenant", &["check"]),
+        ("/rolecheck.v1.Tenants/ListTenants", &["check"]),
+        ("/rolecheck.v1.RoleCheck/Grant", &["write"]),
+        ("/rolecheck.v1.RoleCheck/Revoke", &["write"]),
+        ("/rolecheck.v1.RoleCheck/SetRoles", &["write"]),
+        ("/rolecheck.v1.Tenants/CreateTenant", &["write"]),
+        ("/rolecheck.v1.Tenants/DeleteTenant", &["write"]),
+        ("/rolecheck.v1.RoleCheck/Issue", &["issue"]),
+        ("/rolecheck.v1.RoleCheck/GetKeys", &[]),
+        ("/grpc.health.v1.Health/Check", &[]),
     ];
     for (path, scope) in methods {
         let refused = |r: &Result<Vec<u8>, Status>| {
@@ -142,12 +147,12 @@ async fn every_rpc_demands_its_scope() {
         };
         let anonymous = call(&channel, path, Vec::new(), None).await;
         let unknown = call(&channel, path, Vec::new(), Some("not-a-key")).await;
-        match scope {
-            None => {
+        match scope.is_empty() {
+            true => {
                 assert_eq!(refused(&anonymous), None, "{path} is open");
                 continue;
             }
-            Some(_) => {
+            false => {
                 assert_eq!(
                     refused(&anonymous),
                     Some(Code::Unauthenticated),
@@ -162,7 +167,7 @@ async fn every_rpc_demands_its_scope() {
         }
         for (name, secret, scopes) in KEYS {
             let got = call(&channel, path, Vec::new(), Some(secret)).await;
-            if scopes.contains(&scope.unwrap_or_default()) {
+            if scopes.iter().any(|s| scope.contains(s)) {
                 assert_eq!(refused(&got), None, "{path} as {name}: {got:?}");
             } else {
                 assert_eq!(refused(&got), Some(Code::PermissionDenied), "{path} as {name}");
@@ -325,4 +330,77 @@ async fn a_unix_socket_serves_with_its_configured_mode() {
     running.await.expect("task").expect("stops cleanly");
     assert!(!socket.exists(), "the socket file is removed on shutdown");
     drop(db);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_methods_are_refused_before_any_service() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = write_keys(&dir, &keys_toml(KEYS, &[]));
+    let app = spawn_with(Backend::Sqlite, |c| c.api_keys_file = Some(path)).await;
+    let channel = connect(app.addr).await;
+    for path in ["/rolecheck.v1.RoleCheck/Nope", "/rolecheck.v1.Secret/Check", "/x.Y/Z"] {
+        let got = call(&channel, path, Vec::new(), Some("admin-secret")).await;
+        assert_eq!(got.unwrap_err().code(), Code::Unimplemented, "{path}");
+    }
+}
+
+/// The "what was seen" of the issue: a truncated, blank or comment-only keys file must
+/// not switch authentication off, not on the file watch and not on SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_file_that_empties_never_switches_authentication_off() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = write_keys(&dir, &keys_toml(KEYS, &[]));
+    let app = spawn_with(Backend::Sqlite, |c| c.api_keys_file = Some(path.clone())).await;
+    let channel = connect(app.addr).await;
+    let grant = prost::Message::encode_to_vec(&pb::GrantRequest {
+        user_id: "intruder".into(),
+        tenant_id: String::new(),
+        roles: vec!["admin".into()],
+        expires_at: None,
+    });
+    let failures = |body: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix("rolecheck_api_keys_reload_failures_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    for (n, text) in ["", "\n\n", "# all keys removed\n"].into_iter().enumerate() {
+        write_keys(&dir, text);
+        let expected = n as u64 + 1;
+        wait_for(Duration::from_secs(10), "the failed reload to be counted", || async {
+            let (_, body) = crate::helpers::http_get(&app, "/metrics").await;
+            (failures(&body) == Some(expected)).then_some(())
+        })
+        .await;
+        let anonymous = call(&channel, "/rolecheck.v1.RoleCheck/Grant", grant.clone(), None).await;
+        assert_eq!(anonymous.unwrap_err().code(), Code::Unauthenticated, "file {text:?}");
+    }
+    // SIGHUP re-reads the (still empty) file: still refused, and counted again.
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    wait_for(Duration::from_secs(10), "the SIGHUP reload to be counted", || async {
+        let (_, body) = crate::helpers::http_get(&app, "/metrics").await;
+        (failures(&body) == Some(4)).then_some(())
+    })
+    .await;
+    let anonymous = call(&channel, "/rolecheck.v1.RoleCheck/Grant", grant.clone(), None).await;
+    assert_eq!(anonymous.unwrap_err().code(), Code::Unauthenticated);
+    // The keys in force still work.
+    call(&channel, "/rolecheck.v1.RoleCheck/Grant", grant, Some("writer-secret"))
+        .await
+        .expect("the writer key was kept");
+}
+
+#[tokio::test]
+async fn a_unix_socket_with_tls_flags_refuses_to_start() {
+    let db = TestDb::create(Backend::Sqlite).await;
+    let mut config = test_config(&db);
+    let dir = db_dir(&db);
+    config.listen = format!("unix:{}", dir.join("rc.sock").display()).parse().expect("unix");
+    config.tls_cert = Some(dir.join("cert.pem"));
+    config.tls_key = Some(dir.join("key.pem"));
+    let refused = Server::bind(config).await.err().expect("refused");
+    assert!(refused.to_string().contains("unix socket"), "{refused}");
 }

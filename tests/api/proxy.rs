@@ -1,60 +1,157 @@
-//! A TCP proxy between servers and Postgres that a test can cut and restore: a real
-//! outage (or restart, as clients see it) without touching the machine's Postgres.
+//! A TCP proxy between servers and Postgres (or a client and a server) that a test can
+//! cut, silence and restore: a real outage, or a network that goes quiet, without
+//! touching the machine's Postgres.
+//!
+//! - `cut`: every connection is closed and new ones are closed at once (a closed socket,
+//!   the easy case).
+//! - `silence`: every connection open now stops carrying bytes in both directions but
+//!   stays open, and so does every connection made while silent (a failover behind a
+//!   virtual IP, a dropped conntrack entry). `restore` lets new connections through; the
+//!   silenced ones stay silent for good, so only a client that gives up on them recovers.
 
 use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
-use tokio::{net::TcpListener, task::AbortHandle};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    task::AbortHandle,
+};
 
 use crate::helpers::admin_url;
 
-/// Forwards TCP to Postgres until cut; while cut, drops every connection.
+/// One proxied connection: its tasks and whether it has gone silent.
+struct Conn {
+    tasks: Vec<AbortHandle>,
+    silent: Arc<AtomicBool>,
+}
+
+/// Forwards TCP to a target until cut or silenced.
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
-    live: Arc<Mutex<Vec<AbortHandle>>>,
+    silent: Arc<AtomicBool>,
+    live: Arc<Mutex<Vec<Conn>>>,
+    target_closed: Arc<AtomicU64>,
 }
 
 impl Proxy {
     /// A proxy to the test Postgres (`DATABASE_URL`).
     pub async fn start() -> Self {
         let (upstream, _) = split_url(&admin_url(), "127.0.0.1:1".parse().expect("addr"));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().expect("addr");
-        let cut = Arc::new(AtomicBool::new(false));
-        let live = Arc::new(Mutex::new(Vec::new()));
-        let (cut2, live2) = (cut.clone(), live.clone());
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if cut2.load(Ordering::SeqCst) {
-                    continue; // dropped: connection closed at once
-                }
-                let upstream = upstream.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                live2.lock().expect("lock").push(task.abort_handle());
-            }
-        });
-        Self { addr, cut, live }
+        Self::start_to(upstream).await
     }
 
+    /// A proxy to `target` (`host:port`).
+    pub async fn start_to(target: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let proxy = Self {
+            addr,
+            cut: Arc::default(),
+            silent: Arc::default(),
+            live: Arc::default(),
+            target_closed: Arc::default(),
+        };
+        let (cut, silent, live, closed) = (
+            proxy.cut.clone(),
+            proxy.silent.clone(),
+            proxy.live.clone(),
+            proxy.target_closed.clone(),
+        );
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if cut.load(Ordering::SeqCst) {
+                    continue; // dropped: connection closed at once
+                }
+                let quiet = Arc::new(AtomicBool::new(silent.load(Ordering::SeqCst)));
+                let Ok(server) = TcpStream::connect(&target).await else { continue };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                let up = tokio::spawn(pump(client_read, server_write, quiet.clone(), None));
+                let down = tokio::spawn(pump(
+                    server_read,
+                    client_write,
+                    quiet.clone(),
+                    Some(closed.clone()),
+                ));
+                live.lock()
+                    .expect("lock")
+                    .push(Conn { tasks: vec![up.abort_handle(), down.abort_handle()], silent: quiet });
+            }
+        });
+        proxy
+    }
+
+    /// Closes every connection; new ones are closed at once until `restore`.
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
-        for task in self.live.lock().expect("lock").drain(..) {
-            task.abort();
+        for conn in self.live.lock().expect("lock").drain(..) {
+            conn.tasks.iter().for_each(AbortHandle::abort);
         }
     }
 
+    /// Every open connection, and every new one until `restore`, carries nothing but
+    /// stays open.
+    pub fn silence(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+        for conn in self.live.lock().expect("lock").iter() {
+            conn.silent.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// New connections go through again (silenced ones stay silent).
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+        self.silent.store(false, Ordering::SeqCst);
+    }
+
+    /// How many times the target side closed a connection (or failed it).
+    pub fn target_closed(&self) -> u64 {
+        self.target_closed.load(Ordering::SeqCst)
+    }
+}
+
+/// Copies `from` to `to` until either ends; once `silent`, holds both open and forwards
+/// nothing, whatever arrives. `closed` counts the end of `from`.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    silent: Arc<AtomicBool>,
+    closed: Option<Arc<AtomicU64>>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                if let Some(closed) = &closed {
+                    closed.fetch_add(1, Ordering::SeqCst);
+                }
+                if silent.load(Ordering::SeqCst) {
+                    // Keep the other side's socket open: it learns nothing.
+                    let _keep = to;
+                    std::future::pending::<()>().await;
+                }
+                return;
+            }
+            Ok(n) => n,
+        };
+        if silent.load(Ordering::SeqCst) {
+            let _keep = (from, to);
+            std::future::pending::<()>().await;
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -133,6 +133,16 @@ async fn mtls_identifies_callers_and_certificates_rotate() {
         Err(_) => false,
     };
     assert!(!forged, "a certificate from an unknown CA is refused");
+    // A certificate from the CA whose identity is not listed is not a caller.
+    let unlisted = leaf(&authority, &[], "someone-else");
+    let channel = tls_channel(port, &authority.pem, Some(&unlisted)).await.expect("handshake");
+    let status = RoleCheckClient::new(channel).check(check_req("u")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // A CN whose value spells the listed subject is not that subject either.
+    let imitation = leaf(&authority, &[], "x, CN=billing-service");
+    let channel = tls_channel(port, &authority.pem, Some(&imitation)).await.expect("handshake");
+    let status = RoleCheckClient::new(channel).check(check_req("u")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
     // Rotate the server certificate to one from a new CA, without a restart.
     let next = ca("rotated CA");
@@ -195,7 +205,7 @@ async fn the_audit_trail_records_who_changed_what() {
         "keys.toml",
         &keys_toml(
             &[
-                ("ops-console", "ops-secret", &["check", "write"]),
+                ("ops-console", "ops-secret", &["check", "write", "audit"]),
                 ("billing", "billing-secret", &["check", "write"]),
             ],
             &[],
