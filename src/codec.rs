@@ -68,22 +68,30 @@ impl<U: Message + Default> Decoder for StrictDecoder<U> {
 const FRAMING_FAULTS: [&str; 4] =
     ["protocol error", "Unexpected EOF", "Error decompressing", "Missing request message"];
 
+/// What tonic reports as `OUT_OF_RANGE` for a request over the decoding limit.
+const TOO_LARGE: &str = "Error, decoded message length too large";
+
 /// Rewrites tonic's `INTERNAL` for broken request framing to `INVALID_ARGUMENT`, so no
-/// caller-caused error is ever reported as internal. Everything else passes untouched.
+/// caller-caused error is ever reported as internal, and its `OUT_OF_RANGE` for a request
+/// over `--max-message-bytes` to `INVALID_ARGUMENT` naming the limit. Everything else
+/// passes untouched.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct FramingFaultLayer;
+pub struct FramingFaultLayer {
+    /// `--max-message-bytes`, named in the message for an oversized request.
+    pub max_message_bytes: usize,
+}
 
 impl<S> tower::Layer<S> for FramingFaultLayer {
     type Service = FramingFault<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        FramingFault(inner)
+        FramingFault(inner, self.max_message_bytes)
     }
 }
 
 /// The service [`FramingFaultLayer`] produces.
 #[derive(Clone, Debug)]
-pub struct FramingFault<S>(S);
+pub struct FramingFault<S>(S, usize);
 
 impl<S, B, R> tower::Service<http::Request<B>> for FramingFault<S>
 where
@@ -105,9 +113,21 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let response = self.0.call(request);
+        let limit = self.1;
         Box::pin(async move {
             let mut response = response.await?;
             let headers = response.headers_mut();
+            let message = || headers.get("grpc-message").and_then(|m| m.to_str().ok());
+            let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+                && message().is_some_and(|m| m.replace("%20", " ").starts_with(TOO_LARGE));
+            if too_large {
+                let text = format!("request message over --max-message-bytes ({limit} bytes)");
+                headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+                if let Ok(value) = http::HeaderValue::from_str(&text.replace(' ', "%20")) {
+                    headers.insert("grpc-message", value);
+                }
+                return Ok(response);
+            }
             let framing = headers.get("grpc-status").is_some_and(|s| s == "13")
                 && headers.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| {
                     let message = m.replace("%20", " ");

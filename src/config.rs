@@ -88,6 +88,25 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// gRPC listener: how often an idle connection is probed (an HTTP/2 PING, and TCP
+    /// keepalive at the same period), so a client that vanished without closing its
+    /// connection is dropped after this plus --keepalive-timeout.
+    #[arg(long, env = "ROLECHECK_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// gRPC listener: how long an HTTP/2 PING may go unanswered before the connection is
+    /// closed.
+    #[arg(long, env = "ROLECHECK_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// Most Watch streams open at once on this server; past it, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ROLECHECK_MAX_WATCH_STREAMS", default_value_t = 1024)]
+    pub max_watch_streams: usize,
+
+    /// Most Watch streams one caller (key name, certificate identity) may have open.
+    #[arg(long, env = "ROLECHECK_MAX_WATCH_STREAMS_PER_CALLER", default_value_t = 256)]
+    pub max_watch_streams_per_caller: usize,
+
     /// Most concurrent streams (calls) one HTTP/2 connection may have open.
     #[arg(long, env = "ROLECHECK_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,

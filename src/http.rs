@@ -1,8 +1,24 @@
 //! The HTTP port (axum): the JWK Set for offline verifiers, probes, and metrics.
+//!
+//! The port is served by hyper's HTTP/1 connection builder, so its built-in limits apply:
+//! a client must send a request's headers within [`HEADER_READ_TIMEOUT`], a connection
+//! lives at most [`CONNECTION_LIFETIME`], and at most [`MAX_CONNECTIONS`] are open at
+//! once (past that a new connection is closed at once). No handler touches the database:
+//! `/readyz` answers from the state the health task keeps.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
 };
 
 use axum::{
@@ -13,7 +29,14 @@ use axum::{
     routing::get,
 };
 
-use crate::{metrics::Metrics, store::Store, token::KeySet};
+use crate::{metrics::Metrics, token::KeySet};
+
+/// Longest a client may take to send a request's headers (slow clients hold no slot).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one HTTP connection is kept, however busy.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// Most HTTP connections open at once.
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// How long verifiers may cache the JWK Set. Rotation: publish a new key at least this
 /// long before it starts signing.
@@ -22,17 +45,18 @@ pub const JWKS_MAX_AGE_SECS: u32 = 300;
 #[derive(Clone)]
 struct AppState {
     keys: Arc<KeySet>,
-    store: Arc<dyn Store>,
+    ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     draining: Arc<AtomicBool>,
 }
 
 /// `GET /.well-known/jwks.json`, `GET /healthz` (process alive, never touches the
-/// database), `GET /readyz` (the store answers, migrations applied, not shutting down),
-/// `GET /metrics` (Prometheus text format).
+/// database), `GET /readyz` (the store answered the health task's last probe, which also
+/// drives gRPC health, and the server is not shutting down), `GET /metrics` (Prometheus
+/// text format).
 pub fn router(
     keys: Arc<KeySet>,
-    store: Arc<dyn Store>,
+    ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     draining: Arc<AtomicBool>,
 ) -> Router {
@@ -41,7 +65,7 @@ pub fn router(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(AppState { keys, store, metrics, draining })
+        .with_state(AppState { keys, ready, metrics, draining })
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
@@ -65,8 +89,45 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.draining.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
-    match state.store.revision().await {
-        Ok(_) => (StatusCode::OK, "ready\n"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
+    match state.ready.load(Ordering::SeqCst) {
+        true => (StatusCode::OK, "ready\n"),
+        false => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then lets open requests
+/// finish for up to `grace`.
+pub async fn serve<L>(
+    mut listener: L,
+    router: Router,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) where
+    L: axum::serve::Listener,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let io = tokio::select! {
+            (io, _) = listener.accept() => io,
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(limit = MAX_CONNECTIONS, "HTTP connection refused: at the limit");
+            continue;
+        };
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(router.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            drop(slot);
+        });
+    }
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("HTTP connections did not finish in time");
     }
 }

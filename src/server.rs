@@ -24,6 +24,9 @@ use crate::{
     token::{KeySet, TokenSettings, Tokens},
 };
 
+/// TCP keepalive probes unanswered before the kernel drops a gRPC connection.
+const KEEPALIVE_RETRIES: u32 = 3;
+
 /// How often the health service re-checks the store.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -144,7 +147,9 @@ impl Server {
     /// finish, and closes the store's connections.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let health_task = tokio::spawn(watch_health(health.clone(), self.store.clone()));
+        let store_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let health_task =
+            tokio::spawn(watch_health(health.clone(), self.store.clone(), store_ready.clone()));
         let prune_task =
             tokio::spawn(prune_history(self.store.clone(), self.config.history_retention));
 
@@ -165,6 +170,10 @@ impl Server {
             self.application_id.clone(),
             self.tokens.clone(),
             self.coherence.clone(),
+            crate::api::WatchLimits::new(
+                self.config.max_watch_streams,
+                self.config.max_watch_streams_per_caller,
+            ),
         ))
         .max_decoding_message_size(max);
         let tenants =
@@ -176,24 +185,25 @@ impl Server {
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let http_router = crate::http::router(
             self.tokens.keys().clone(),
-            self.store.clone(),
+            store_ready.clone(),
             self.metrics.clone(),
             draining.clone(),
         );
         let http_stopped = async {
             let _ = http_stopping.await;
         };
+        let grace = self.config.shutdown_grace;
         let http_task = match &self.tls {
             Some(tls) => {
-                let serve = axum::serve(tls.incoming(self.http_listener, Port::Http), http_router)
-                    .with_graceful_shutdown(http_stopped);
-                tokio::spawn(async move { serve.await })
+                let incoming = tls.incoming(self.http_listener, Port::Http);
+                tokio::spawn(crate::http::serve(incoming, http_router, http_stopped, grace))
             }
-            None => {
-                let serve = axum::serve(self.http_listener, http_router)
-                    .with_graceful_shutdown(http_stopped);
-                tokio::spawn(async move { serve.await })
-            }
+            None => tokio::spawn(crate::http::serve(
+                self.http_listener,
+                http_router,
+                http_stopped,
+                grace,
+            )),
         };
         let tls_watch = self.tls.as_ref().map(|tls| tls.watch(Duration::from_secs(2)));
         tracing::info!(%http_addr, "serving HTTP");
@@ -221,9 +231,11 @@ impl Server {
         };
         let router = tonic::transport::Server::builder()
             .timeout(self.config.request_timeout)
+            .http2_keepalive_interval(Some(self.config.keepalive_interval))
+            .http2_keepalive_timeout(Some(self.config.keepalive_timeout))
             .max_concurrent_streams(self.config.max_concurrent_streams)
             .layer(RequestLayer(self.metrics.clone()))
-            .layer(FramingFaultLayer)
+            .layer(FramingFaultLayer { max_message_bytes: self.config.max_message_bytes })
             .layer(AuthLayer::new(self.keys.clone(), rate))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -234,15 +246,19 @@ impl Server {
             GrpcListener::Unix(_, path) => Some(path.clone()),
             GrpcListener::Tcp(_) => None,
         };
+        let keepalive = self.config.keepalive_interval;
         let serve = async move {
             match (self.listener, &self.tls) {
                 (GrpcListener::Tcp(listener), Some(tls)) => {
-                    router
-                        .serve_with_incoming_shutdown(tls.incoming(listener, Port::Grpc), shutdown)
-                        .await
+                    let incoming = tls.incoming_with_keepalive(listener, Port::Grpc, keepalive);
+                    router.serve_with_incoming_shutdown(incoming, shutdown).await
                 }
                 (GrpcListener::Tcp(listener), None) => {
-                    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                    let incoming = TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(keepalive))
+                        .with_keepalive_interval(Some(keepalive))
+                        .with_keepalive_retries(Some(KEEPALIVE_RETRIES));
                     router.serve_with_incoming_shutdown(incoming, shutdown).await
                 }
                 (GrpcListener::Unix(listener, _), _) => {
@@ -273,10 +289,8 @@ impl Server {
             let _ = std::fs::remove_file(path);
         }
         let _ = stop_http.send(());
-        match tokio::time::timeout(grace, http_task).await {
-            Ok(Ok(Err(err))) => tracing::warn!(%err, "HTTP server error"),
-            Err(_) => tracing::warn!("HTTP server did not stop in time"),
-            _ => {}
+        if tokio::time::timeout(grace * 2, http_task).await.is_err() {
+            tracing::warn!("HTTP server did not stop in time");
         }
         self.store.close().await;
         self.feed_task.abort();
@@ -341,8 +355,14 @@ async fn prune_history(store: Arc<dyn Store>, retention: Duration) {
 /// The services `grpc.health.v1` reports on ("" is the whole server).
 const HEALTH_SERVICES: [&str; 3] = ["", "rolecheck.v1.RoleCheck", "rolecheck.v1.Tenants"];
 
-/// Keeps `grpc.health.v1` in step with the store: SERVING while it answers.
-async fn watch_health(health: HealthReporter, store: Arc<dyn Store>) {
+/// Keeps `grpc.health.v1` and `/readyz` (through `ready`) in step with the store:
+/// SERVING while it answers. One probe every [`HEALTH_INTERVAL`], however many probes
+/// hit the ports.
+async fn watch_health(
+    health: HealthReporter,
+    store: Arc<dyn Store>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
     let services = HEALTH_SERVICES;
     let mut last = None;
     loop {
@@ -350,6 +370,7 @@ async fn watch_health(health: HealthReporter, store: Arc<dyn Store>) {
             Ok(_) => ServingStatus::Serving,
             Err(_) => ServingStatus::NotServing,
         };
+        ready.store(status == ServingStatus::Serving, std::sync::atomic::Ordering::SeqCst);
         if last != Some(status) {
             tracing::info!(?status, "health");
             for service in services {

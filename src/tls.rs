@@ -40,6 +40,10 @@ use crate::{
 
 /// Longest a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most handshakes in flight per listener; past it, the listener stops accepting until one
+/// ends (the kernel's backlog holds the rest), so a flood of idle connections costs a
+/// bounded amount of memory and CPU.
+const MAX_HANDSHAKES: usize = 128;
 
 /// The TLS files and the configuration built from them.
 pub struct Tls {
@@ -127,13 +131,36 @@ impl Tls {
         })
     }
 
-    /// Accepts TLS connections on `listener`; handshakes run concurrently.
+    /// Accepts TLS connections on `listener`; handshakes run concurrently, at most
+    /// [`MAX_HANDSHAKES`] at once and each for at most [`HANDSHAKE_TIMEOUT`].
     pub fn incoming(self: &Arc<Self>, listener: TcpListener, port: Port) -> TlsIncoming {
+        self.accept(listener, port, None)
+    }
+
+    /// [`incoming`](Self::incoming), with TCP keepalive probes every `keepalive` on each
+    /// connection.
+    pub fn incoming_with_keepalive(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        port: Port,
+        keepalive: Duration,
+    ) -> TlsIncoming {
+        self.accept(listener, port, Some(keepalive))
+    }
+
+    fn accept(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        port: Port,
+        keepalive: Option<Duration>,
+    ) -> TlsIncoming {
         let local = listener.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         let (tx, rx) = mpsc::channel(64);
         let tls = self.clone();
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         let task = tokio::spawn(async move {
             loop {
+                let Ok(slot) = handshakes.clone().acquire_owned().await else { return };
                 let (tcp, addr) = match listener.accept().await {
                     Ok(accepted) => accepted,
                     Err(err) => {
@@ -143,10 +170,17 @@ impl Tls {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
+                if let Some(every) = keepalive {
+                    let probes = socket2::TcpKeepalive::new().with_time(every).with_interval(every);
+                    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&probes);
+                }
                 let acceptor = TlsAcceptor::from(tls.current(port));
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                    let handshake = handshake.await;
+                    drop(slot);
+                    match handshake {
                         Ok(Ok(stream)) => {
                             let peer = identity(&stream);
                             let _ = tx.send(TlsConn { stream, peer, addr }).await;

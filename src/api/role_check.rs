@@ -26,7 +26,8 @@ pub struct RoleCheckApi {
     store: Arc<dyn Store>,
     application_id: TenantId,
     tokens: Arc<Tokens>,
-    coherence: Arc<Coherence>,
+    watch_hub: Arc<super::watch::WatchHub>,
+    watch_limits: super::watch::WatchLimits,
 }
 
 impl RoleCheckApi {
@@ -36,8 +37,10 @@ impl RoleCheckApi {
         application_id: TenantId,
         tokens: Arc<Tokens>,
         coherence: Arc<Coherence>,
+        watch_limits: super::watch::WatchLimits,
     ) -> Self {
-        Self { store, application_id, tokens, coherence }
+        let watch_hub = super::watch::WatchHub::start(store.clone(), coherence);
+        Self { store, application_id, tokens, watch_hub, watch_limits }
     }
 
     fn tenant(&self, field: &str, value: &str) -> Result<TenantId> {
@@ -338,7 +341,7 @@ impl RoleCheck for RoleCheckApi {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let after = request.get_ref().after_revision;
-        let stream = super::watch::stream(self.store.clone(), self.coherence.clone(), after);
-        Ok(Response::new(stream))
+        let permit = self.watch_limits.admit(&crate::auth::caller_name(&request))?;
+        Ok(Response::new(self.watch_hub.stream(after, permit)))
     }
 }

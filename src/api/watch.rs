@@ -1,13 +1,29 @@
 //! `Watch`: the committed history after a revision, then every new commit as it lands.
 //!
-//! The stream reads the history table in revision order. Revisions follow commit order,
-//! so once revision r is visible every revision below it is too: reading `revision > last`
-//! never skips one. New commits wake the stream through the coherence feed; a poll every
-//! [`POLL`] covers a feed that is down.
+//! One history reader per process (the [`WatchHub`]) follows the store: each time the
+//! coherence feed applies a new revision (or every [`POLL`] when the feed is down) it
+//! reads what was committed since and broadcasts it to every open stream. So a commit
+//! costs one history query however many streams are open, and the database pool and the
+//! coherence heartbeat never compete with watchers.
+//!
+//! A stream first subscribes to the broadcast, then catches up from the store on its own
+//! (`revision > after_revision`, in pages), then forwards what the hub broadcasts,
+//! skipping what it already sent. Revisions follow commit order, so once revision r is
+//! visible every revision below it is too: whatever the hub broadcast before the stream
+//! subscribed is visible to the catch-up read, and whatever it broadcasts after is in the
+//! subscription; none is missed, none sent twice. A stream that falls behind the
+//! broadcast buffer catches up from the store again.
+//!
+//! Streams are capped per caller and per server ([`WatchLimits`]); past a cap, the call is
+//! `RESOURCE_EXHAUSTED`.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -21,8 +37,10 @@ use crate::{
 
 /// History rows read per query.
 const PAGE: u32 = 500;
-/// Longest a stream waits without re-reading the history.
+/// Longest the hub waits without re-reading the history.
 const POLL: Duration = Duration::from_secs(1);
+/// Revisions the broadcast buffers for a slow stream before it must catch up itself.
+const BUFFER: usize = 1024;
 
 fn kind(kind: ChangeKind) -> pb::ChangeKind {
     match kind {
@@ -43,50 +61,202 @@ pub fn to_pb(entry: HistoryEntry) -> pb::Change {
     }
 }
 
-/// Streams every change committed after `after` until the client goes away.
-pub fn stream(store: Arc<dyn Store>, coherence: Arc<Coherence>, after: Revision) -> WatchStream {
-    let (tx, rx) = mpsc::channel::<Result<pb::WatchResponse, Status>>(16);
-    tokio::spawn(async move {
-        let mut last = after;
-        let mut applied = coherence.watch_applied();
-        loop {
-            let history = match store.changes_after(last, PAGE).await {
-                Ok(history) => history,
-                Err(err) => {
-                    let _ = tx.send(Err(err.into())).await;
-                    return;
+/// Groups entries (in revision order) into one response per revision.
+fn responses(entries: Vec<HistoryEntry>) -> Vec<pb::WatchResponse> {
+    let mut out: Vec<pb::WatchResponse> = Vec::new();
+    for entry in entries {
+        match out.last_mut() {
+            Some(last) if last.revision == entry.revision => last.changes.push(to_pb(entry)),
+            _ => out
+                .push(pb::WatchResponse { revision: entry.revision, changes: vec![to_pb(entry)] }),
+        }
+    }
+    out
+}
+
+/// How many Watch streams may be open: in all, and per caller.
+pub struct WatchLimits {
+    total: Arc<Semaphore>,
+    max_total: usize,
+    max_per_caller: usize,
+    per_caller: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One open stream's place under the limits; released when dropped.
+pub struct WatchPermit {
+    _total: OwnedSemaphorePermit,
+    caller: String,
+    per_caller: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for WatchPermit {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.per_caller.lock() {
+            if let Some(n) = counts.get_mut(&self.caller) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&self.caller);
                 }
-            };
-            if last < history.pruned_through {
-                let oldest = history.pruned_through;
-                let message = format!(
-                    "history through revision {oldest} was pruned; resume from after_revision {oldest} or later"
-                );
-                let _ = tx.send(Err(Status::out_of_range(message))).await;
-                return;
-            }
-            let full = history.entries.len() == PAGE as usize;
-            let mut entries = history.entries.into_iter().peekable();
-            while let Some(first) = entries.next() {
-                let revision = first.revision;
-                let mut changes = vec![to_pb(first)];
-                while let Some(next) = entries.next_if(|e| e.revision == revision) {
-                    changes.push(to_pb(next));
-                }
-                if tx.send(Ok(pb::WatchResponse { revision, changes })).await.is_err() {
-                    return;
-                }
-                last = revision;
-            }
-            if full {
-                continue;
-            }
-            tokio::select! {
-                _ = applied.wait_for(|applied| *applied > last) => {}
-                () = tokio::time::sleep(POLL) => {}
-                () = tx.closed() => return,
             }
         }
-    });
-    Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+impl WatchLimits {
+    /// At most `max_total` streams, `max_per_caller` of them for one caller.
+    pub fn new(max_total: usize, max_per_caller: usize) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(max_total)),
+            max_total,
+            max_per_caller,
+            per_caller: Arc::default(),
+        }
+    }
+
+    /// A place for one more stream of `caller`, or `RESOURCE_EXHAUSTED`.
+    pub fn admit(&self, caller: &str) -> Result<WatchPermit, Status> {
+        let mut counts = self.per_caller.lock().map_err(|_| Status::unavailable("busy"))?;
+        let open = counts.get(caller).copied().unwrap_or(0);
+        if open >= self.max_per_caller {
+            return Err(Status::resource_exhausted(format!(
+                "caller {caller} has {open} Watch streams open, the most one caller may \
+                 (--max-watch-streams-per-caller)"
+            )));
+        }
+        let total = self.total.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} Watch streams are open, the most this server allows (--max-watch-streams)",
+                self.max_total
+            ))
+        })?;
+        counts.insert(caller.to_owned(), open + 1);
+        Ok(WatchPermit {
+            _total: total,
+            caller: caller.to_owned(),
+            per_caller: self.per_caller.clone(),
+        })
+    }
+}
+
+/// The process's one history reader, fanning commits out to every Watch stream.
+pub struct WatchHub {
+    store: Arc<dyn Store>,
+    live: broadcast::Sender<Arc<pb::WatchResponse>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WatchHub {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl WatchHub {
+    /// Starts the reader.
+    pub fn start(store: Arc<dyn Store>, coherence: Arc<Coherence>) -> Arc<Self> {
+        let (live, _) = broadcast::channel(BUFFER);
+        let reader = tokio::spawn(read_history(store.clone(), coherence, live.clone()));
+        Arc::new(Self { store, live, reader })
+    }
+
+    /// Streams every change committed after `after` until the client goes away; `permit`
+    /// is held as long as the stream is open.
+    pub fn stream(self: &Arc<Self>, after: Revision, permit: WatchPermit) -> WatchStream {
+        let (tx, rx) = mpsc::channel::<Result<pb::WatchResponse, Status>>(16);
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut last = after;
+            loop {
+                let mut live = hub.live.subscribe();
+                // Catch up from the store.
+                loop {
+                    let history = match hub.store.changes_after(last, PAGE).await {
+                        Ok(history) => history,
+                        Err(err) => {
+                            let _ = tx.send(Err(err.into())).await;
+                            return;
+                        }
+                    };
+                    if last < history.pruned_through {
+                        let oldest = history.pruned_through;
+                        let message = format!(
+                            "history through revision {oldest} was pruned; resume from after_revision {oldest} or later"
+                        );
+                        let _ = tx.send(Err(Status::out_of_range(message))).await;
+                        return;
+                    }
+                    let full = history.entries.len() == PAGE as usize;
+                    for response in responses(history.entries) {
+                        last = response.revision;
+                        if tx.send(Ok(response)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+                // Then follow the hub.
+                loop {
+                    tokio::select! {
+                        got = live.recv() => match got {
+                            Ok(response) if response.revision > last => {
+                                last = response.revision;
+                                if tx.send(Ok((*response).clone())).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(broadcast::error::RecvError::Lagged(_)) => break,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        },
+                        () = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+/// The hub's reader: after each applied revision, reads what was committed since its last
+/// read and broadcasts it, a response per revision. With no stream subscribed it reads
+/// nothing and only moves its mark (a new stream catches up from the store itself).
+async fn read_history(
+    store: Arc<dyn Store>,
+    coherence: Arc<Coherence>,
+    live: broadcast::Sender<Arc<pb::WatchResponse>>,
+) {
+    let mut applied = coherence.watch_applied();
+    let mut last = loop {
+        match store.revision().await {
+            Ok(revision) => break revision,
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    };
+    loop {
+        if live.receiver_count() == 0 {
+            last = last.max(coherence.applied());
+        } else {
+            match store.changes_after(last, PAGE).await {
+                Ok(history) => {
+                    last = last.max(history.pruned_through);
+                    let full = history.entries.len() == PAGE as usize;
+                    for response in responses(history.entries) {
+                        last = response.revision;
+                        let _ = live.send(Arc::new(response));
+                    }
+                    if full {
+                        continue;
+                    }
+                }
+                Err(err) => tracing::debug!(%err, "watch history read failed; retrying"),
+            }
+        }
+        tokio::select! {
+            _ = applied.wait_for(|applied| *applied > last) => {}
+            () = tokio::time::sleep(POLL) => {}
+        }
+    }
 }

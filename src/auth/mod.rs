@@ -123,7 +123,10 @@ enum CertId {
 impl CertId {
     fn from_entry(entry: &CertEntry) -> Result<Self> {
         let legacy = entry.subject.as_deref().map(|subject| {
-            subject.strip_prefix("CN=").filter(|cn| !cn.contains([',', '+', '='])).map(str::to_owned)
+            subject
+                .strip_prefix("CN=")
+                .filter(|cn| !cn.contains([',', '+', '=']))
+                .map(str::to_owned)
         });
         let named = [
             legacy.map(|cn| cn.map(CertId::Cn)),
@@ -428,10 +431,15 @@ mod tests {
             uris: uris.iter().map(|s| s.to_string()).collect(),
         };
         let billing = ring.certificate(&peer(Some("billing"), &[], &[])).expect("listed CN");
-        assert_eq!((billing.name.as_str(), billing.scopes.as_slice()), ("CN=billing", &[Scope::Check][..]));
+        assert_eq!(
+            (billing.name.as_str(), billing.scopes.as_slice()),
+            ("CN=billing", &[Scope::Check][..])
+        );
         let app = ring.certificate(&peer(None, &[], &["spiffe://td/ns/a/sa/app"])).expect("URI");
         assert!(app.may(Scope::Write) && !app.may(Scope::Check));
-        assert!(ring.certificate(&peer(None, &["OPS.internal"], &[])).expect("DNS").may(Scope::Audit));
+        assert!(
+            ring.certificate(&peer(None, &["OPS.internal"], &[])).expect("DNS").may(Scope::Audit)
+        );
         // A CN whose value spells another subject is not that subject.
         assert!(ring.certificate(&peer(Some("x, CN=billing"), &[], &[])).is_none());
         assert!(ring.certificate(&peer(Some("billing2"), &[], &[])).is_none());

@@ -75,7 +75,9 @@ const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
 /// otherwise the string.
 fn user_id_claim(user: &UserId) -> serde_json::Value {
     match user.as_str().parse::<i64>() {
-        Ok(n) if n.to_string() == user.as_str() && n.abs() <= MAX_SAFE_INTEGER => n.into(),
+        Ok(n) if n.to_string() == user.as_str() && n.unsigned_abs() <= MAX_SAFE_INTEGER as u64 => {
+            n.into()
+        }
         _ => user.as_str().into(),
     }
 }
@@ -171,5 +173,9 @@ mod tests {
         assert_eq!(id("-3"), serde_json::json!(-3));
         assert_eq!(id("-0"), serde_json::json!("-0"));
         assert_eq!(id("abc"), serde_json::json!("abc"));
+        assert_eq!(id("-9007199254740991"), serde_json::json!(-9007199254740991_i64));
+        assert_eq!(id("-9007199254740992"), serde_json::json!("-9007199254740992"));
+        assert_eq!(id("-9223372036854775808"), serde_json::json!("-9223372036854775808"));
+        assert_eq!(id("9223372036854775807"), serde_json::json!("9223372036854775807"));
     }
 }

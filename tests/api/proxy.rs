@@ -83,9 +83,10 @@ impl Proxy {
                     quiet.clone(),
                     Some(closed.clone()),
                 ));
-                live.lock()
-                    .expect("lock")
-                    .push(Conn { tasks: vec![up.abort_handle(), down.abort_handle()], silent: quiet });
+                live.lock().expect("lock").push(Conn {
+                    tasks: vec![up.abort_handle(), down.abort_handle()],
+                    silent: quiet,
+                });
             }
         });
         proxy

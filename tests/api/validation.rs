@@ -193,7 +193,8 @@ async fn oversized_messages_are_refused(backend: Backend) {
         min_revision: 0,
     };
     let status = c.check_batch(huge).await.unwrap_err();
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("--max-message-bytes (65536 bytes)"), "{status:?}");
     assert!(!app.check("u", "", "r").await, "still serving");
 }
 
