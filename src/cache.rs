@@ -368,7 +368,7 @@ mod tests {
 
     async fn fixture(dir: &tempfile::TempDir, capacity: u64) -> (Arc<Counting>, Arc<CachedStore>) {
         let app = TenantId::parse("app", "app").expect("id");
-        let options = StoreOptions { max_connections: 4, acquire_timeout: Duration::from_secs(5) };
+        let options = StoreOptions::new(4, Duration::from_secs(5));
         let inner =
             SqliteStore::open(&dir.path().join("t.db"), &app, &options).await.expect("open");
         inner.migrate().await.expect("migrate");

@@ -186,6 +186,13 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_DB_ACQUIRE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub db_acquire_timeout: Duration,
 
+    /// Longest one database call may take (enforced by the client, and by Postgres as
+    /// `statement_timeout` and `idle_in_transaction_session_timeout`); past it the call is
+    /// UNAVAILABLE. Must be shorter than --request-timeout, so a caller hears UNAVAILABLE
+    /// rather than a cancelled call when the network to the database goes silent.
+    #[arg(long, env = "ROLECHECK_DB_QUERY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub db_query_timeout: Duration,
+
     /// At start-up, how long to keep retrying an unreachable database before giving up.
     #[arg(long, env = "ROLECHECK_DB_STARTUP_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub db_startup_wait: Duration,

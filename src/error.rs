@@ -100,13 +100,13 @@ impl From<sqlx::Error> for Error {
 
 /// Database error codes that mean "try again": Postgres connection exceptions (08…),
 /// operator intervention (57P…), insufficient resources (53…), serialization failure and
-/// deadlock; SQLite busy and locked.
+/// deadlock, a statement or idle transaction over its timeout; SQLite busy and locked.
 fn is_transient(code: Option<&str>) -> bool {
     code.is_some_and(|c| {
         c.starts_with("08")
             || c.starts_with("57P")
             || c.starts_with("53")
-            || matches!(c, "40001" | "40P01" | "5" | "6" | "261" | "517")
+            || matches!(c, "40001" | "40P01" | "57014" | "25P03" | "5" | "6" | "261" | "517")
     })
 }
 

@@ -54,8 +54,6 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     /// API key file reloads that failed and kept the keys in force.
     pub key_reload_failures: Counter,
-    /// Times the change listener heard nothing for too long and reconnected.
-    pub listener_silences: Counter,
     /// Cache hits (answered from memory).
     pub cache_hits: Counter,
     /// Cache misses (loaded from the store).
@@ -82,17 +80,13 @@ impl Metrics {
         let store = HistogramFamily::<StoreLabels>::new_with_constructor(latency_histogram);
         let tokens = Family::<TokenLabels, Counter>::default();
         let (cache_hits, cache_misses) = (Counter::default(), Counter::default());
-        let (key_reload_failures, listener_silences) = (Counter::default(), Counter::default());
+        let key_reload_failures = Counter::default();
         registry.register(
             "api_keys_reload_failures",
             "API key file reloads refused (unreadable, unparsable, empty); the keys in force were kept",
             key_reload_failures.clone(),
         );
-        registry.register(
-            "listener_silences",
-            "Times the change listener heard nothing (not even its own sync) for too long and reconnected",
-            listener_silences.clone(),
-        );
+
         let (cache_entries, applied_revision, cache_trusted, reconnects) =
             (Gauge::default(), Gauge::default(), Gauge::default(), Gauge::default());
         let sync_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
@@ -127,7 +121,7 @@ impl Metrics {
         );
         registry.register(
             "listener_reconnects",
-            "Times the change listener lost its connection",
+            "Times the change listener lost its connection (closed, or silent past the lease)",
             reconnects.clone(),
         );
         Arc::new(Self {
@@ -136,7 +130,6 @@ impl Metrics {
             store,
             tokens,
             key_reload_failures,
-            listener_silences,
             cache_hits,
             cache_misses,
             cache_entries,

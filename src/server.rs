@@ -50,6 +50,13 @@ impl Server {
     /// migrations unless `--no-migrate`, and wraps the store in the cache.
     pub async fn bind(config: Config) -> Result<Self> {
         let application_id = TenantId::parse("application_id", &config.application_id)?;
+        if config.db_query_timeout >= config.request_timeout {
+            return Err(Error::FailedPrecondition(format!(
+                "--db-query-timeout ({:?}) must be shorter than --request-timeout ({:?}), so a \
+                 call whose database does not answer is UNAVAILABLE rather than cancelled",
+                config.db_query_timeout, config.request_timeout
+            )));
+        }
         let metrics = Metrics::new();
         let callers =
             Keys::load(config.api_keys_file.as_deref(), metrics.key_reload_failures.clone())?;
@@ -99,7 +106,8 @@ impl Server {
             },
         ));
         let store = open_store(&config, &application_id, !config.no_migrate).await?;
-        let store: Arc<dyn Store> = Arc::new(MeasuredStore::new(store, metrics.clone()));
+        let store: Arc<dyn Store> =
+            Arc::new(MeasuredStore::new(store, metrics.clone(), config.db_query_timeout));
         let feed = store.subscribe().await?;
         let coherence = Coherence::new(config.coherence_lease);
         let (store, sink): (Arc<dyn Store>, Arc<dyn Invalidate>) = if config.cache_capacity == 0 {
@@ -305,6 +313,12 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .map_err(|err| Error::FailedPrecondition(format!("cannot listen on {addr}: {err}")))
 }
 
+/// How long the change listener may hear nothing before it reconnects: two leases (it
+/// hears its own sync every 100 ms, so silence that long is no accident), at least 500 ms.
+fn listener_silence(lease: Duration) -> Duration {
+    (lease * 2).max(Duration::from_millis(500))
+}
+
 /// Applies the migrations and exits: `rolecheck migrate`.
 pub async fn migrate(config: &Config) -> Result<()> {
     let application_id = TenantId::parse("application_id", &config.application_id)?;
@@ -322,6 +336,8 @@ async fn open_store(
     let options = StoreOptions {
         max_connections: config.db_max_connections,
         acquire_timeout: config.db_acquire_timeout,
+        query_timeout: config.db_query_timeout,
+        listener_silence: listener_silence(config.coherence_lease),
     };
     let url = config.database_url.as_ref().map(|url| url.0.as_str());
     let deadline = tokio::time::Instant::now() + config.db_startup_wait;

@@ -1,7 +1,12 @@
 //! A [`Store`] decorator that times every store operation into
-//! `rolecheck_store_query_duration_seconds{operation}`.
+//! `rolecheck_store_query_duration_seconds{operation}`, and bounds each by the query
+//! timeout: a store that does not answer in time is `UNAVAILABLE`, whatever the network
+//! under it does.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 
@@ -18,21 +23,26 @@ use crate::{
 pub struct MeasuredStore {
     inner: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    timeout: Duration,
 }
 
 impl MeasuredStore {
-    /// Wraps `inner`, recording into `metrics`.
-    pub fn new(inner: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+    /// Wraps `inner`, recording into `metrics`; an operation past `timeout` is
+    /// `UNAVAILABLE`.
+    pub fn new(inner: Arc<dyn Store>, metrics: Arc<Metrics>, timeout: Duration) -> Self {
+        Self { inner, metrics, timeout }
     }
 
     async fn timed<T>(
         &self,
         operation: &'static str,
-        call: impl std::future::Future<Output = T>,
-    ) -> T {
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
         let started = Instant::now();
-        let out = call.await;
+        let out = tokio::time::timeout(self.timeout, call).await.unwrap_or_else(|_| {
+            tracing::warn!(operation, timeout = ?self.timeout, "the store did not answer in time");
+            Err(crate::error::Error::Unavailable("store unavailable: no answer in time".into()))
+        });
         self.metrics.store_query(operation, started);
         out
     }

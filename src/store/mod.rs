@@ -311,6 +311,25 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long a call waits for a connection before answering `UNAVAILABLE`.
     pub acquire_timeout: Duration,
+    /// Longest one database call may take, client side and server side
+    /// (`statement_timeout`); past it, `UNAVAILABLE`.
+    pub query_timeout: Duration,
+    /// Postgres: the change listener reconnects when it has heard nothing, not even its
+    /// own sync notification, for this long.
+    pub listener_silence: Duration,
+}
+
+impl StoreOptions {
+    /// `max_connections` and `acquire_timeout`, with a 5 s query timeout and a 2 s
+    /// listener silence.
+    pub fn new(max_connections: u32, acquire_timeout: Duration) -> Self {
+        Self {
+            max_connections,
+            acquire_timeout,
+            query_timeout: Duration::from_secs(5),
+            listener_silence: Duration::from_secs(2),
+        }
+    }
 }
 
 /// Opens the store `database_url` names (or the embedded SQLite file in `data_dir`),

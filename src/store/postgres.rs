@@ -22,11 +22,39 @@
 //! notification, in queue order; a caller hears of its revision only after the COMMIT.
 //! A write to a missing tenant fails alone (NOT_FOUND); any other failure rolls the whole
 //! batch back and every write in it fails (UNAVAILABLE), so nothing is half-written.
+//!
+//! A network path that goes silent (a failover behind a virtual IP, a dropped conntrack
+//! entry: sockets stay open, nothing arrives) must not hang anything for good:
+//! - every connection asks the server for `statement_timeout` and
+//!   `idle_in_transaction_session_timeout` of the query timeout (so a silenced client's
+//!   transaction releases its locks), TCP keepalive and `tcp_user_timeout` on the server's
+//!   socket, and `idle_session_timeout` longer than the pool's idle timeout;
+//! - on the client side every database call is bounded by the query timeout (sqlx 0.8
+//!   does not expose its sockets, so no TCP option can be set there): the loader and the
+//!   writer here, every other call in [`MeasuredStore`](super::MeasuredStore);
+//! - a connection returned to the pool is pinged with a deadline before it is reused, and
+//!   closed if it does not answer (sqlx's own release check would wait forever); after a
+//!   silence was noticed, idle connections are pinged the same way before they are handed
+//!   out;
+//! - the listener reconnects when it has heard nothing, not even its own sync, for
+//!   `listener_silence`, and the heartbeat runs on a connection of its own, so neither
+//!   waits on the pool.
+//!
+//! One cost remains: sqlx's `PgListener`, when dropped, sends `UNLISTEN *` from a task of
+//! its own with no deadline; on a silenced socket that task waits until the kernel gives
+//! the connection up. Each listener reconnect after a silence can leave one such task
+//! and socket behind for that long.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use sqlx::{
-    PgPool, Postgres, Transaction,
+    Connection, PgConnection, PgPool, Postgres, Transaction,
     postgres::{PgConnectOptions, PgListener, PgPoolOptions},
 };
 use tokio::sync::{
@@ -57,6 +85,78 @@ pub const LOAD_BATCH: usize = 64;
 /// At most this many membership writes share one transaction.
 pub const WRITE_BATCH: usize = 128;
 
+/// Longest a pooled connection may take to answer the ping that proves it is still
+/// usable (on release, and on acquire after a silence).
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Pool connections idle this long are closed (the server's `idle_session_timeout` is
+/// longer, so it only ever ends sessions whose client went silent).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// When a silence or a timed-out call was last seen, in milliseconds since `epoch`: idle
+/// connections older than that are pinged before use.
+#[derive(Clone)]
+struct Suspicion {
+    epoch: Instant,
+    at_millis: Arc<AtomicU64>,
+}
+
+impl Suspicion {
+    fn new() -> Self {
+        Self { epoch: Instant::now(), at_millis: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// Something did not answer in time: distrust every connection idle since before now.
+    fn raise(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.at_millis.fetch_max(now, Ordering::SeqCst);
+    }
+
+    /// Whether a connection idle for `idle_for` was already idle when suspicion was raised.
+    fn covers(&self, idle_for: Duration) -> bool {
+        let at = self.at_millis.load(Ordering::SeqCst);
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        at != 0 && now.saturating_sub(idle_for.as_millis() as u64) <= at
+    }
+}
+
+/// Pings `conn` with a deadline: whether it answered.
+async fn answers(conn: &mut PgConnection) -> bool {
+    matches!(tokio::time::timeout(PING_TIMEOUT, conn.ping()).await, Ok(Ok(())))
+}
+
+/// The options every connection starts with: server-side timeouts and keepalive.
+fn session_options(connect: PgConnectOptions, timeout: Duration) -> PgConnectOptions {
+    let millis = timeout.as_millis().max(1).to_string();
+    let idle = (POOL_IDLE_TIMEOUT * 2).as_millis().to_string();
+    connect.application_name("rolecheck").options([
+        ("statement_timeout", millis.as_str()),
+        ("idle_in_transaction_session_timeout", millis.as_str()),
+        ("idle_session_timeout", idle.as_str()),
+        ("tcp_keepalives_idle", "10"),
+        ("tcp_keepalives_interval", "5"),
+        ("tcp_keepalives_count", "3"),
+        ("tcp_user_timeout", millis.as_str()),
+    ])
+}
+
+/// Runs `call` for at most `timeout`; past it, raises `suspicion` and answers
+/// `UNAVAILABLE`.
+async fn bounded<T>(
+    timeout: Duration,
+    suspicion: &Suspicion,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => {
+            suspicion.raise();
+            tracing::warn!(?timeout, "the database did not answer in time");
+            Err(Error::Unavailable("store unavailable: no answer in time".into()))
+        }
+    }
+}
+
 /// A membership write, and where its revision goes.
 type PendingWrite = (MembershipWrite, oneshot::Sender<Result<Revision>>);
 
@@ -66,6 +166,11 @@ type PendingLoad = (String, oneshot::Sender<Result<UserRoles>>);
 /// Memberships in Postgres. One pool serves reads and writes.
 pub struct PgStore {
     pool: PgPool,
+    /// How to open a connection outside the pool (the heartbeat's).
+    connect: PgConnectOptions,
+    query_timeout: Duration,
+    listener_silence: Duration,
+    suspicion: Suspicion,
     application_id: TenantId,
     /// This process's writers take turns at the revision row (see `commit_guard`).
     committing: tokio::sync::Mutex<()>,
@@ -85,24 +190,54 @@ impl PgStore {
         let connect: PgConnectOptions = url.parse().map_err(|_| {
             crate::error::Error::invalid("database_url", "not a valid postgres:// URL")
         })?;
-        let pool = PgPoolOptions::new()
+        let connect = session_options(connect, options.query_timeout);
+        let suspicion = Suspicion::new();
+        let (on_acquire, on_release) = (suspicion.clone(), suspicion.clone());
+        let connecting = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
+            .idle_timeout(POOL_IDLE_TIMEOUT)
             // No ping round trip before every query: a dead connection fails the query
-            // itself (UNAVAILABLE, fail closed) and is dropped from the pool.
+            // itself (UNAVAILABLE, fail closed) and is dropped from the pool. Only after a
+            // silence are connections that sat idle through it pinged first.
             .test_before_acquire(false)
-            .connect_with(connect.application_name("rolecheck"))
-            .await?;
+            .before_acquire(move |conn, meta| {
+                let suspicion = on_acquire.clone();
+                Box::pin(async move {
+                    Ok(!suspicion.covers(meta.idle_for) || answers(conn).await)
+                })
+            })
+            // sqlx pings every released connection and waits for the answer with no
+            // deadline; this ping has one, and a connection that misses it is closed.
+            .after_release(move |conn, _| {
+                let suspicion = on_release.clone();
+                Box::pin(async move {
+                    let alive = answers(conn).await;
+                    if !alive {
+                        suspicion.raise();
+                    }
+                    Ok(alive)
+                })
+            })
+            .connect_with(connect.clone());
+        let pool = tokio::time::timeout(options.acquire_timeout.max(options.query_timeout), connecting)
+            .await
+            .map_err(|_| Error::Unavailable("store unavailable: no answer in time".into()))??;
         let (loads, pending) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(coalesce_loads(pool.clone(), pending));
+        let timeout = options.query_timeout;
+        tokio::spawn(coalesce_loads(pool.clone(), pending, timeout, suspicion.clone()));
         let (writes, queued) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(write_batches(pool.clone(), queued));
+        tokio::spawn(write_batches(pool.clone(), queued, timeout, suspicion.clone()));
         Ok(Self {
             pool,
+            connect,
             application_id: application_id.clone(),
             committing: Default::default(),
             loads,
             writes,
+            query_timeout: timeout,
+            listener_silence: options.listener_silence,
+            suspicion,
         })
     }
 
@@ -191,8 +326,17 @@ impl PgStore {
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let sync_channel = format!("rolecheck_sync_{:016x}", rand::random::<u64>());
         let epoch = Instant::now();
-        tokio::spawn(listen(self.pool.clone(), tx.clone(), sync_channel.clone(), epoch));
-        tokio::spawn(heartbeat(self.pool.clone(), tx, sync_channel, epoch));
+        let link = Link {
+            pool: self.pool.clone(),
+            connect: self.connect.clone(),
+            timeout: self.query_timeout,
+            silence: self.listener_silence,
+            suspicion: self.suspicion.clone(),
+            sync_channel,
+            epoch,
+        };
+        tokio::spawn(listen(link.clone(), tx.clone()));
+        tokio::spawn(heartbeat(link, tx));
         Ok(Feed { events, needs_lease: true })
     }
 }
@@ -220,15 +364,26 @@ fn fail_all<K, T>(batch: Vec<(K, oneshot::Sender<Result<T>>)>, error: Error) {
     }
 }
 
-/// Runs the writes queued on `queued`, a batch at a time. Ends when the store is dropped.
-async fn write_batches(pool: PgPool, mut queued: UnboundedReceiver<PendingWrite>) {
+/// Runs the writes queued on `queued`, a batch at a time, each within `timeout`. Ends when
+/// the store is dropped.
+async fn write_batches(
+    pool: PgPool,
+    mut queued: UnboundedReceiver<PendingWrite>,
+    timeout: Duration,
+    suspicion: Suspicion,
+) {
     while let Some(first) = queued.recv().await {
         let batch = take_batch(first, &mut queued, WRITE_BATCH);
-        write_batch(&pool, batch).await;
+        write_batch(&pool, batch, timeout, &suspicion).await;
     }
 }
 
-async fn write_batch(pool: &PgPool, batch: Vec<PendingWrite>) {
+async fn write_batch(
+    pool: &PgPool,
+    batch: Vec<PendingWrite>,
+    timeout: Duration,
+    suspicion: &Suspicion,
+) {
     let writes: Vec<serde_json::Value> = batch
         .iter()
         .map(|(write, _)| {
@@ -257,8 +412,8 @@ async fn write_batch(pool: &PgPool, batch: Vec<PendingWrite>) {
             .await?;
         tx.commit().await?;
         Ok::<_, Error>(revisions)
-    }
-    .await;
+    };
+    let applied = bounded(timeout, suspicion, applied).await;
     match applied {
         Ok(revisions) if revisions.len() == batch.len() => {
             for ((write, reply), (revision,)) in batch.into_iter().zip(revisions) {
@@ -289,7 +444,12 @@ const USERS_ROLES: &str = "\
 /// Runs the loads queued on `pending`: each takes every user queued by the time it
 /// starts, up to [`LOAD_BATCH`], with at most [`LOAD_CONCURRENCY`] in flight. Ends when
 /// the store is dropped.
-async fn coalesce_loads(pool: PgPool, mut pending: UnboundedReceiver<PendingLoad>) {
+async fn coalesce_loads(
+    pool: PgPool,
+    mut pending: UnboundedReceiver<PendingLoad>,
+    timeout: Duration,
+    suspicion: Suspicion,
+) {
     let slots = std::sync::Arc::new(Semaphore::new(LOAD_CONCURRENCY));
     while let Some(first) = pending.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
@@ -300,9 +460,9 @@ async fn coalesce_loads(pool: PgPool, mut pending: UnboundedReceiver<PendingLoad
         if batch.is_empty() {
             continue;
         }
-        let pool = pool.clone();
+        let (pool, suspicion) = (pool.clone(), suspicion.clone());
         tokio::spawn(async move {
-            load_batch(&pool, batch).await;
+            load_batch(&pool, batch, timeout, &suspicion).await;
             drop(slot);
         });
     }
@@ -312,15 +472,21 @@ type UsersRolesRow = (i64, String, Option<String>, Option<String>, Option<i64>);
 /// (tenant, role, expires_at)
 type HeldRow = (String, String, Option<i64>);
 
-async fn load_batch(pool: &PgPool, batch: Vec<PendingLoad>) {
+async fn load_batch(
+    pool: &PgPool,
+    batch: Vec<PendingLoad>,
+    timeout: Duration,
+    suspicion: &Suspicion,
+) {
     let mut users: Vec<&str> = batch.iter().map(|(user, _)| user.as_str()).collect();
     users.sort_unstable();
     users.dedup();
-    let rows: std::result::Result<Vec<UsersRolesRow>, _> =
-        sqlx::query_as(USERS_ROLES).bind(&users).fetch_all(pool).await;
-    let rows = match rows {
+    let read = async {
+        Ok(sqlx::query_as::<_, UsersRolesRow>(USERS_ROLES).bind(&users).fetch_all(pool).await?)
+    };
+    let rows = match bounded(timeout, suspicion, read).await {
         Ok(rows) => rows,
-        Err(e) => return fail_all(batch, e.into()),
+        Err(e) => return fail_all(batch, e),
     };
     let revision = rows.first().map_or(0, |row| row.0 as Revision);
     let mut held: std::collections::HashMap<&str, Vec<HeldRow>> =
@@ -361,27 +527,37 @@ fn parse_sync(payload: &str, epoch: Instant) -> Option<FeedEvent> {
     Some(FeedEvent::Synced { revision: revision.parse().ok()?, at })
 }
 
-/// Keeps a `LISTEN` connection, reconnecting with backoff, and forwards what it hears.
-async fn listen(
+/// What the listener and the heartbeat share.
+#[derive(Clone)]
+struct Link {
     pool: PgPool,
-    tx: UnboundedSender<FeedEvent>,
+    connect: PgConnectOptions,
+    timeout: Duration,
+    silence: Duration,
+    suspicion: Suspicion,
     sync_channel: String,
     epoch: Instant,
-) {
+}
+
+/// Keeps a `LISTEN` connection, reconnecting with backoff, and forwards what it hears.
+/// Hearing nothing at all (not even this replica's own sync, sent every
+/// [`SYNC_INTERVAL`]) for `link.silence` means the connection went silent: it is dropped
+/// and a new one made, as for a closed one.
+async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
     let mut backoff = Duration::from_millis(50);
     while !tx.is_closed() {
         let connected = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
+            let mut listener = PgListener::connect_with(&link.pool).await?;
             listener.eager_reconnect(false);
-            listener.listen_all([CHANNEL, sync_channel.as_str()]).await?;
-            let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&pool).await?;
-            Ok::<_, sqlx::Error>((listener, revision as Revision))
-        }
-        .await;
-        let (mut listener, revision) = match connected {
+            listener.listen_all([CHANNEL, link.sync_channel.as_str()]).await?;
+            let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&link.pool).await?;
+            Ok((listener, revision as Revision))
+        };
+        let (mut listener, revision) = match bounded(link.timeout, &link.suspicion, connected).await
+        {
             Ok(connected) => connected,
             Err(err) => {
-                if pool.is_closed() {
+                if link.pool.is_closed() {
                     return;
                 }
                 tracing::warn!(error = %err, retry_in = ?backoff, "change listener cannot connect");
@@ -397,8 +573,21 @@ async fn listen(
             return;
         }
         loop {
-            let event = match listener.try_recv().await {
-                Ok(Some(n)) if n.channel() == sync_channel => parse_sync(n.payload(), epoch),
+            let heard = match tokio::time::timeout(link.silence, listener.try_recv()).await {
+                Ok(heard) => heard,
+                Err(_) => {
+                    link.suspicion.raise();
+                    tracing::warn!(
+                        silence = ?link.silence,
+                        "change listener heard nothing, not even its own sync; reconnecting"
+                    );
+                    break;
+                }
+            };
+            let event = match heard {
+                Ok(Some(n)) if n.channel() == link.sync_channel => {
+                    parse_sync(n.payload(), link.epoch)
+                }
                 Ok(Some(n)) => parse_change(n.payload()),
                 Ok(None) | Err(_) => break,
             };
@@ -408,7 +597,7 @@ async fn listen(
                 }
             }
         }
-        if pool.is_closed() {
+        if link.pool.is_closed() {
             return;
         }
         tracing::warn!(
@@ -418,27 +607,41 @@ async fn listen(
     }
 }
 
-/// Sends this replica's sync notification every [`SYNC_INTERVAL`]. The revision in it is
-/// read in the same statement, so every commit up to it precedes the sync in the queue.
-async fn heartbeat(
-    pool: PgPool,
-    tx: UnboundedSender<FeedEvent>,
-    sync_channel: String,
-    epoch: Instant,
-) {
+/// Sends this replica's sync notification every [`SYNC_INTERVAL`], on a connection of its
+/// own (not the pool's, so no load on the pool can delay it past the lease). The revision
+/// in it is read in the same statement, so every commit up to it precedes the sync in the
+/// queue. A send that fails or takes longer than the query timeout drops the connection.
+async fn heartbeat(link: Link, tx: UnboundedSender<FeedEvent>) {
     let mut ticker = tokio::time::interval(SYNC_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !tx.is_closed() && !pool.is_closed() {
+    let mut conn: Option<PgConnection> = None;
+    while !tx.is_closed() && !link.pool.is_closed() {
         ticker.tick().await;
-        let micros = epoch.elapsed().as_micros().to_string();
-        let sent = sqlx::query(
-            "SELECT pg_notify($1, $2 || ':' || (SELECT value FROM store_revision WHERE id = 1))",
-        )
-        .bind(&sync_channel)
-        .bind(micros)
-        .execute(&pool);
-        if let Ok(Err(err)) = tokio::time::timeout(SYNC_INTERVAL * 5, sent).await {
-            tracing::debug!(error = %err, "sync notification failed");
+        if conn.is_none() {
+            let connect = async { Ok(PgConnection::connect_with(&link.connect).await?) };
+            match bounded(link.timeout, &link.suspicion, connect).await {
+                Ok(connected) => conn = Some(connected),
+                Err(err) => {
+                    tracing::debug!(error = %err, "heartbeat cannot connect");
+                    continue;
+                }
+            }
+        }
+        let Some(connection) = conn.as_mut() else { continue };
+        let micros = link.epoch.elapsed().as_micros().to_string();
+        let sent = async {
+            sqlx::query(
+                "SELECT pg_notify($1, $2 || ':' || (SELECT value FROM store_revision WHERE id = 1))",
+            )
+            .bind(&link.sync_channel)
+            .bind(micros)
+            .execute(&mut *connection)
+            .await?;
+            Ok(())
+        };
+        if let Err(err) = bounded(link.timeout.min(SYNC_INTERVAL * 5), &link.suspicion, sent).await {
+            tracing::debug!(error = %err, "sync notification failed; reconnecting");
+            conn = None; // dropped: its socket is closed at once
         }
     }
 }
