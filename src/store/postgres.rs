@@ -42,8 +42,9 @@
 //!
 //! One cost remains: sqlx's `PgListener`, when dropped, sends `UNLISTEN *` from a task of
 //! its own with no deadline; on a silenced socket that task waits until the kernel gives
-//! the connection up. Each listener reconnect after a silence can leave one such task
-//! and socket behind for that long.
+//! the connection up. So each listener connection comes from a one-connection pool of its
+//! own, never the shared one, and a reconnect after a silence leaves at most that task and
+//! its socket behind for that long.
 
 use std::{
     sync::{
@@ -203,9 +204,7 @@ impl PgStore {
             .test_before_acquire(false)
             .before_acquire(move |conn, meta| {
                 let suspicion = on_acquire.clone();
-                Box::pin(async move {
-                    Ok(!suspicion.covers(meta.idle_for) || answers(conn).await)
-                })
+                Box::pin(async move { Ok(!suspicion.covers(meta.idle_for) || answers(conn).await) })
             })
             // sqlx pings every released connection and waits for the answer with no
             // deadline; this ping has one, and a connection that misses it is closed.
@@ -220,9 +219,10 @@ impl PgStore {
                 })
             })
             .connect_with(connect.clone());
-        let pool = tokio::time::timeout(options.acquire_timeout.max(options.query_timeout), connecting)
-            .await
-            .map_err(|_| Error::Unavailable("store unavailable: no answer in time".into()))??;
+        let pool =
+            tokio::time::timeout(options.acquire_timeout.max(options.query_timeout), connecting)
+                .await
+                .map_err(|_| Error::Unavailable("store unavailable: no answer in time".into()))??;
         let (loads, pending) = tokio::sync::mpsc::unbounded_channel();
         let timeout = options.query_timeout;
         tokio::spawn(coalesce_loads(pool.clone(), pending, timeout, suspicion.clone()));
@@ -547,10 +547,20 @@ async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
     let mut backoff = Duration::from_millis(50);
     while !tx.is_closed() {
         let connected = async {
-            let mut listener = PgListener::connect_with(&link.pool).await?;
+            // A pool of one of its own for each connection: sqlx's listener hands its
+            // connection back with `UNLISTEN *` and no deadline, which on a silenced
+            // socket would hold a slot of the shared pool for good.
+            let own = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(link.timeout)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_lazy_with(link.connect.clone());
+            let mut listener = PgListener::connect_with(&own).await?;
             listener.eager_reconnect(false);
             listener.listen_all([CHANNEL, link.sync_channel.as_str()]).await?;
-            let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&link.pool).await?;
+            let (revision,): (i64,) =
+                sqlx::query_as(sql::REVISION).fetch_one(&mut listener).await?;
             Ok((listener, revision as Revision))
         };
         let (mut listener, revision) = match bounded(link.timeout, &link.suspicion, connected).await
@@ -639,7 +649,8 @@ async fn heartbeat(link: Link, tx: UnboundedSender<FeedEvent>) {
             .await?;
             Ok(())
         };
-        if let Err(err) = bounded(link.timeout.min(SYNC_INTERVAL * 5), &link.suspicion, sent).await {
+        if let Err(err) = bounded(link.timeout.min(SYNC_INTERVAL * 5), &link.suspicion, sent).await
+        {
             tracing::debug!(error = %err, "sync notification failed; reconnecting");
             conn = None; // dropped: its socket is closed at once
         }

@@ -346,3 +346,10 @@ pub async fn http_get(app: &TestApp, path: &str) -> (String, String) {
     let (head, body) = response.split_once("\r\n\r\n").expect("http response");
     (head.to_owned(), body.to_owned())
 }
+
+/// The value of the unlabelled sample `name` on the app's `/metrics`.
+pub async fn metric(app: &TestApp, name: &str) -> Option<f64> {
+    let (_, body) = http_get(app, "/metrics").await;
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+}

@@ -3,6 +3,7 @@
 
 mod callers;
 mod coherence;
+mod edges;
 mod helpers;
 mod model;
 mod operations;

@@ -121,8 +121,8 @@ impl Proxy {
     }
 }
 
-/// Copies `from` to `to` until either ends; once `silent`, holds both open and forwards
-/// nothing, whatever arrives. `closed` counts the end of `from`.
+/// Copies `from` to `to` until either ends; once `silent`, swallows whatever arrives and
+/// holds `to` open even after `from` ends. `closed` counts the end of `from`.
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
@@ -146,9 +146,7 @@ async fn pump(
             Ok(n) => n,
         };
         if silent.load(Ordering::SeqCst) {
-            let _keep = (from, to);
-            std::future::pending::<()>().await;
-            return;
+            continue; // swallowed: read (so a close is seen) but never delivered
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
