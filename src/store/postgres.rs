@@ -555,7 +555,7 @@ async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
                 .acquire_timeout(link.timeout)
                 .idle_timeout(None)
                 .max_lifetime(None)
-                .connect_lazy_with(link.connect.clone());
+                .connect_lazy_with(link.connect.clone().application_name("rolecheck-listener"));
             let mut listener = PgListener::connect_with(&own).await?;
             listener.eager_reconnect(false);
             listener.listen_all([CHANNEL, link.sync_channel.as_str()]).await?;
@@ -628,7 +628,8 @@ async fn heartbeat(link: Link, tx: UnboundedSender<FeedEvent>) {
     while !tx.is_closed() && !link.pool.is_closed() {
         ticker.tick().await;
         if conn.is_none() {
-            let connect = async { Ok(PgConnection::connect_with(&link.connect).await?) };
+            let options = link.connect.clone().application_name("rolecheck-heartbeat");
+            let connect = async { Ok(PgConnection::connect_with(&options).await?) };
             match bounded(link.timeout, &link.suspicion, connect).await {
                 Ok(connected) => conn = Some(connected),
                 Err(err) => {

@@ -9,7 +9,7 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    helpers::{Backend, TestDb, connect, http_get, spawn, test_config, wait_for},
+    helpers::{Backend, TestDb, connect, http_get, test_config, wait_for},
     tokens::key_files,
 };
 
@@ -71,21 +71,49 @@ async fn metrics_count_requests_cache_store_and_tokens() {
     }
 }
 
+/// `/readyz` and gRPC health come from one probe of the store, so they agree: both
+/// serving, both not while the database is unreachable, both serving again after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_readyz_and_grpc_health_agree() {
-    let app = spawn(Backend::Sqlite).await;
+    let db = TestDb::create(Backend::Postgres).await;
+    let proxy = crate::proxy::Proxy::start().await;
+    let mut config = test_config(&db);
+    config.database_url = Some(rolecheck::config::DatabaseUrl(proxy.url_through(db.url())));
+    let app = crate::helpers::start(config, db).await;
+    let health = HealthClient::new(connect(app.addr).await);
+    let grpc = || {
+        let mut health = health.clone();
+        async move {
+            let request = HealthCheckRequest { service: String::new() };
+            health.check(request).await.expect("health").into_inner().status
+        }
+    };
+    let ready = || async { http_get(&app, "/readyz").await.0.starts_with("HTTP/1.1 200") };
     let (head, _) = http_get(&app, "/healthz").await;
     assert!(head.starts_with("HTTP/1.1 200"));
-    let (head, _) = http_get(&app, "/readyz").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let mut health = HealthClient::new(connect(app.addr).await);
-    let status = health
-        .check(HealthCheckRequest { service: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(status, ServingStatus::Serving as i32);
+    let serving = ServingStatus::Serving as i32;
+    let not_serving = ServingStatus::NotServing as i32;
+    wait_for(Duration::from_secs(5), "ready", || async { ready().await.then_some(()) }).await;
+    assert_eq!(grpc().await, serving);
+
+    proxy.cut();
+    // The health task probes every 2 s; both flip on the same probe, so once one has,
+    // the other follows within far less than a probe period.
+    wait_for(Duration::from_secs(10), "readyz 503", || async { (!ready().await).then_some(()) })
+        .await;
+    wait_for(Duration::from_millis(200), "gRPC NOT_SERVING", || async {
+        (grpc().await == not_serving).then_some(())
+    })
+    .await;
+    let (head, _) = http_get(&app, "/healthz").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "the process is alive: {head}");
+
+    proxy.restore();
+    wait_for(Duration::from_secs(10), "readyz 200", || async { ready().await.then_some(()) }).await;
+    wait_for(Duration::from_millis(200), "gRPC SERVING", || async {
+        (grpc().await == serving).then_some(())
+    })
+    .await;
 }
 
 async fn fresh_migrated_database() -> TestDb {
