@@ -339,46 +339,103 @@ both_stores!(
     postgres_without_a_key_refuses_issue_only,
 );
 
-// The invariant: Check(U, T, R).allowed == R ∈ verify(Issue(U)).authorization[T].roles.
+// The invariant: Check(U, T, R).allowed == R ∈ verify(Issue(U)).authorization[T].roles,
+// with expiries: a role whose expiry passed is in neither, and a token's `exp` is the
+// earlier of its lifetime and the earliest expiry among the roles it carries.
 
 const USERS: [&str; 3] = ["1", "alice", "42"];
 const TENANTS: [&str; 3] = ["", "t0", "t1"];
 const ROLES: [&str; 3] = ["admin", "viewer", "billing:read"];
+/// The default token lifetime (`--token-ttl`).
+const TOKEN_TTL: i64 = 15 * 60;
 
-fn grants() -> impl Strategy<Value = Vec<(usize, usize, Vec<usize>, bool)>> {
+/// When a granted role expires.
+#[derive(Clone, Copy, Debug)]
+enum Expiry {
+    Never,
+    /// This many seconds from now: some before the token lifetime ends, some after.
+    In(i64),
+    /// Two seconds from now: passed by the time the invariant is checked.
+    Soon,
+}
+
+/// (user, tenant, roles, grant (else revoke), expiry of a grant)
+type Op = (usize, usize, Vec<usize>, bool, Expiry);
+
+fn grants() -> impl Strategy<Value = Vec<Op>> {
+    let expiry = prop_oneof![
+        4 => Just(Expiry::Never),
+        4 => (60i64..7200).prop_map(Expiry::In),
+        1 => Just(Expiry::Soon),
+    ];
     proptest::collection::vec(
         (
             0..USERS.len(),
             0..TENANTS.len(),
             proptest::collection::vec(0..ROLES.len(), 1..3),
             any::<bool>(),
+            expiry,
         ),
         1..20,
     )
 }
 
-async fn invariant(
-    backend: Backend,
-    ops: Vec<(usize, usize, Vec<usize>, bool)>,
-) -> Result<(), TestCaseError> {
+fn now_unix() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+        as i64
+}
+
+async fn invariant(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let (app, _keys) = spawn_signing(backend, &[KeyKind::EcP256]).await;
     app.create_tenant("t0").await;
     app.create_tenant("t1").await;
-    for (u, t, roles, grant) in &ops {
-        let roles: Vec<&str> = roles.iter().map(|&r| ROLES[r]).collect();
+    // What each (user, tenant, role) should hold: its expiry (None: never), as the
+    // contract says (re-granting updates the expiry, revoking removes).
+    let mut model: BTreeMap<(usize, usize, usize), Option<i64>> = BTreeMap::new();
+    let mut soonest_passing = None;
+    for (u, t, roles, grant, expiry) in &ops {
+        let names: Vec<String> = roles.iter().map(|&r| ROLES[r].to_owned()).collect();
         if *grant {
-            app.grant(USERS[*u], TENANTS[*t], &roles).await;
+            let at = match expiry {
+                Expiry::Never => None,
+                Expiry::In(secs) => Some(now_unix() + secs),
+                Expiry::Soon => Some(now_unix() + 2),
+            };
+            if matches!(expiry, Expiry::Soon) {
+                soonest_passing = soonest_passing.max(at);
+            }
+            let request = pb::GrantRequest {
+                user_id: USERS[*u].into(),
+                tenant_id: TENANTS[*t].into(),
+                roles: names,
+                expires_at: at.map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+            };
+            app.checks.clone().grant(request).await.expect("grant");
+            for &r in roles {
+                model.insert((*u, *t, r), at);
+            }
         } else {
+            let roles: Vec<&str> = names.iter().map(String::as_str).collect();
             app.revoke(USERS[*u], TENANTS[*t], &roles).await;
+            for &r in &roles_of(&names) {
+                model.remove(&(*u, *t, r));
+            }
         }
     }
+    // Wait (on the clock, not for luck) until every "soon" expiry has passed.
+    if let Some(at) = soonest_passing {
+        while now_unix() <= at {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    let now = now_unix();
     let mut issued = Vec::new();
     for user in USERS {
         issued.push(issue(&app, user, &[], 0).await);
     }
     let tokens: Vec<String> = issued.iter().map(|i| i.access_token.clone()).collect();
     let verdicts = verify(&app, &tokens);
-    for ((user, verdict), minted) in USERS.iter().zip(&verdicts).zip(&issued) {
+    for (u, ((user, verdict), minted)) in USERS.iter().zip(&verdicts).zip(&issued).enumerate() {
         prop_assert_eq!(&verdict["ok"], &json!(true));
         let object = authorization_of(&verdict["payload"]);
         let got = app
@@ -395,10 +452,11 @@ async fn invariant(
         let direct: BTreeMap<String, Vec<String>> =
             got.authorization.into_iter().map(|(t, r)| (t, r.roles)).collect();
         prop_assert_eq!(&object, &direct);
-        for tenant in TENANTS {
+        let mut earliest = None::<i64>;
+        for (t, tenant) in TENANTS.iter().enumerate() {
             let key = if tenant.is_empty() { "app" } else { tenant };
-            for role in ROLES {
-                let in_token = object.get(key).is_some_and(|r| r.iter().any(|x| x == role));
+            for (r, role) in ROLES.iter().enumerate() {
+                let in_token = object.get(key).is_some_and(|held| held.iter().any(|x| x == role));
                 prop_assert_eq!(
                     app.check(user, tenant, role).await,
                     in_token,
@@ -407,18 +465,35 @@ async fn invariant(
                     key,
                     role
                 );
+                let live = match model.get(&(u, t, r)) {
+                    None => false,
+                    Some(None) => true,
+                    Some(Some(at)) => *at > now,
+                };
+                prop_assert_eq!(in_token, live, "model: {} {} {}", user, key, role);
+                if let (true, Some(Some(at))) = (in_token, model.get(&(u, t, r))) {
+                    earliest = Some(earliest.map_or(*at, |e| e.min(*at)));
+                }
             }
         }
+        let payload = &verdict["payload"];
+        let (iat, exp) =
+            (payload["iat"].as_i64().expect("iat"), payload["exp"].as_i64().expect("exp"));
+        let want = earliest.map_or(iat + TOKEN_TTL, |at| at.min(iat + TOKEN_TTL));
+        prop_assert_eq!(exp, want, "exp of {}'s token", user);
+        prop_assert_eq!(minted.expires_at.as_ref().map(|t| t.seconds), Some(exp));
         let number = user.parse::<i64>().ok().map(Value::from).unwrap_or_else(|| json!(user));
-        prop_assert_eq!(&verdict["payload"]["userId"], &number);
+        prop_assert_eq!(&payload["userId"], &number);
     }
     Ok(())
 }
 
-fn run_blocking(
-    backend: Backend,
-    ops: Vec<(usize, usize, Vec<usize>, bool)>,
-) -> Result<(), TestCaseError> {
+/// Role indices of role names.
+fn roles_of(names: &[String]) -> Vec<usize> {
+    names.iter().map(|n| ROLES.iter().position(|r| r == n).expect("known role")).collect()
+}
+
+fn run_blocking(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
