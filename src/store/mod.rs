@@ -22,6 +22,7 @@ use crate::{
 
 pub use measured::MeasuredStore;
 pub use postgres::PgStore;
+pub use sql::list_changes_sql;
 pub use sqlite::SqliteStore;
 
 /// A tenant as stored.

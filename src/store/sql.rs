@@ -60,17 +60,44 @@ pub const INSERT_CHANGE: &str = "INSERT INTO changes \
     (revision, kind, tenant_id, user_id, roles, committed_at, caller) \
     VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
-/// The audit trail: history after a revision, filtered (empty filters match all).
-pub const LIST_CHANGES: &str = "\
-    SELECT revision, kind, tenant_id, user_id, roles, caller, committed_at FROM changes \
-    WHERE revision > $1 AND ($2 = '' OR tenant_id = $2) AND ($3 = '' OR user_id = $3) \
-      AND ($4 = '' OR caller = $4) \
-    ORDER BY revision LIMIT $5";
+/// The audit trail: history after a revision matching `filter` (an empty field matches
+/// all), in revision order, as one statement per filter shape. Parameters: `$1` the
+/// revision, then the filter's non-empty fields in the order tenant, user, caller, then
+/// the limit.
+///
+/// Only the conditions a filter has are in the statement, so every shape, prepared once
+/// and run with a generic plan, can use its index: `changes_by_tenant`,
+/// `changes_by_user` or `changes_by_caller` (each `(column, revision)`, so the rows come
+/// in revision order and `LIMIT` stops the scan). A test holds the generic plans to that
+/// (`list_changes_filters_use_their_index`); for example, with a caller filter:
+///
+/// ```text
+/// Limit
+///   ->  Index Scan using changes_by_caller on changes
+///         Index Cond: ((caller = $2) AND (revision > $1))
+/// ```
+pub fn list_changes_sql(filter: &crate::store::ChangeFilter) -> String {
+    let mut sql = String::from(
+        "SELECT revision, kind, tenant_id, user_id, roles, caller, committed_at FROM changes \
+         WHERE revision > $1",
+    );
+    let mut n = 1;
+    for (column, value) in
+        [("tenant_id", &filter.tenant_id), ("user_id", &filter.user_id), ("caller", &filter.caller)]
+    {
+        if !value.is_empty() {
+            n += 1;
+            sql.push_str(&format!(" AND {column} = ${n}"));
+        }
+    }
+    sql.push_str(&format!(" ORDER BY revision LIMIT ${}", n + 1));
+    sql
+}
 
-/// A row of [`LIST_CHANGES`].
+/// A row of [`list_changes_sql`].
 pub type AuditRow = (i64, String, String, String, String, String, i64);
 
-/// Folds [`LIST_CHANGES`] rows into history entries.
+/// Folds [`list_changes_sql`] rows into history entries.
 pub fn audit_from(rows: Vec<AuditRow>) -> Vec<crate::store::HistoryEntry> {
     rows.into_iter()
         .filter_map(|(revision, kind, tenant_id, user_id, roles, caller, committed_at_ms)| {

@@ -165,15 +165,15 @@ macro_rules! sql_store {
                 after: $crate::domain::Revision,
                 limit: u32,
             ) -> $crate::error::Result<Vec<$crate::store::HistoryEntry>> {
-                let rows: Vec<$crate::store::sql::AuditRow> =
-                    sqlx::query_as($crate::store::sql::LIST_CHANGES)
-                        .bind(after as i64)
-                        .bind(filter.tenant_id.as_str())
-                        .bind(filter.user_id.as_str())
-                        .bind(filter.caller.as_str())
-                        .bind(i64::from(limit))
-                        .fetch_all(self.read_pool())
-                        .await?;
+                let sql = $crate::store::sql::list_changes_sql(filter);
+                let mut query =
+                    sqlx::query_as::<_, $crate::store::sql::AuditRow>(&sql).bind(after as i64);
+                for value in [&filter.tenant_id, &filter.user_id, &filter.caller] {
+                    if !value.is_empty() {
+                        query = query.bind(value.as_str());
+                    }
+                }
+                let rows = query.bind(i64::from(limit)).fetch_all(self.read_pool()).await?;
                 Ok($crate::store::sql::audit_from(rows))
             }
 
