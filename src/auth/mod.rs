@@ -456,4 +456,25 @@ mod tests {
         assert!(KeyRing::parse("[[key]]\nname = \"x\"\nscopes = [\"root\"]").is_err());
         assert!(KeyRing::parse("nonsense = 1").is_err());
     }
+
+    /// The keys files the Kubernetes manifests ship parse and list something, so the
+    /// manifests start as they are (once their placeholders are replaced).
+    #[test]
+    fn the_manifests_keys_files_start() {
+        for manifest in
+            ["deploy/kubernetes/central/secrets.yaml", "deploy/kubernetes/sidecar/secrets.yaml"]
+        {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(manifest);
+            let yaml = std::fs::read_to_string(&path).expect("manifest");
+            let start = yaml.find("keys.toml: |").expect("a keys.toml block");
+            let mut lines = yaml[start..].lines().skip(1).peekable();
+            let indent = lines.peek().map_or(0, |l| l.len() - l.trim_start().len());
+            let toml: String = lines
+                .take_while(|l| l.len() - l.trim_start().len() >= indent && !l.trim().is_empty())
+                .map(|l| format!("{}\n", &l[indent..]))
+                .collect();
+            let ring = KeyRing::parse(&toml).unwrap_or_else(|e| panic!("{manifest}: {e}"));
+            assert!(!ring.keys.is_empty(), "{manifest}");
+        }
+    }
 }
