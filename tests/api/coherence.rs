@@ -19,18 +19,11 @@ use tonic::Code;
 
 use crate::{
     both_stores,
-    helpers::{Backend, TestApp, TestDb, spawn, spawn_with, start, test_config, wait_for},
+    helpers::{
+        Backend, TestApp, TestDb, check_req, spawn, spawn_with, start, test_config, wait_for,
+    },
     proxy::Proxy,
 };
-
-fn check_req(user: &str, tenant: &str, role: &str, min_revision: u64) -> pb::CheckRequest {
-    pb::CheckRequest {
-        user_id: user.into(),
-        tenant_id: tenant.into(),
-        role: role.into(),
-        min_revision,
-    }
-}
 
 /// The default `--coherence-lease`, which these tests run with.
 const LEASE: Duration = Duration::from_secs(1);

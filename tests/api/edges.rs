@@ -7,18 +7,9 @@ use rolecheck::pb;
 use tonic::Code;
 
 use crate::{
-    helpers::{Backend, TestApp, TestDb, connect, metric, start, test_config, wait_for},
+    helpers::{Backend, TestApp, TestDb, check_req, connect, metric, start, test_config, wait_for},
     proxy::Proxy,
 };
-
-fn check_req(user: &str, tenant: &str, role: &str, min_revision: u64) -> pb::CheckRequest {
-    pb::CheckRequest {
-        user_id: user.into(),
-        tenant_id: tenant.into(),
-        role: role.into(),
-        min_revision,
-    }
-}
 
 /// What a Check on `app` answers: allowed, or the status code.
 async fn ask(app: &TestApp, user: &str, min_revision: u64) -> Result<bool, Code> {
@@ -144,7 +135,6 @@ async fn a_silent_network_to_postgres_fails_closed_and_recovers_by_itself() {
 /// Unauthenticated calls to random paths add no label values to `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_paths_do_not_grow_the_metrics() {
-    use tonic::codegen::http;
     let dir = tempfile::tempdir().expect("dir");
     let keys = dir.path().join("keys.toml");
     std::fs::write(&keys, crate::callers::keys_toml(&[("k", "k-secret", &["check"])], &[]))
@@ -180,7 +170,6 @@ async fn random_paths_do_not_grow_the_metrics() {
         after.len()
     );
     assert!(after.contains(r#"method="unknown",code="Unimplemented""#), "{after}");
-    let _ = http::Method::GET;
 }
 
 /// Watch streams are capped per caller and in total; a closed stream frees its place.
@@ -336,4 +325,22 @@ async fn a_vanished_client_is_reaped_by_keepalive() {
         (proxy.target_closed() >= 1).then_some(())
     })
     .await;
+}
+
+/// A client that opens the HTTP port and never finishes its request headers is cut off
+/// by hyper's header-read timeout (5 s), not kept forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = crate::helpers::spawn(Backend::Sqlite).await;
+    let mut slow = tokio::net::TcpStream::connect(app.http).await.expect("connect");
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.expect("send");
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection was still open after 10 s");
+    assert!(started.elapsed() >= Duration::from_secs(4), "cut after {:?}", started.elapsed());
+    // Other clients are served meanwhile and after.
+    let (head, _) = crate::helpers::http_get(&app, "/healthz").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }

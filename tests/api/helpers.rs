@@ -353,3 +353,13 @@ pub async fn metric(app: &TestApp, name: &str) -> Option<f64> {
     body.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
 }
+
+/// A Check request.
+pub fn check_req(user: &str, tenant: &str, role: &str, min_revision: u64) -> pb::CheckRequest {
+    pb::CheckRequest {
+        user_id: user.into(),
+        tenant_id: tenant.into(),
+        role: role.into(),
+        min_revision,
+    }
+}
