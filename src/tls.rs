@@ -39,11 +39,11 @@ use crate::{
 };
 
 /// Longest a client may take to finish the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most handshakes in flight per listener; past it, the listener stops accepting until one
 /// ends (the kernel's backlog holds the rest), so a flood of idle connections costs a
 /// bounded amount of memory and CPU.
-const MAX_HANDSHAKES: usize = 128;
+const MAX_HANDSHAKES: usize = 1024;
 
 /// The TLS files and the configuration built from them.
 pub struct Tls {

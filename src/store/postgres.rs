@@ -242,8 +242,16 @@ impl PgStore {
     }
 
     /// Applies the embedded migrations. Refuses a schema newer than this binary knows.
+    ///
+    /// Migrations run on a connection of their own with no `statement_timeout` (building
+    /// an index on a long history may take longer than any query should), which is
+    /// closed afterwards so the setting never reaches the pool.
     pub async fn migrate(&self) -> Result<()> {
-        self.migrator().run(&self.pool).await?;
+        let mut conn = PgConnection::connect_with(&self.connect).await?;
+        sqlx::query("SET statement_timeout = 0").execute(&mut conn).await?;
+        let migrated = self.migrator().run(&mut conn).await;
+        let _ = conn.close().await;
+        migrated?;
         Ok(())
     }
 
@@ -555,7 +563,13 @@ async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
                 .acquire_timeout(link.timeout)
                 .idle_timeout(None)
                 .max_lifetime(None)
-                .connect_lazy_with(link.connect.clone().application_name("rolecheck-listener"));
+                .connect_lazy_with(
+                    link.connect
+                        .clone()
+                        .application_name("rolecheck-listener")
+                        // It only listens: never end it for being idle.
+                        .options([("idle_session_timeout", "0")]),
+                );
             let mut listener = PgListener::connect_with(&own).await?;
             listener.eager_reconnect(false);
             listener.listen_all([CHANNEL, link.sync_channel.as_str()]).await?;
