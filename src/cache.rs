@@ -74,9 +74,45 @@ impl Expiry<UserId, Arc<Entry>> for EntryExpiry {
     }
 }
 
+/// Deleted tenants: roles read before the revision that deleted a tenant, naming it, are
+/// stale. Checked at read time only while any is kept, so a deletion costs the users of
+/// other tenants nothing.
+#[derive(Default)]
+struct Tombstones {
+    /// How many are kept: a read looks no further while this is 0.
+    count: std::sync::atomic::AtomicUsize,
+    /// Tenant -> (revision that deleted it, when it was heard of).
+    deleted: std::sync::RwLock<std::collections::HashMap<Box<str>, (Revision, std::time::Instant)>>,
+}
+
+impl Tombstones {
+    /// Whether `roles` were read before the deletion of a tenant they name.
+    fn buries(&self, roles: &UserRoles) -> bool {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let Ok(deleted) = self.deleted.read() else { return true };
+        roles.names_tenant(|tenant| deleted.get(tenant).is_some_and(|(at, _)| roles.revision < *at))
+    }
+
+    /// Records a deletion; drops tombstones older than `keep` (no entry read before them
+    /// can still be cached).
+    fn bury(&self, tenant: &str, revision: Revision, keep: Duration) {
+        let Ok(mut deleted) = self.deleted.write() else { return };
+        let now = std::time::Instant::now();
+        deleted.retain(|_, (_, heard)| now.duration_since(*heard) < keep);
+        let entry = deleted.entry(tenant.into()).or_insert((revision, now));
+        *entry = (entry.0.max(revision), now);
+        self.count.store(deleted.len(), Ordering::Release);
+    }
+}
+
 /// A [`Store`] that answers `user_roles` from memory.
 pub struct CachedStore {
     inner: Arc<dyn Store>,
+    tombstones: Tombstones,
+    /// How long a tombstone is kept: past it no entry read before it can remain.
+    tombstone_life: Duration,
     cache: Cache<UserId, Arc<Entry>>,
     generations: Box<[AtomicU64]>,
     hasher: RandomState,
@@ -110,6 +146,8 @@ impl CachedStore {
             Cache::builder().max_capacity(capacity).expire_after(EntryExpiry { ttl }).build();
         Self {
             inner,
+            tombstones: Tombstones::default(),
+            tombstone_life: ttl * 2 + Duration::from_secs(60),
             cache,
             generations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             hasher: RandomState::new(),
@@ -174,7 +212,10 @@ impl Store for CachedStore {
                 .await
                 .map_err(Error::unshare)?;
             let revision = entry.snapshot.revision.max(applied);
-            if entry.generation == generation.load(Ordering::SeqCst) && revision >= min_revision {
+            if entry.generation == generation.load(Ordering::SeqCst)
+                && revision >= min_revision
+                && !self.tombstones.buries(&entry.snapshot)
+            {
                 if !loaded.load(Ordering::Relaxed) {
                     self.hits.inc();
                 }
@@ -198,7 +239,9 @@ impl Store for CachedStore {
         // housekeeping first, and then `user_roles` waits for it.
         let entry = self.cache.get(user).now_or_never()??;
         let revision = entry.snapshot.revision.max(applied);
-        if entry.generation != self.generation(user).load(Ordering::SeqCst) {
+        if entry.generation != self.generation(user).load(Ordering::SeqCst)
+            || self.tombstones.buries(&entry.snapshot)
+        {
             return None;
         }
         Some(Answer { roles: entry.snapshot.clone(), revision })
@@ -240,9 +283,11 @@ impl Store for CachedStore {
     }
 
     async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
-        let result = self.inner.delete_tenant(id, caller).await;
-        self.forget_all().await;
-        result
+        // The caller reads its own deletion here at once; the change feed announces it
+        // too (to every replica, and here when this caller went away after the COMMIT).
+        let revision = self.inner.delete_tenant(id, caller).await?;
+        self.tombstones.bury(id.as_str(), revision, self.tombstone_life);
+        Ok(revision)
     }
 
     async fn revision(&self) -> Result<Revision> {
@@ -281,6 +326,11 @@ impl Invalidate for CachedStore {
         match stale {
             Stale::Nobody => {}
             Stale::User(user) => self.forget(&UserId::trusted(user.clone())).await,
+            Stale::Tenant { tenant, revision } => {
+                // Loads in flight may have read before the deletion: the tombstone catches
+                // what they insert, as it does every entry already cached.
+                self.tombstones.bury(tenant, *revision, self.tombstone_life);
+            }
             Stale::Everyone => self.forget_all().await,
         }
     }

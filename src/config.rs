@@ -215,6 +215,11 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
+    /// Fault injection for tests: every write waits this long right after its COMMIT,
+    /// before it is announced and answered. Never set it in production.
+    #[arg(long, env = "ROLECHECK_FAULT_DELAY_AFTER_COMMIT", hide = true, value_parser = humantime::parse_duration)]
+    pub fault_delay_after_commit: Option<Duration>,
+
     /// Do not apply migrations at start (leave them to `rolecheck migrate`).
     #[arg(long, env = "ROLECHECK_NO_MIGRATE")]
     pub no_migrate: bool,

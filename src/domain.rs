@@ -179,6 +179,17 @@ impl UserRoles {
         out
     }
 
+    /// Whether any role (live or not) is held in a tenant `tenant` accepts.
+    pub fn names_tenant(&self, mut tenant: impl FnMut(&str) -> bool) -> bool {
+        let mut last = None;
+        self.held.iter().any(|held| {
+            let name = self.name(held.tenant);
+            let fresh = last != Some(name);
+            last = Some(name);
+            fresh && tenant(name)
+        })
+    }
+
     /// The earliest expiry among roles still live at `now`, if any expires.
     pub fn earliest_expiry(&self, now: UnixSeconds) -> Option<UnixSeconds> {
         self.earliest_expiry_in(now, |_| true)

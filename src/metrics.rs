@@ -259,7 +259,12 @@ where
         let metrics = self.metrics.clone();
         Box::pin(
             async move {
-                let response = response.await?;
+                // A call dropped before it answers (its caller went away: a deadline, a
+                // reset stream, a closed connection) is counted as `Cancelled`.
+                let mut unanswered = Unanswered { metrics: Some(metrics.clone()), method, started };
+                let response = response.await;
+                unanswered.metrics = None;
+                let response = response?;
                 let code = response
                     .headers()
                     .get("grpc-status")
@@ -276,5 +281,23 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// Records a call as `Cancelled` if it is dropped before it answers.
+struct Unanswered {
+    metrics: Option<Arc<Metrics>>,
+    method: &'static str,
+    started: Instant,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics
+                .requests
+                .get_or_create(&RequestLabels { method: self.method, code: "Cancelled" })
+                .observe(self.started.elapsed().as_secs_f64());
+        }
     }
 }

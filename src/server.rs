@@ -155,7 +155,13 @@ impl Server {
     /// finish, and closes the store's connections.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let store_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // One probe before serving, so readiness and gRPC health are known from the start.
+        let initially = self.store.revision().await.is_ok();
+        let store_ready = Arc::new(std::sync::atomic::AtomicBool::new(initially));
+        let status = if initially { ServingStatus::Serving } else { ServingStatus::NotServing };
+        for service in HEALTH_SERVICES {
+            health.set_service_status(service, status).await;
+        }
         let health_task =
             tokio::spawn(watch_health(health.clone(), self.store.clone(), store_ready.clone()));
         let prune_task =
@@ -338,6 +344,7 @@ async fn open_store(
         acquire_timeout: config.db_acquire_timeout,
         query_timeout: config.db_query_timeout,
         listener_silence: listener_silence(config.coherence_lease),
+        fault_after_commit: config.fault_delay_after_commit,
     };
     let url = config.database_url.as_ref().map(|url| url.0.as_str());
     let deadline = tokio::time::Instant::now() + config.db_startup_wait;

@@ -280,17 +280,28 @@ pub enum Stale {
     Nobody,
     /// One user's.
     User(String),
-    /// Anyone's (a tenant was deleted).
+    /// Every member's of a tenant deleted at a revision: roles read before it that name
+    /// the tenant.
+    Tenant {
+        /// The deleted tenant.
+        tenant: String,
+        /// The revision that deleted it.
+        revision: Revision,
+    },
+    /// Anyone's (the feed was lost or restarted).
     Everyone,
 }
 
 impl Stale {
-    /// Who a change makes stale.
-    pub fn of(kind: ChangeKind, user: &str) -> Self {
+    /// Who a change at `revision` makes stale: for a membership, `subject` is the user;
+    /// for a deleted tenant, the tenant.
+    pub fn of(kind: ChangeKind, subject: &str, revision: Revision) -> Self {
         match kind {
-            ChangeKind::Membership => Stale::User(user.to_owned()),
+            ChangeKind::Membership => Stale::User(subject.to_owned()),
             ChangeKind::TenantCreated => Stale::Nobody,
-            ChangeKind::TenantDeleted => Stale::Everyone,
+            // An announcement from an older replica names no tenant.
+            ChangeKind::TenantDeleted if subject.is_empty() => Stale::Everyone,
+            ChangeKind::TenantDeleted => Stale::Tenant { tenant: subject.to_owned(), revision },
         }
     }
 }
@@ -318,6 +329,40 @@ pub struct StoreOptions {
     /// Postgres: the change listener reconnects when it has heard nothing, not even its
     /// own sync notification, for this long.
     pub listener_silence: Duration,
+    /// A fault point for tests: every write waits this long right after its COMMIT,
+    /// before it is announced and answered.
+    pub fault_after_commit: Option<Duration>,
+}
+
+/// Most writes waiting for their turn (the Postgres writer's queue, the SQLite write
+/// lock's waiters); past it a write is `UNAVAILABLE` at once rather than queued without
+/// bound.
+pub const MAX_QUEUED_WRITES: usize = 4096;
+
+/// Announces committed writes on an in-process change feed (the embedded store);
+/// Postgres announces with `NOTIFY`, delivered at COMMIT, so its announcer is silent.
+#[derive(Clone, Debug)]
+pub struct Announcer(Option<tokio::sync::mpsc::UnboundedSender<FeedEvent>>);
+
+impl Announcer {
+    /// Announces on `feed`.
+    pub fn on(feed: tokio::sync::mpsc::UnboundedSender<FeedEvent>) -> Self {
+        Self(Some(feed))
+    }
+
+    /// Announces nothing (the database does).
+    pub fn database() -> Self {
+        Self(None)
+    }
+
+    /// The write that changed `kind` for `subject` (the user of a membership, the
+    /// tenant of a tenant change) committed at `revision`.
+    pub fn committed(&self, revision: Revision, kind: ChangeKind, subject: &str) {
+        if let Some(feed) = &self.0 {
+            let stale = Stale::of(kind, subject, revision);
+            let _ = feed.send(FeedEvent::Changed { revision, stale });
+        }
+    }
 }
 
 impl StoreOptions {
@@ -329,6 +374,7 @@ impl StoreOptions {
             acquire_timeout,
             query_timeout: Duration::from_secs(5),
             listener_silence: Duration::from_secs(2),
+            fault_after_commit: None,
         }
     }
 }

@@ -1,9 +1,10 @@
 //! The production store: Postgres, with a change feed over `LISTEN/NOTIFY`.
 //!
-//! Every write transaction sends `NOTIFY rolecheck, '<revision>:<kind>:<user>'`, which
-//! Postgres delivers at commit, in commit order (so in revision order). The payload names
-//! one user at most, so it stays far below the 8000-byte limit even when a tenant with a
-//! million members is deleted (`<revision>:d:` means "everyone").
+//! Every write transaction sends `NOTIFY rolecheck, '<revision>:<kind>:<subject>'`, which
+//! Postgres delivers at commit, in commit order (so in revision order). The subject is
+//! the user of a membership change, or the tenant of a deleted one (`<revision>:d:<tenant>`:
+//! every member's roles read before it), so the payload stays far below the 8000-byte
+//! limit even when a tenant with a million members is deleted.
 //!
 //! A listener that silently stops hearing would let a cache serve revoked roles, so each
 //! replica also sends itself a sync notification on a private channel every
@@ -59,8 +60,8 @@ use sqlx::{
     postgres::{PgConnectOptions, PgListener, PgPoolOptions},
 };
 use tokio::sync::{
-    Semaphore,
-    mpsc::{UnboundedReceiver, UnboundedSender},
+    OwnedMutexGuard, Semaphore,
+    mpsc::{self, UnboundedReceiver, UnboundedSender},
     oneshot,
 };
 
@@ -68,8 +69,8 @@ use crate::{
     domain::{Revision, TenantId, UserId, UserRoles},
     error::{Error, Result},
     store::{
-        ChangeKind, ChangeRef, Feed, FeedEvent, MembershipWrite, Stale, StoreOptions, WriteKind,
-        sql,
+        Announcer, ChangeKind, ChangeRef, Feed, FeedEvent, MAX_QUEUED_WRITES, MembershipWrite,
+        Stale, StoreOptions, WriteKind, sql,
     },
 };
 
@@ -177,8 +178,10 @@ pub struct PgStore {
     committing: tokio::sync::Mutex<()>,
     /// Misses for the coalescing loader (see the module docs).
     loads: UnboundedSender<PendingLoad>,
-    /// Membership writes for the batch writer (see the module docs).
-    writes: UnboundedSender<PendingWrite>,
+    /// Membership writes for the batch writer (see the module docs), at most
+    /// [`MAX_QUEUED_WRITES`] waiting.
+    writes: mpsc::Sender<PendingWrite>,
+    fault_after_commit: Option<Duration>,
 }
 
 impl PgStore {
@@ -226,8 +229,10 @@ impl PgStore {
         let (loads, pending) = tokio::sync::mpsc::unbounded_channel();
         let timeout = options.query_timeout;
         tokio::spawn(coalesce_loads(pool.clone(), pending, timeout, suspicion.clone()));
-        let (writes, queued) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(write_batches(pool.clone(), queued, timeout, suspicion.clone()));
+        let (writes, queued) = mpsc::channel(MAX_QUEUED_WRITES);
+        let writer =
+            Writer { timeout, suspicion: suspicion.clone(), fault: options.fault_after_commit };
+        tokio::spawn(write_batches(pool.clone(), queued, writer));
         Ok(Self {
             pool,
             connect,
@@ -235,6 +240,7 @@ impl PgStore {
             committing: Default::default(),
             loads,
             writes,
+            fault_after_commit: options.fault_after_commit,
             query_timeout: timeout,
             listener_silence: options.listener_silence,
             suspicion,
@@ -285,8 +291,8 @@ impl PgStore {
     }
 
     /// Postgres orders concurrent writers itself (the revision row lock).
-    async fn write_guard(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        None
+    async fn write_guard(&self) -> Result<Option<OwnedMutexGuard<()>>> {
+        Ok(None)
     }
 
     /// Held from taking the revision until COMMIT returns. The revision row lock already
@@ -297,11 +303,19 @@ impl PgStore {
         Some(self.committing.lock().await)
     }
 
-    /// Queues the write for the batch writer (see the module docs).
+    /// Queues the write for the batch writer (see the module docs). A full queue is
+    /// `UNAVAILABLE` at once. A caller that goes away while its write is still queued
+    /// drops it: the writer skips writes nobody waits for, so a write never lands after
+    /// its caller gave up on it unseen (and perhaps retried elsewhere).
     async fn write_member(&self, write: &MembershipWrite) -> Result<Revision> {
         let (tx, rx) = oneshot::channel();
         let closed = || Error::Unavailable("store closed".into());
-        self.writes.send((write.clone(), tx)).map_err(|_| closed())?;
+        self.writes.try_send((write.clone(), tx)).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => {
+                Error::Unavailable("store unavailable: too many writes queued, retry".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => closed(),
+        })?;
         rx.await.map_err(|_| closed())?
     }
 
@@ -327,7 +341,14 @@ impl PgStore {
         Ok(revision as Revision)
     }
 
-    fn committed(&self, _revision: Revision, _change: &ChangeRef<'_>) {}
+    /// `NOTIFY` announces at COMMIT.
+    fn announcer(&self) -> Announcer {
+        Announcer::database()
+    }
+
+    fn fault_after_commit(&self) -> Option<Duration> {
+        self.fault_after_commit
+    }
 
     /// Starts the listener and the sync heartbeat; both stop when the feed is dropped.
     async fn feed(&self) -> Result<Feed> {
@@ -352,13 +373,13 @@ impl PgStore {
 /// Applies a batch of membership writes; one revision (or -1: no such tenant) per write.
 const APPLY: &str = "SELECT rolecheck_apply($1::text::jsonb, $2, $3)";
 
-/// `first` and whatever else is queued right now, up to `max` in all.
-fn take_batch<T>(first: T, queue: &mut UnboundedReceiver<T>, max: usize) -> Vec<T> {
+/// `first` and whatever else `next` has right now, up to `max` in all.
+fn take_batch<T>(first: T, mut next: impl FnMut() -> Option<T>, max: usize) -> Vec<T> {
     let mut batch = vec![first];
     while batch.len() < max {
-        match queue.try_recv() {
-            Ok(next) => batch.push(next),
-            Err(_) => break,
+        match next() {
+            Some(item) => batch.push(item),
+            None => break,
         }
     }
     batch
@@ -372,26 +393,27 @@ fn fail_all<K, T>(batch: Vec<(K, oneshot::Sender<Result<T>>)>, error: Error) {
     }
 }
 
-/// Runs the writes queued on `queued`, a batch at a time, each within `timeout`. Ends when
-/// the store is dropped.
-async fn write_batches(
-    pool: PgPool,
-    mut queued: UnboundedReceiver<PendingWrite>,
+/// How the batch writer runs: each batch within `timeout`, and the test fault point.
+struct Writer {
     timeout: Duration,
     suspicion: Suspicion,
-) {
+    fault: Option<Duration>,
+}
+
+/// Runs the writes queued on `queued`, a batch at a time. Ends when the store is dropped.
+async fn write_batches(pool: PgPool, mut queued: mpsc::Receiver<PendingWrite>, writer: Writer) {
     while let Some(first) = queued.recv().await {
-        let batch = take_batch(first, &mut queued, WRITE_BATCH);
-        write_batch(&pool, batch, timeout, &suspicion).await;
+        let mut batch = take_batch(first, || queued.try_recv().ok(), WRITE_BATCH);
+        // Writes whose caller went away before the database saw them are dropped.
+        batch.retain(|(_, reply)| !reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        write_batch(&pool, batch, &writer).await;
     }
 }
 
-async fn write_batch(
-    pool: &PgPool,
-    batch: Vec<PendingWrite>,
-    timeout: Duration,
-    suspicion: &Suspicion,
-) {
+async fn write_batch(pool: &PgPool, batch: Vec<PendingWrite>, writer: &Writer) {
     let writes: Vec<serde_json::Value> = batch
         .iter()
         .map(|(write, _)| {
@@ -421,7 +443,10 @@ async fn write_batch(
         tx.commit().await?;
         Ok::<_, Error>(revisions)
     };
-    let applied = bounded(timeout, suspicion, applied).await;
+    let applied = bounded(writer.timeout, &writer.suspicion, applied).await;
+    if let Some(delay) = writer.fault {
+        tokio::time::sleep(delay).await;
+    }
     match applied {
         Ok(revisions) if revisions.len() == batch.len() => {
             for ((write, reply), (revision,)) in batch.into_iter().zip(revisions) {
@@ -461,7 +486,7 @@ async fn coalesce_loads(
     let slots = std::sync::Arc::new(Semaphore::new(LOAD_CONCURRENCY));
     while let Some(first) = pending.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let mut batch = take_batch(first, &mut pending, LOAD_BATCH);
+        let mut batch = take_batch(first, || pending.try_recv().ok(), LOAD_BATCH);
         // Skip loads nobody waits for any more (a caller that gave up, or a batch that
         // only tried the cache without waiting).
         batch.retain(|(_, reply)| !reply.is_closed());
@@ -511,13 +536,15 @@ async fn load_batch(
     }
 }
 
-/// Bumps the revision, inserts the history row and queues the `<revision>:<kind>:<user>`
-/// notification, in one statement.
+/// Bumps the revision, inserts the history row and queues the
+/// `<revision>:<kind>:<subject>` notification (the user of a membership change, the
+/// tenant of a deleted one), in one statement.
 const RECORD_CHANGE: &str = "\
     WITH r AS (UPDATE store_revision SET value = value + 1 WHERE id = 1 RETURNING value), \
     c AS (INSERT INTO changes (revision, kind, tenant_id, user_id, roles, committed_at, caller) \
         SELECT value, $1::text, $2, $3, $4, $5, $6 FROM r RETURNING revision) \
-    SELECT revision, pg_notify($7, revision || ':' || $1::text || ':' || $3) FROM c";
+    SELECT revision, pg_notify($7, revision || ':' || $1::text || ':' || \
+        CASE WHEN $1::text = 'd' THEN $2 ELSE $3 END) FROM c";
 
 /// Parses `<revision>:<kind>:<user>`.
 fn parse_change(payload: &str) -> Option<FeedEvent> {
@@ -525,7 +552,7 @@ fn parse_change(payload: &str) -> Option<FeedEvent> {
     let revision = parts.next()?.parse().ok()?;
     let kind = ChangeKind::from_code(parts.next()?)?;
     let user = parts.next().unwrap_or_default();
-    Some(FeedEvent::Changed { revision, stale: Stale::of(kind, user) })
+    Some(FeedEvent::Changed { revision, stale: Stale::of(kind, user, revision) })
 }
 
 /// Parses the sync payload `<micros since epoch>:<revision>`.

@@ -1,7 +1,8 @@
 //! The one implementation of [`Store`](crate::store::Store) over the shared SQL in
 //! `sql.rs`, expanded for each backend's pool type. A backend provides `read_pool()`,
-//! `write_pool()`, `application_id()`, `read_user()`, `write_member()`, `write_guard()`, `commit_guard()`, `record()`, `committed()`,
-//! `feed()` and `migrator()`.
+//! `write_pool()`, `application_id()`, `read_user()`, `write_member()`, `write_guard()`,
+//! `commit_guard()`, `record()`, `announcer()`, `fault_after_commit()`, `feed()` and
+//! `migrator()`.
 
 /// Implements [`crate::store::Store`] for a backend struct over sqlx database `$db`.
 macro_rules! sql_store {
@@ -48,7 +49,7 @@ macro_rules! sql_store {
                 tenant: &$crate::store::Tenant,
                 caller: &str,
             ) -> $crate::error::Result<$crate::domain::Revision> {
-                let _serial = self.write_guard().await;
+                let serial = self.write_guard().await?;
                 let mut tx = self.write_pool().begin().await?;
                 let inserted = sqlx::query($crate::store::sql::INSERT_TENANT)
                     .bind(tenant.id.as_str())
@@ -71,7 +72,7 @@ macro_rules! sql_store {
                     user: "",
                     caller,
                 };
-                self.finish_write(tx, change).await
+                self.finish_write(tx, change, serial).await
             }
 
             async fn get_tenant(
@@ -112,7 +113,7 @@ macro_rules! sql_store {
                         "tenant {id} is the application tenant and cannot be deleted"
                     )));
                 }
-                let _serial = self.write_guard().await;
+                let serial = self.write_guard().await?;
                 let mut tx = self.write_pool().begin().await?;
                 sqlx::query(sql::DELETE_TENANT_MEMBERS).bind(id.as_str()).execute(&mut *tx).await?;
                 let deleted =
@@ -126,7 +127,7 @@ macro_rules! sql_store {
                     user: "",
                     caller,
                 };
-                self.finish_write(tx, change).await
+                self.finish_write(tx, change, serial).await
             }
 
             async fn revision(&self) -> $crate::error::Result<$crate::domain::Revision> {
@@ -226,7 +227,7 @@ macro_rules! sql_store {
                 write: &$crate::store::MembershipWrite,
             ) -> $crate::error::Result<$crate::domain::Revision> {
                 use $crate::store::{WriteKind, sql};
-                let _serial = self.write_guard().await;
+                let serial = self.write_guard().await?;
                 let mut tx = self.write_pool().begin().await?;
                 let exists: Option<(i32,)> = sqlx::query_as(sql::TENANT_EXISTS)
                     .bind(write.tenant.as_str())
@@ -278,16 +279,24 @@ macro_rules! sql_store {
                     user: write.user.as_str(),
                     caller: &write.caller,
                 };
-                self.finish_write(tx, change).await
+                self.finish_write(tx, change, serial).await
             }
 
             /// Ends every write the same way: the backend's `record` bumps the revision row
             /// (its lock orders revisions as commits), records the change in the history and
             /// announces it; then the transaction commits.
+            ///
+            /// Once the change is recorded, the outcome is decided: COMMIT and the
+            /// announcement run on a task of their own, so a caller that goes away (a
+            /// deadline, a reset stream) cannot leave a committed write unannounced. Before
+            /// that, a caller that goes away rolls the transaction back. The write lock
+            /// (`serial`) is held until the announcement, so announcements keep revision
+            /// order.
             async fn finish_write(
                 &self,
                 mut tx: sqlx::Transaction<'static, $db>,
                 change: $crate::store::ChangeRef<'_>,
+                serial: Option<tokio::sync::OwnedMutexGuard<()>>,
             ) -> $crate::error::Result<$crate::domain::Revision> {
                 use $crate::store::sql;
                 // The roles after this change. Read before the revision is taken, which
@@ -308,9 +317,23 @@ macro_rules! sql_store {
                 };
                 let _turn = self.commit_guard().await;
                 let revision = self.record(&mut tx, &change, roles).await?;
-                tx.commit().await?;
-                self.committed(revision, &change);
-                Ok(revision)
+                let announcer = self.announcer();
+                let fault = self.fault_after_commit();
+                let subject = match change.kind {
+                    $crate::store::ChangeKind::Membership => change.user,
+                    _ => change.tenant,
+                };
+                let (kind, subject) = (change.kind, subject.to_owned());
+                let decided = tokio::spawn(async move {
+                    let _serial = serial;
+                    tx.commit().await?;
+                    if let Some(delay) = fault {
+                        tokio::time::sleep(delay).await;
+                    }
+                    announcer.committed(revision, kind, &subject);
+                    Ok::<_, $crate::error::Error>(revision)
+                });
+                decided.await.map_err(|err| $crate::error::Error::Internal(Box::new(err)))?
             }
 
             /// Creates the application tenant if it does not exist yet. Not a write:

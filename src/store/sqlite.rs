@@ -17,15 +17,17 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
+use std::sync::Arc;
+
 use tokio::sync::{
-    Mutex, MutexGuard,
+    Mutex, MutexGuard, OwnedMutexGuard, Semaphore,
     mpsc::{UnboundedReceiver, UnboundedSender},
 };
 
 use crate::{
     domain::{Revision, TenantId},
     error::{Error, Result},
-    store::{ChangeRef, Feed, FeedEvent, Stale, StoreOptions, sql},
+    store::{Announcer, ChangeRef, Feed, FeedEvent, MAX_QUEUED_WRITES, StoreOptions, sql},
 };
 
 /// Memberships in an embedded SQLite file.
@@ -33,7 +35,10 @@ pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
     application_id: TenantId,
-    serial: Mutex<()>,
+    serial: Arc<Mutex<()>>,
+    /// Writes waiting for `serial`, bounded by [`MAX_QUEUED_WRITES`].
+    waiting: Semaphore,
+    fault_after_commit: Option<Duration>,
     feed_tx: UnboundedSender<FeedEvent>,
     feed_rx: std::sync::Mutex<Option<UnboundedReceiver<FeedEvent>>>,
 }
@@ -82,7 +87,9 @@ impl SqliteStore {
             read,
             write,
             application_id: application_id.clone(),
-            serial: Mutex::new(()),
+            serial: Arc::new(Mutex::new(())),
+            waiting: Semaphore::new(MAX_QUEUED_WRITES),
+            fault_after_commit: options.fault_after_commit,
             feed_tx,
             feed_rx: std::sync::Mutex::new(Some(feed_rx)),
         })
@@ -117,8 +124,13 @@ impl SqliteStore {
         &self.application_id
     }
 
-    async fn write_guard(&self) -> Option<MutexGuard<'_, ()>> {
-        Some(self.serial.lock().await)
+    /// One write at a time; at most [`MAX_QUEUED_WRITES`] wait for their turn, past
+    /// that a write is `UNAVAILABLE` at once.
+    async fn write_guard(&self) -> Result<Option<OwnedMutexGuard<()>>> {
+        let _waiting = self.waiting.try_acquire().map_err(|_| {
+            Error::Unavailable("store unavailable: too many writes queued, retry".into())
+        })?;
+        Ok(Some(self.serial.clone().lock_owned().await))
     }
 
     /// The write guard, held for the whole write, already serializes commits.
@@ -153,10 +165,14 @@ impl SqliteStore {
         Ok(revision as Revision)
     }
 
-    /// Runs after COMMIT with the write guard still held, so events are in order.
-    fn committed(&self, revision: Revision, change: &ChangeRef<'_>) {
-        let stale = Stale::of(change.kind, change.user);
-        let _ = self.feed_tx.send(FeedEvent::Changed { revision, stale });
+    /// Announces on the in-process feed, after COMMIT with the write guard still held, so
+    /// events are in order.
+    fn announcer(&self) -> Announcer {
+        Announcer::on(self.feed_tx.clone())
+    }
+
+    fn fault_after_commit(&self) -> Option<Duration> {
+        self.fault_after_commit
     }
 
     async fn feed(&self) -> Result<Feed> {

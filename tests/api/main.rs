@@ -14,3 +14,4 @@ mod rpc;
 mod tokens;
 mod transport;
 mod validation;
+mod writes;
