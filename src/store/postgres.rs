@@ -60,7 +60,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgListener, PgPoolOptions},
 };
 use tokio::sync::{
-    OwnedMutexGuard, Semaphore,
+    OwnedMutexGuard,
     mpsc::{self, UnboundedReceiver, UnboundedSender},
     oneshot,
 };
@@ -94,6 +94,35 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pool connections idle this long are closed (the server's `idle_session_timeout` is
 /// longer, so it only ever ends sessions whose client went silent).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The longest a kept connection may have gone unused and still be used.
+const HOLD_IDLE: Duration = Duration::from_secs(1);
+
+/// A pooled connection kept across back-to-back batches while more are queued, so a busy
+/// writer or loader pays no release (and no release ping) between them; given back when
+/// its queue runs dry or a batch fails (it may be broken, or left mid-query by a
+/// deadline), and not reused after [`HOLD_IDLE`] unused.
+#[derive(Default)]
+struct Held(Option<(sqlx::pool::PoolConnection<Postgres>, Instant)>);
+
+impl Held {
+    async fn get(&mut self, pool: &PgPool) -> Result<&mut PgConnection> {
+        if self.0.as_ref().is_some_and(|(_, used)| used.elapsed() > HOLD_IDLE) {
+            self.0 = None;
+        }
+        let (conn, used) = match &mut self.0 {
+            Some(held) => held,
+            empty => empty.insert((pool.acquire().await?, Instant::now())),
+        };
+        *used = Instant::now();
+        Ok(&mut **conn)
+    }
+
+    /// Gives the connection back to the pool.
+    fn release(&mut self) {
+        self.0 = None;
+    }
+}
 
 /// When a silence or a timed-out call was last seen, in milliseconds since `epoch`: idle
 /// connections older than that are pinged before use.
@@ -402,6 +431,7 @@ struct Writer {
 
 /// Runs the writes queued on `queued`, a batch at a time. Ends when the store is dropped.
 async fn write_batches(pool: PgPool, mut queued: mpsc::Receiver<PendingWrite>, writer: Writer) {
+    let mut held = Held::default();
     while let Some(first) = queued.recv().await {
         let mut batch = take_batch(first, || queued.try_recv().ok(), WRITE_BATCH);
         // Writes whose caller went away before the database saw them are dropped.
@@ -409,11 +439,15 @@ async fn write_batches(pool: PgPool, mut queued: mpsc::Receiver<PendingWrite>, w
         if batch.is_empty() {
             continue;
         }
-        write_batch(&pool, batch, &writer).await;
+        write_batch(&pool, &mut held, batch, &writer).await;
+        // Keep the connection only for a next batch that is already waiting.
+        if queued.is_empty() {
+            held.release();
+        }
     }
 }
 
-async fn write_batch(pool: &PgPool, batch: Vec<PendingWrite>, writer: &Writer) {
+async fn write_batch(pool: &PgPool, held: &mut Held, batch: Vec<PendingWrite>, writer: &Writer) {
     let writes: Vec<serde_json::Value> = batch
         .iter()
         .map(|(write, _)| {
@@ -433,7 +467,7 @@ async fn write_batch(pool: &PgPool, batch: Vec<PendingWrite>, writer: &Writer) {
         })
         .collect();
     let applied = async {
-        let mut tx = pool.begin().await?;
+        let mut tx = held.get(pool).await?.begin().await?;
         let revisions: Vec<(i64,)> = sqlx::query_as(APPLY)
             .bind(serde_json::Value::Array(writes).to_string())
             .bind(crate::domain::now_unix())
@@ -444,6 +478,9 @@ async fn write_batch(pool: &PgPool, batch: Vec<PendingWrite>, writer: &Writer) {
         Ok::<_, Error>(revisions)
     };
     let applied = bounded(writer.timeout, &writer.suspicion, applied).await;
+    if applied.is_err() {
+        held.release();
+    }
     if let Some(delay) = writer.fault {
         tokio::time::sleep(delay).await;
     }
@@ -483,20 +520,30 @@ async fn coalesce_loads(
     timeout: Duration,
     suspicion: Suspicion,
 ) {
-    let slots = std::sync::Arc::new(Semaphore::new(LOAD_CONCURRENCY));
+    // The loads in flight, each with the connection it keeps between batches.
+    let (slots, mut free) = mpsc::channel::<Held>(LOAD_CONCURRENCY);
+    for _ in 0..LOAD_CONCURRENCY {
+        let _ = slots.try_send(Held::default());
+    }
     while let Some(first) = pending.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let Some(mut slot) = free.recv().await else { return };
         let mut batch = take_batch(first, || pending.try_recv().ok(), LOAD_BATCH);
         // Skip loads nobody waits for any more (a caller that gave up, or a batch that
         // only tried the cache without waiting).
         batch.retain(|(_, reply)| !reply.is_closed());
         if batch.is_empty() {
+            let _ = slots.try_send(slot);
             continue;
         }
-        let (pool, suspicion) = (pool.clone(), suspicion.clone());
+        // Keep the connection for the next load only while loads are queued already.
+        let busy = !pending.is_empty();
+        let (pool, suspicion, slots) = (pool.clone(), suspicion.clone(), slots.clone());
         tokio::spawn(async move {
-            load_batch(&pool, batch, timeout, &suspicion).await;
-            drop(slot);
+            load_batch(&pool, &mut slot, batch, timeout, &suspicion).await;
+            if !busy {
+                slot.release();
+            }
+            let _ = slots.try_send(slot);
         });
     }
 }
@@ -507,6 +554,7 @@ type HeldRow = (String, String, Option<i64>);
 
 async fn load_batch(
     pool: &PgPool,
+    held: &mut Held,
     batch: Vec<PendingLoad>,
     timeout: Duration,
     suspicion: &Suspicion,
@@ -515,11 +563,15 @@ async fn load_batch(
     users.sort_unstable();
     users.dedup();
     let read = async {
-        Ok(sqlx::query_as::<_, UsersRolesRow>(USERS_ROLES).bind(&users).fetch_all(pool).await?)
+        let conn = held.get(pool).await?;
+        Ok(sqlx::query_as::<_, UsersRolesRow>(USERS_ROLES).bind(&users).fetch_all(conn).await?)
     };
     let rows = match bounded(timeout, suspicion, read).await {
         Ok(rows) => rows,
-        Err(e) => return fail_all(batch, e),
+        Err(e) => {
+            held.release();
+            return fail_all(batch, e);
+        }
     };
     let revision = rows.first().map_or(0, |row| row.0 as Revision);
     let mut held: std::collections::HashMap<&str, Vec<HeldRow>> =
