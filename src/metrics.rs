@@ -261,9 +261,9 @@ where
             async move {
                 // A call dropped before it answers (its caller went away: a deadline, a
                 // reset stream, a closed connection) is counted as `Cancelled`.
-                let mut unanswered = Unanswered { metrics: Some(metrics.clone()), method, started };
+                let mut unanswered = Unanswered { metrics: Some(metrics), method, started };
                 let response = response.await;
-                unanswered.metrics = None;
+                let Some(metrics) = unanswered.metrics.take() else { return response };
                 let response = response?;
                 let code = response
                     .headers()

@@ -142,6 +142,10 @@ impl WatchLimits {
 pub struct WatchHub {
     store: Arc<dyn Store>,
     live: broadcast::Sender<Arc<pb::WatchResponse>>,
+    /// Held while a stream subscribes, and while the reader, finding no subscriber, moves
+    /// its mark without reading: so the mark never moves past what a stream that has just
+    /// subscribed has yet to read for itself.
+    gate: Arc<Mutex<()>>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -155,8 +159,10 @@ impl WatchHub {
     /// Starts the reader.
     pub fn start(store: Arc<dyn Store>, coherence: Arc<Coherence>) -> Arc<Self> {
         let (live, _) = broadcast::channel(BUFFER);
-        let reader = tokio::spawn(read_history(store.clone(), coherence, live.clone()));
-        Arc::new(Self { store, live, reader })
+        let gate = Arc::new(Mutex::new(()));
+        let reader =
+            tokio::spawn(read_history(store.clone(), coherence, live.clone(), gate.clone()));
+        Arc::new(Self { store, live, gate, reader })
     }
 
     /// Streams every change committed after `after` until the client goes away; `permit`
@@ -168,7 +174,10 @@ impl WatchHub {
             let _permit = permit;
             let mut last = after;
             loop {
-                let mut live = hub.live.subscribe();
+                let mut live = {
+                    let _gate = hub.gate.lock();
+                    hub.live.subscribe()
+                };
                 // Catch up from the store.
                 loop {
                     let history = match hub.store.changes_after(last, PAGE).await {
@@ -227,6 +236,7 @@ async fn read_history(
     store: Arc<dyn Store>,
     coherence: Arc<Coherence>,
     live: broadcast::Sender<Arc<pb::WatchResponse>>,
+    gate: Arc<Mutex<()>>,
 ) {
     let mut applied = coherence.watch_applied();
     let mut last = loop {
@@ -236,9 +246,15 @@ async fn read_history(
         }
     };
     loop {
-        if live.receiver_count() == 0 {
-            last = last.max(coherence.applied());
-        } else {
+        let skipped = {
+            let _gate = gate.lock();
+            let idle = live.receiver_count() == 0;
+            if idle {
+                last = last.max(coherence.applied());
+            }
+            idle
+        };
+        if !skipped {
             match store.changes_after(last, PAGE).await {
                 Ok(history) => {
                     last = last.max(history.pruned_through);

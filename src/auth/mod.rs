@@ -274,6 +274,17 @@ pub struct Keys {
     current: Arc<RwLock<Arc<KeyRing>>>,
     path: Option<PathBuf>,
     reload_failures: Counter,
+    /// The file's stamp taken before it was read, so a change made before the watch
+    /// starts is still seen.
+    loaded: Option<Stamp>,
+}
+
+/// A file's modification time and size: a rewrite within the file system's timestamp
+/// granularity still changes the size.
+type Stamp = (Option<SystemTime>, u64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len()))
 }
 
 impl Keys {
@@ -281,11 +292,13 @@ impl Keys {
     /// that cannot be read, does not parse or lists nothing is refused.
     /// `reload_failures` counts reloads that kept the keys in force.
     pub fn load(path: Option<&Path>, reload_failures: Counter) -> Result<Self> {
+        let loaded = path.and_then(stamp);
         let ring = path.map(KeyRing::load).transpose()?.unwrap_or_default();
         Ok(Self {
             current: Arc::new(RwLock::new(Arc::new(ring))),
             path: path.map(Path::to_owned),
             reload_failures,
+            loaded,
         })
     }
 
@@ -324,8 +337,7 @@ impl Keys {
         let keys = self.clone();
         tokio::spawn(async move {
             let Some(path) = keys.path.clone() else { return };
-            let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-            let mut seen: Option<SystemTime> = mtime(&path);
+            let mut seen = keys.loaded;
             #[cfg(unix)]
             let mut hup =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -344,7 +356,7 @@ impl Keys {
                 tokio::select! {
                     () = hangup => keys.reload(),
                     () = tokio::time::sleep(every) => {
-                        let now = mtime(&path);
+                        let now = stamp(&path);
                         if now != seen {
                             seen = now;
                             keys.reload();

@@ -370,6 +370,15 @@ impl PgStore {
         Ok(revision as Revision)
     }
 
+    /// Every write transaction takes the revision row before anything else (the same
+    /// order as `rolecheck_apply`, migration 0006), so writers never deadlock.
+    async fn lock_first(&self, tx: &mut Transaction<'static, Postgres>) -> Result<()> {
+        sqlx::query("SELECT 1 FROM store_revision WHERE id = 1 FOR UPDATE")
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     /// `NOTIFY` announces at COMMIT.
     fn announcer(&self) -> Announcer {
         Announcer::database()
@@ -466,18 +475,36 @@ async fn write_batch(pool: &PgPool, held: &mut Held, batch: Vec<PendingWrite>, w
             })
         })
         .collect();
-    let applied = async {
-        let mut tx = held.get(pool).await?.begin().await?;
-        let revisions: Vec<(i64,)> = sqlx::query_as(APPLY)
-            .bind(serde_json::Value::Array(writes).to_string())
-            .bind(crate::domain::now_unix())
-            .bind(crate::domain::now_millis())
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok::<_, Error>(revisions)
+    let body = serde_json::Value::Array(writes).to_string();
+    let mut attempt = 1;
+    let applied = loop {
+        let once = async {
+            let conn = held.get(pool).await?;
+            let run = async {
+                let mut tx = conn.begin().await?;
+                let revisions: Vec<(i64,)> = sqlx::query_as(APPLY)
+                    .bind(&body)
+                    .bind(crate::domain::now_unix())
+                    .bind(crate::domain::now_millis())
+                    .fetch_all(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(revisions)
+            };
+            Ok::<_, Error>(run.await)
+        };
+        match bounded(writer.timeout, &writer.suspicion, once).await {
+            Ok(Ok(revisions)) => break Ok(revisions),
+            // A serialization failure or deadlock rolled the whole batch back: try again,
+            // a few times, before any caller hears of it.
+            Ok(Err(err)) if attempt < WRITE_ATTEMPTS && is_retryable(&err) => {
+                tracing::debug!(error = %err, attempt, "write batch retried");
+                attempt += 1;
+            }
+            Ok(Err(err)) => break Err(Error::from(err)),
+            Err(err) => break Err(err),
+        }
     };
-    let applied = bounded(writer.timeout, &writer.suspicion, applied).await;
     if applied.is_err() {
         held.release();
     }
@@ -499,8 +526,21 @@ async fn write_batch(pool: &PgPool, held: &mut Held, batch: Vec<PendingWrite>, w
                 format!("rolecheck_apply answered {} of {} writes", revisions.len(), batch.len());
             fail_all(batch, Error::Internal(message.into()));
         }
-        Err(e) => fail_all(batch, e),
+        // The whole batch rolled back: no write in it is any caller's own fault, and
+        // each may simply be retried.
+        Err(err) => {
+            tracing::warn!(error = %err, writes = batch.len(), "write batch failed");
+            fail_all(batch, Error::Unavailable("store unavailable, retry".into()));
+        }
     }
+}
+
+/// Attempts of a write batch that fails with a serialization failure or a deadlock.
+const WRITE_ATTEMPTS: u32 = 3;
+
+/// A serialization failure (40001) or a deadlock (40P01): the transaction can be retried.
+fn is_retryable(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
 }
 
 /// Everything each of a list of users holds, with the revision, in one statement. A user

@@ -1,8 +1,8 @@
 //! The one implementation of [`Store`](crate::store::Store) over the shared SQL in
 //! `sql.rs`, expanded for each backend's pool type. A backend provides `read_pool()`,
 //! `write_pool()`, `application_id()`, `read_user()`, `write_member()`, `write_guard()`,
-//! `commit_guard()`, `record()`, `announcer()`, `fault_after_commit()`, `feed()` and
-//! `migrator()`.
+//! `commit_guard()`, `lock_first()`, `record()`, `announcer()`, `fault_after_commit()`,
+//! `feed()` and `migrator()`.
 
 /// Implements [`crate::store::Store`] for a backend struct over sqlx database `$db`.
 macro_rules! sql_store {
@@ -51,6 +51,7 @@ macro_rules! sql_store {
             ) -> $crate::error::Result<$crate::domain::Revision> {
                 let serial = self.write_guard().await?;
                 let mut tx = self.write_pool().begin().await?;
+                self.lock_first(&mut tx).await?;
                 let inserted = sqlx::query($crate::store::sql::INSERT_TENANT)
                     .bind(tenant.id.as_str())
                     .bind(tenant.name.as_str())
@@ -115,6 +116,7 @@ macro_rules! sql_store {
                 }
                 let serial = self.write_guard().await?;
                 let mut tx = self.write_pool().begin().await?;
+                self.lock_first(&mut tx).await?;
                 sqlx::query(sql::DELETE_TENANT_MEMBERS).bind(id.as_str()).execute(&mut *tx).await?;
                 let deleted =
                     sqlx::query(sql::DELETE_TENANT).bind(id.as_str()).execute(&mut *tx).await?;
@@ -234,6 +236,13 @@ macro_rules! sql_store {
                     .fetch_optional(&mut *tx)
                     .await?;
                 if exists.is_none() {
+                    // A Revoke there changes nothing and succeeds (a retry after
+                    // DeleteTenant is not an error), answering the current revision.
+                    if write.kind == WriteKind::Revoke {
+                        let (revision,): (i64,) =
+                            sqlx::query_as(sql::REVISION).fetch_one(&mut *tx).await?;
+                        return Ok(revision as $crate::domain::Revision);
+                    }
                     return Err($crate::error::Error::NotFound(format!(
                         "tenant {} not found",
                         write.tenant

@@ -165,6 +165,11 @@ impl SqliteStore {
         Ok(revision as Revision)
     }
 
+    /// Writes are serialized by the write guard already.
+    async fn lock_first(&self, _tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>) -> Result<()> {
+        Ok(())
+    }
+
     /// Announces on the in-process feed, after COMMIT with the write guard still held, so
     /// events are in order.
     fn announcer(&self) -> Announcer {

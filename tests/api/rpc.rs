@@ -245,6 +245,20 @@ async fn tenants_create_get_and_generate_ids(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(grant.code(), Code::NotFound, "grant in an unknown tenant");
+    // A Revoke there changes nothing and succeeds: a retry after DeleteTenant is not an
+    // error. It answers the current revision and commits none.
+    let current = app.grant("u", "acme", &["r"]).await;
+    let revoke = pb::RevokeRequest {
+        user_id: "u".into(),
+        tenant_id: "missing".into(),
+        roles: vec!["r".into()],
+    };
+    let revoked = app.checks.clone().revoke(revoke.clone()).await.expect("a no-op revoke");
+    assert_eq!(revoked.into_inner().revision, current);
+    let all = pb::RevokeRequest { roles: Vec::new(), ..revoke };
+    let revoked = app.checks.clone().revoke(all).await.expect("a no-op revoke of every role");
+    assert_eq!(revoked.into_inner().revision, current);
+    assert!(app.check("u", "acme", "r").await, "nothing else changed");
 }
 
 async fn delete_tenant_removes_every_membership(backend: Backend) {
