@@ -88,8 +88,12 @@ pub const LOAD_BATCH: usize = 64;
 pub const WRITE_BATCH: usize = 128;
 
 /// Longest a pooled connection may take to answer the ping that proves it is still
-/// usable (on release, and on acquire after a silence).
-const PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// usable (on release, and on acquire after a silence): a quarter of the query timeout,
+/// between 100 ms and 1 s, so an acquire that meets a few silenced connections still
+/// ends well inside the query timeout.
+fn ping_timeout(query_timeout: Duration) -> Duration {
+    (query_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
 
 /// Pool connections idle this long are closed (the server's `idle_session_timeout` is
 /// longer, so it only ever ends sessions whose client went silent).
@@ -152,8 +156,8 @@ impl Suspicion {
 }
 
 /// Pings `conn` with a deadline: whether it answered.
-async fn answers(conn: &mut PgConnection) -> bool {
-    matches!(tokio::time::timeout(PING_TIMEOUT, conn.ping()).await, Ok(Ok(())))
+async fn answers(conn: &mut PgConnection, within: Duration) -> bool {
+    matches!(tokio::time::timeout(within, conn.ping()).await, Ok(Ok(())))
 }
 
 /// The options every connection starts with: server-side timeouts and keepalive.
@@ -226,6 +230,7 @@ impl PgStore {
         let connect = session_options(connect, options.query_timeout);
         let suspicion = Suspicion::new();
         let (on_acquire, on_release) = (suspicion.clone(), suspicion.clone());
+        let ping = ping_timeout(options.query_timeout);
         let connecting = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
@@ -236,14 +241,16 @@ impl PgStore {
             .test_before_acquire(false)
             .before_acquire(move |conn, meta| {
                 let suspicion = on_acquire.clone();
-                Box::pin(async move { Ok(!suspicion.covers(meta.idle_for) || answers(conn).await) })
+                Box::pin(async move {
+                    Ok(!suspicion.covers(meta.idle_for) || answers(conn, ping).await)
+                })
             })
             // sqlx pings every released connection and waits for the answer with no
             // deadline; this ping has one, and a connection that misses it is closed.
             .after_release(move |conn, _| {
                 let suspicion = on_release.clone();
                 Box::pin(async move {
-                    let alive = answers(conn).await;
+                    let alive = answers(conn, ping).await;
                     if !alive {
                         suspicion.raise();
                     }

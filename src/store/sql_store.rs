@@ -203,11 +203,22 @@ macro_rules! sql_store {
             /// that still needs `rolecheck migrate`.
             pub async fn check_schema(&self) -> $crate::error::Result<()> {
                 let known = self.migrator().iter().map(|m| m.version).max().unwrap_or(0);
+                // No migrations table means a fresh database ("run migrate"); any other
+                // failure (an unreachable database) is itself: UNAVAILABLE, retried at start.
                 let applied: (Option<i64>,) =
-                    sqlx::query_as("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                    match sqlx::query_as("SELECT max(version) FROM _sqlx_migrations WHERE success")
                         .fetch_one(self.read_pool())
                         .await
-                        .unwrap_or((None,));
+                    {
+                        Ok(row) => row,
+                        Err(sqlx::Error::Database(db))
+                            if db.code().as_deref() == Some("42P01")
+                                || db.message().contains("no such table") =>
+                        {
+                            (None,)
+                        }
+                        Err(err) => return Err(err.into()),
+                    };
                 match applied.0 {
                     Some(version) if version > known => Err($crate::error::Error::FailedPrecondition(format!(
                         "the database schema is at version {version}, newer than this rolecheck \

@@ -44,7 +44,18 @@ pub struct SqliteStore {
 }
 
 /// The file path in a `sqlite:` URL (`sqlite://path/to/file.db` or `sqlite:file.db`).
+///
+/// An in-memory database (`sqlite::memory:`, `mode=memory`) is refused: the store reads
+/// and writes through two pools, and each in-memory connection would be a database of
+/// its own, so writes would never be seen. A file on a tmpfs is the throwaway store.
 pub fn path_from_url(url: &str) -> Result<PathBuf> {
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        return Err(Error::invalid(
+            "database_url",
+            "an in-memory SQLite database is not supported (each connection would see its \
+             own); use sqlite:PATH, e.g. a file under /dev/shm for a throwaway store",
+        ));
+    }
     url.strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
         .filter(|path| !path.is_empty())

@@ -203,3 +203,16 @@ async fn list_changes_filters_use_their_index() {
         }
     }
 }
+
+/// An in-memory SQLite URL is refused with a message that says why and what to use: the
+/// store's two pools would each see a database of their own.
+#[tokio::test]
+async fn an_in_memory_sqlite_url_is_refused_clearly() {
+    let db = TestDb::create(Backend::Sqlite).await;
+    for url in ["sqlite::memory:", "sqlite://file:x?mode=memory&cache=shared"] {
+        let mut config = test_config(&db);
+        config.database_url = Some(rolecheck::config::DatabaseUrl(url.into()));
+        let err = Server::bind(config).await.err().expect("refused");
+        assert!(err.to_string().contains("in-memory SQLite database is not supported"), "{err}");
+    }
+}
