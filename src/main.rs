@@ -15,8 +15,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         if serve {
+            let stop = server::shutdown_signal();
             let server = server::Server::bind(config).await?;
-            server.run(server::shutdown_signal()).await?;
+            server.run(stop).await?;
         } else {
             server::migrate(&config).await?;
             tracing::info!("migrations applied");

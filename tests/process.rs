@@ -368,8 +368,16 @@ async fn sigterm_goes_unready_first_and_json_logs_hold_no_secrets() {
 
     proc.sigterm();
     let until = Instant::now() + DEADLINE;
-    while proc.http_status("/readyz").await != Some(503) {
-        assert!(Instant::now() < until, "readyz never went unready");
+    loop {
+        let status = proc.http_status("/readyz").await;
+        if status == Some(503) {
+            break;
+        }
+        let exited = proc.child.try_wait().expect("wait");
+        assert!(
+            Instant::now() < until,
+            "readyz never went unready: last {status:?}, process exited: {exited:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(proc.http_status("/healthz").await, Some(200), "liveness stays up");
