@@ -228,5 +228,6 @@ async fn tenant_churn_leaves_other_users_cached(backend: Backend) {
         misses += after.1 - before.1;
     }
     let ratio = hits / (hits + misses);
+    eprintln!("tenant churn: {checked} reader checks, {misses} misses, hit ratio {ratio:.4}");
     assert!(ratio >= 0.99, "hit ratio {ratio:.4} over {checked} reader checks ({misses} misses)");
 }
