@@ -132,7 +132,7 @@ impl Tls {
     }
 
     /// Accepts TLS connections on `listener`; handshakes run concurrently, at most
-    /// [`MAX_HANDSHAKES`] at once and each for at most [`HANDSHAKE_TIMEOUT`].
+    /// `MAX_HANDSHAKES` (1024) at once and each for at most `HANDSHAKE_TIMEOUT` (5 s).
     pub fn incoming(self: &Arc<Self>, listener: TcpListener, port: Port) -> TlsIncoming {
         self.accept(listener, port, None)
     }
@@ -246,7 +246,7 @@ fn identity(stream: &TlsStream<TcpStream>) -> PeerIdentity {
     peer_identity(der.as_ref())
 }
 
-/// [`identity`] of a DER certificate.
+/// The identity of a DER certificate.
 pub fn peer_identity(der: &[u8]) -> PeerIdentity {
     use x509_parser::extensions::GeneralName;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {

@@ -233,7 +233,7 @@ macro_rules! sql_store {
             }
 
             /// A membership write as a transaction of single statements (the embedded
-            /// store's way; Postgres batches its writes into one call, see postgres.rs).
+            /// store's way; Postgres batches its writes into one call, see postgres/writer.rs).
             #[allow(dead_code)]
             async fn write_in_steps(
                 &self,

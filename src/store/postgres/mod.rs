@@ -1,4 +1,7 @@
-//! The production store: Postgres, with a change feed over `LISTEN/NOTIFY`.
+//! The production store: Postgres, with a change feed over `LISTEN/NOTIFY`. Split by what
+//! runs: this module (the store, its pool and deadlines), [`loader`] (coalesced cache
+//! misses), [`writer`] (group-committed membership writes) and [`listener`] (the change
+//! listener and the sync heartbeat).
 //!
 //! Every write transaction sends `NOTIFY rolecheck, '<revision>:<kind>:<subject>'`, which
 //! Postgres delivers at commit, in commit order (so in revision order). The subject is
@@ -57,21 +60,26 @@ use std::{
 
 use sqlx::{
     Connection, PgConnection, PgPool, Postgres, Transaction,
-    postgres::{PgConnectOptions, PgListener, PgPoolOptions},
+    postgres::{PgConnectOptions, PgPoolOptions},
 };
 use tokio::sync::{
     OwnedMutexGuard,
-    mpsc::{self, UnboundedReceiver, UnboundedSender},
+    mpsc::{self, UnboundedSender},
     oneshot,
 };
+
+mod listener;
+mod loader;
+mod writer;
+
+use listener::{Link, heartbeat, listen};
+use loader::coalesce_loads;
+use writer::{Writer, write_batches};
 
 use crate::{
     domain::{Revision, TenantId, UserId, UserRoles},
     error::{Error, Result},
-    store::{
-        Announcer, ChangeKind, ChangeRef, Feed, FeedEvent, MAX_QUEUED_WRITES, MembershipWrite,
-        Stale, StoreOptions, WriteKind, sql,
-    },
+    store::{Announcer, ChangeRef, Feed, MAX_QUEUED_WRITES, MembershipWrite, StoreOptions},
 };
 
 /// The channel every write notifies.
@@ -415,9 +423,6 @@ impl PgStore {
     }
 }
 
-/// Applies a batch of membership writes; one revision (or -1: no such tenant) per write.
-const APPLY: &str = "SELECT rolecheck_apply($1::text::jsonb, $2, $3)";
-
 /// `first` and whatever else `next` has right now, up to `max` in all.
 fn take_batch<T>(first: T, mut next: impl FnMut() -> Option<T>, max: usize) -> Vec<T> {
     let mut batch = vec![first];
@@ -438,203 +443,6 @@ fn fail_all<K, T>(batch: Vec<(K, oneshot::Sender<Result<T>>)>, error: Error) {
     }
 }
 
-/// How the batch writer runs: each batch within `timeout`, and the test fault point.
-struct Writer {
-    timeout: Duration,
-    suspicion: Suspicion,
-    fault: Option<Duration>,
-}
-
-/// Runs the writes queued on `queued`, a batch at a time. Ends when the store is dropped.
-async fn write_batches(pool: PgPool, mut queued: mpsc::Receiver<PendingWrite>, writer: Writer) {
-    let mut held = Held::default();
-    while let Some(first) = queued.recv().await {
-        let mut batch = take_batch(first, || queued.try_recv().ok(), WRITE_BATCH);
-        // Writes whose caller went away before the database saw them are dropped.
-        batch.retain(|(_, reply)| !reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        write_batch(&pool, &mut held, batch, &writer).await;
-        // Keep the connection only for a next batch that is already waiting.
-        if queued.is_empty() {
-            held.release();
-        }
-    }
-}
-
-async fn write_batch(pool: &PgPool, held: &mut Held, batch: Vec<PendingWrite>, writer: &Writer) {
-    let writes: Vec<serde_json::Value> = batch
-        .iter()
-        .map(|(write, _)| {
-            let kind = match write.kind {
-                WriteKind::Grant => "grant",
-                WriteKind::Revoke => "revoke",
-                WriteKind::SetRoles => "set",
-            };
-            serde_json::json!({
-                "k": kind,
-                "t": write.tenant.as_str(),
-                "u": write.user.as_str(),
-                "r": write.roles.iter().map(|role| role.as_str()).collect::<Vec<_>>(),
-                "e": write.expires_at,
-                "c": write.caller,
-            })
-        })
-        .collect();
-    let body = serde_json::Value::Array(writes).to_string();
-    let mut attempt = 1;
-    let applied = loop {
-        let once = async {
-            let conn = held.get(pool).await?;
-            let run = async {
-                let mut tx = conn.begin().await?;
-                let revisions: Vec<(i64,)> = sqlx::query_as(APPLY)
-                    .bind(&body)
-                    .bind(crate::domain::now_unix())
-                    .bind(crate::domain::now_millis())
-                    .fetch_all(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok::<_, sqlx::Error>(revisions)
-            };
-            Ok::<_, Error>(run.await)
-        };
-        match bounded(writer.timeout, &writer.suspicion, once).await {
-            Ok(Ok(revisions)) => break Ok(revisions),
-            // A serialization failure or deadlock rolled the whole batch back: try again,
-            // a few times, before any caller hears of it.
-            Ok(Err(err)) if attempt < WRITE_ATTEMPTS && is_retryable(&err) => {
-                tracing::debug!(error = %err, attempt, "write batch retried");
-                attempt += 1;
-            }
-            Ok(Err(err)) => break Err(Error::from(err)),
-            Err(err) => break Err(err),
-        }
-    };
-    if applied.is_err() {
-        held.release();
-    }
-    if let Some(delay) = writer.fault {
-        tokio::time::sleep(delay).await;
-    }
-    match applied {
-        Ok(revisions) if revisions.len() == batch.len() => {
-            for ((write, reply), (revision,)) in batch.into_iter().zip(revisions) {
-                let _ = reply.send(if revision < 0 {
-                    Err(Error::NotFound(format!("tenant {} not found", write.tenant)))
-                } else {
-                    Ok(revision as Revision)
-                });
-            }
-        }
-        Ok(revisions) => {
-            let message =
-                format!("rolecheck_apply answered {} of {} writes", revisions.len(), batch.len());
-            fail_all(batch, Error::Internal(message.into()));
-        }
-        // The whole batch rolled back: no write in it is any caller's own fault, and
-        // each may simply be retried.
-        Err(err) => {
-            tracing::warn!(error = %err, writes = batch.len(), "write batch failed");
-            fail_all(batch, Error::Unavailable("store unavailable, retry".into()));
-        }
-    }
-}
-
-/// Attempts of a write batch that fails with a serialization failure or a deadlock.
-const WRITE_ATTEMPTS: u32 = 3;
-
-/// A serialization failure (40001) or a deadlock (40P01): the transaction can be retried.
-fn is_retryable(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
-}
-
-/// Everything each of a list of users holds, with the revision, in one statement. A user
-/// with no memberships still gets a row (with NULLs), so every user gets the revision.
-const USERS_ROLES: &str = "\
-    SELECT r.value, u.user_id, m.tenant_id, m.role, m.expires_at \
-    FROM store_revision r CROSS JOIN unnest($1::text[]) AS u(user_id) \
-    LEFT JOIN memberships m ON m.user_id = u.user_id \
-    WHERE r.id = 1";
-
-/// Runs the loads queued on `pending`: each takes every user queued by the time it
-/// starts, up to [`LOAD_BATCH`], with at most [`LOAD_CONCURRENCY`] in flight. Ends when
-/// the store is dropped.
-async fn coalesce_loads(
-    pool: PgPool,
-    mut pending: UnboundedReceiver<PendingLoad>,
-    timeout: Duration,
-    suspicion: Suspicion,
-) {
-    // The loads in flight, each with the connection it keeps between batches.
-    let (slots, mut free) = mpsc::channel::<Held>(LOAD_CONCURRENCY);
-    for _ in 0..LOAD_CONCURRENCY {
-        let _ = slots.try_send(Held::default());
-    }
-    while let Some(first) = pending.recv().await {
-        let Some(mut slot) = free.recv().await else { return };
-        let mut batch = take_batch(first, || pending.try_recv().ok(), LOAD_BATCH);
-        // Skip loads nobody waits for any more (a caller that gave up, or a batch that
-        // only tried the cache without waiting).
-        batch.retain(|(_, reply)| !reply.is_closed());
-        if batch.is_empty() {
-            let _ = slots.try_send(slot);
-            continue;
-        }
-        // Keep the connection for the next load only while loads are queued already.
-        let busy = !pending.is_empty();
-        let (pool, suspicion, slots) = (pool.clone(), suspicion.clone(), slots.clone());
-        tokio::spawn(async move {
-            load_batch(&pool, &mut slot, batch, timeout, &suspicion).await;
-            if !busy {
-                slot.release();
-            }
-            let _ = slots.try_send(slot);
-        });
-    }
-}
-
-type UsersRolesRow = (i64, String, Option<String>, Option<String>, Option<i64>);
-/// (tenant, role, expires_at)
-type HeldRow = (String, String, Option<i64>);
-
-async fn load_batch(
-    pool: &PgPool,
-    held: &mut Held,
-    batch: Vec<PendingLoad>,
-    timeout: Duration,
-    suspicion: &Suspicion,
-) {
-    let mut users: Vec<&str> = batch.iter().map(|(user, _)| user.as_str()).collect();
-    users.sort_unstable();
-    users.dedup();
-    let read = async {
-        let conn = held.get(pool).await?;
-        Ok(sqlx::query_as::<_, UsersRolesRow>(USERS_ROLES).bind(&users).fetch_all(conn).await?)
-    };
-    let rows = match bounded(timeout, suspicion, read).await {
-        Ok(rows) => rows,
-        Err(e) => {
-            held.release();
-            return fail_all(batch, e);
-        }
-    };
-    let revision = rows.first().map_or(0, |row| row.0 as Revision);
-    let mut held: std::collections::HashMap<&str, Vec<HeldRow>> =
-        std::collections::HashMap::with_capacity(users.len());
-    for (_, user, tenant, role, expires_at) in &rows {
-        let entry = held.entry(user.as_str()).or_default();
-        if let (Some(tenant), Some(role)) = (tenant, role) {
-            entry.push((tenant.clone(), role.clone(), *expires_at));
-        }
-    }
-    for (user, reply) in batch {
-        let rows = held.get(user.as_str()).cloned().unwrap_or_default();
-        let _ = reply.send(Ok(UserRoles::from_rows(revision, rows)));
-    }
-}
-
 /// Bumps the revision, inserts the history row and queues the
 /// `<revision>:<kind>:<subject>` notification (the user of a membership change, the
 /// tenant of a deleted one), in one statement.
@@ -644,158 +452,5 @@ const RECORD_CHANGE: &str = "\
         SELECT value, $1::text, $2, $3, $4, $5, $6 FROM r RETURNING revision) \
     SELECT revision, pg_notify($7, revision || ':' || $1::text || ':' || \
         CASE WHEN $1::text = 'd' THEN $2 ELSE $3 END) FROM c";
-
-/// Parses `<revision>:<kind>:<user>`.
-fn parse_change(payload: &str) -> Option<FeedEvent> {
-    let mut parts = payload.splitn(3, ':');
-    let revision = parts.next()?.parse().ok()?;
-    let kind = ChangeKind::from_code(parts.next()?)?;
-    let user = parts.next().unwrap_or_default();
-    Some(FeedEvent::Changed { revision, stale: Stale::of(kind, user, revision) })
-}
-
-/// Parses the sync payload `<micros since epoch>:<revision>`.
-fn parse_sync(payload: &str, epoch: Instant) -> Option<FeedEvent> {
-    let (micros, revision) = payload.split_once(':')?;
-    let at = epoch + Duration::from_micros(micros.parse().ok()?);
-    Some(FeedEvent::Synced { revision: revision.parse().ok()?, at })
-}
-
-/// What the listener and the heartbeat share.
-#[derive(Clone)]
-struct Link {
-    pool: PgPool,
-    connect: PgConnectOptions,
-    timeout: Duration,
-    silence: Duration,
-    suspicion: Suspicion,
-    sync_channel: String,
-    epoch: Instant,
-}
-
-/// Keeps a `LISTEN` connection, reconnecting with backoff, and forwards what it hears.
-/// Hearing nothing at all (not even this replica's own sync, sent every
-/// [`SYNC_INTERVAL`]) for `link.silence` means the connection went silent: it is dropped
-/// and a new one made, as for a closed one.
-async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
-    let mut backoff = Duration::from_millis(50);
-    while !tx.is_closed() {
-        let connected = async {
-            // A pool of one of its own for each connection: sqlx's listener hands its
-            // connection back with `UNLISTEN *` and no deadline, which on a silenced
-            // socket would hold a slot of the shared pool for good.
-            let own = PgPoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(link.timeout)
-                .idle_timeout(None)
-                .max_lifetime(None)
-                .connect_lazy_with(
-                    link.connect
-                        .clone()
-                        .application_name("rolecheck-listener")
-                        // It only listens: never end it for being idle.
-                        .options([("idle_session_timeout", "0")]),
-                );
-            let mut listener = PgListener::connect_with(&own).await?;
-            listener.eager_reconnect(false);
-            listener.listen_all([CHANNEL, link.sync_channel.as_str()]).await?;
-            let (revision,): (i64,) =
-                sqlx::query_as(sql::REVISION).fetch_one(&mut listener).await?;
-            Ok((listener, revision as Revision))
-        };
-        let (mut listener, revision) = match bounded(link.timeout, &link.suspicion, connected).await
-        {
-            Ok(connected) => connected,
-            Err(err) => {
-                if link.pool.is_closed() {
-                    return;
-                }
-                tracing::warn!(error = %err, retry_in = ?backoff, "change listener cannot connect");
-                let _ = tx.send(FeedEvent::Lost);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        tracing::info!(revision, "change listener connected");
-        backoff = Duration::from_millis(50);
-        if tx.send(FeedEvent::Connected { revision }).is_err() {
-            return;
-        }
-        loop {
-            let heard = match tokio::time::timeout(link.silence, listener.try_recv()).await {
-                Ok(heard) => heard,
-                Err(_) => {
-                    link.suspicion.raise();
-                    tracing::warn!(
-                        silence = ?link.silence,
-                        "change listener heard nothing, not even its own sync; reconnecting"
-                    );
-                    break;
-                }
-            };
-            let event = match heard {
-                Ok(Some(n)) if n.channel() == link.sync_channel => {
-                    parse_sync(n.payload(), link.epoch)
-                }
-                Ok(Some(n)) => parse_change(n.payload()),
-                Ok(None) | Err(_) => break,
-            };
-            if let Some(event) = event {
-                if tx.send(event).is_err() {
-                    return;
-                }
-            }
-        }
-        if link.pool.is_closed() {
-            return;
-        }
-        tracing::warn!(
-            "change listener lost its connection; serving from the store until it is back"
-        );
-        let _ = tx.send(FeedEvent::Lost);
-    }
-}
-
-/// Sends this replica's sync notification every [`SYNC_INTERVAL`], on a connection of its
-/// own (not the pool's, so no load on the pool can delay it past the lease). The revision
-/// in it is read in the same statement, so every commit up to it precedes the sync in the
-/// queue. A send that fails or takes longer than the query timeout drops the connection.
-async fn heartbeat(link: Link, tx: UnboundedSender<FeedEvent>) {
-    let mut ticker = tokio::time::interval(SYNC_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut conn: Option<PgConnection> = None;
-    while !tx.is_closed() && !link.pool.is_closed() {
-        ticker.tick().await;
-        if conn.is_none() {
-            let options = link.connect.clone().application_name("rolecheck-heartbeat");
-            let connect = async { Ok(PgConnection::connect_with(&options).await?) };
-            match bounded(link.timeout, &link.suspicion, connect).await {
-                Ok(connected) => conn = Some(connected),
-                Err(err) => {
-                    tracing::debug!(error = %err, "heartbeat cannot connect");
-                    continue;
-                }
-            }
-        }
-        let Some(connection) = conn.as_mut() else { continue };
-        let micros = link.epoch.elapsed().as_micros().to_string();
-        let sent = async {
-            sqlx::query(
-                "SELECT pg_notify($1, $2 || ':' || (SELECT value FROM store_revision WHERE id = 1))",
-            )
-            .bind(&link.sync_channel)
-            .bind(micros)
-            .execute(&mut *connection)
-            .await?;
-            Ok(())
-        };
-        if let Err(err) = bounded(link.timeout.min(SYNC_INTERVAL * 5), &link.suspicion, sent).await
-        {
-            tracing::debug!(error = %err, "sync notification failed; reconnecting");
-            conn = None; // dropped: its socket is closed at once
-        }
-    }
-}
 
 super::sql_store::sql_store!(PgStore, sqlx::Postgres);
