@@ -37,8 +37,7 @@ async fn a_silent_network_to_postgres_fails_closed_and_recovers_by_itself() {
     config.request_timeout = request_timeout;
     config.db_query_timeout = Duration::from_secs(1);
     config.db_acquire_timeout = Duration::from_secs(2); // the default: room for a ping
-
-    config.coherence_lease = Duration::from_millis(500);
+    config.coherence_lease = Duration::from_secs(1); // the default
     // A small pool, so a connection lost to the silence for good would be missed.
     config.db_max_connections = 2;
     let app = start(config, db).await;
@@ -47,12 +46,7 @@ async fn a_silent_network_to_postgres_fails_closed_and_recovers_by_itself() {
     app.create_tenant("acme").await;
     app.grant("u1", "acme", &["admin"]).await;
     let granted = app.grant("u2", "acme", &["admin"]).await;
-    wait_for(Duration::from_secs(10), "the cache to be trusted", || async {
-        let trusted = metric(&app, "rolecheck_cache_trusted").await == Some(1.0);
-        let applied = metric(&app, "rolecheck_applied_revision").await.unwrap_or(0.0);
-        (trusted && applied >= granted as f64).then_some(())
-    })
-    .await;
+    crate::helpers::wait_trusted(&app, granted).await;
     assert_eq!(ask(&app, "u1", 0).await, Ok(true));
     assert_eq!(ask(&app, "u2", 0).await, Ok(true));
     let reconnects = metric(&app, "rolecheck_listener_reconnects").await.expect("metric");
@@ -251,12 +245,7 @@ async fn two_hundred_watchers_do_not_starve_the_heartbeat() {
     for user in &users {
         last = app.grant(user, "acme", &["admin"]).await;
     }
-    wait_for(Duration::from_secs(10), "the cache to be trusted", || async {
-        let trusted = metric(&app, "rolecheck_cache_trusted").await == Some(1.0);
-        let applied = metric(&app, "rolecheck_applied_revision").await.unwrap_or(0.0);
-        (trusted && applied >= last as f64).then_some(())
-    })
-    .await;
+    crate::helpers::wait_trusted(&app, last).await;
     let mut streams = Vec::new();
     for i in 0..200 {
         // 100 streams per connection, under the default 256 streams per connection.

@@ -363,3 +363,14 @@ pub fn check_req(user: &str, tenant: &str, role: &str, min_revision: u64) -> pb:
         min_revision,
     }
 }
+
+/// Waits until `app` trusts its cache and has applied `revision` (its change feed is
+/// connected and caught up), so cached reads are what a test measures.
+pub async fn wait_trusted(app: &TestApp, revision: u64) {
+    wait_for(Duration::from_secs(10), "the cache to be trusted", || async {
+        let trusted = metric(app, "rolecheck_cache_trusted").await == Some(1.0);
+        let applied = metric(app, "rolecheck_applied_revision").await.unwrap_or(0.0);
+        (trusted && applied >= revision as f64).then_some(())
+    })
+    .await;
+}

@@ -185,12 +185,7 @@ async fn tenant_churn_leaves_other_users_cached(backend: Backend) {
     for reader in &readers {
         last = app.grant(reader, "stable", &["admin"]).await;
     }
-    wait_for(Duration::from_secs(10), "the cache to be trusted", || async {
-        let trusted = metric(&app, "rolecheck_cache_trusted").await == Some(1.0);
-        let applied = metric(&app, "rolecheck_applied_revision").await.unwrap_or(0.0);
-        (trusted && applied >= last as f64).then_some(())
-    })
-    .await;
+    crate::helpers::wait_trusted(&app, last).await;
     for reader in &readers {
         assert!(allowed(&app, reader, "stable", 0).await); // warm
     }

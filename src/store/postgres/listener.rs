@@ -130,7 +130,8 @@ pub(super) async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
 /// Sends this replica's sync notification every [`SYNC_INTERVAL`], on a connection of its
 /// own (not the pool's, so no load on the pool can delay it past the lease). The revision
 /// in it is read in the same statement, so every commit up to it precedes the sync in the
-/// queue. A send that fails or takes longer than the query timeout drops the connection.
+/// queue. A send that fails, or takes longer than the listener waits for a sync (two leases: a
+/// later one would be of no use), drops the connection.
 pub(super) async fn heartbeat(link: Link, tx: UnboundedSender<FeedEvent>) {
     let mut ticker = tokio::time::interval(SYNC_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -160,8 +161,7 @@ pub(super) async fn heartbeat(link: Link, tx: UnboundedSender<FeedEvent>) {
             .await?;
             Ok(())
         };
-        if let Err(err) = bounded(link.timeout.min(SYNC_INTERVAL * 5), &link.suspicion, sent).await
-        {
+        if let Err(err) = bounded(link.silence, &link.suspicion, sent).await {
             tracing::debug!(error = %err, "sync notification failed; reconnecting");
             conn = None; // dropped: its socket is closed at once
         }
