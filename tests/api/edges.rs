@@ -356,3 +356,39 @@ async fn slow_http_headers_are_cut_off() {
     let (head, _) = crate::helpers::http_get(&app, "/healthz").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
+
+/// The HTTP port holds at most 256 connections: past that, a new one is closed at once,
+/// and once some close, requests are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_port_has_a_connection_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = crate::helpers::spawn(Backend::Sqlite).await;
+    let mut held = Vec::new();
+    for _ in 0..rolecheck::http::MAX_CONNECTIONS {
+        let mut conn = tokio::net::TcpStream::connect(app.http).await.expect("connect");
+        conn.write_all(b"GET /healthz HTTP/1.1\r\n").await.expect("half a request");
+        held.push(conn);
+    }
+    // Each held connection is accepted (a full request on the last one would be answered);
+    // one more is closed without an answer, well before the header timeout.
+    let get = || async {
+        let mut conn = tokio::net::TcpStream::connect(app.http).await.ok()?;
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut response = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(2), conn.read_to_string(&mut response));
+        read.await.ok()?.ok()?;
+        Some(response)
+    };
+    wait_for(Duration::from_secs(2), "the 257th connection to be closed", || async {
+        get().await.filter(String::is_empty).map(|_| ())
+    })
+    .await;
+    drop(held);
+    let served = wait_for(Duration::from_secs(5), "requests to be served again", || async {
+        get().await.filter(|r| r.starts_with("HTTP/1.1 200"))
+    })
+    .await;
+    assert!(served.ends_with("ok\n"), "{served}");
+}

@@ -374,3 +374,40 @@ proptest::proptest! {
         });
     }
 }
+
+/// TLS handshakes are bounded in number and in time: 1024 connections that never start
+/// their handshake hold every handshake slot, so a real client waits; 5 s later they are
+/// cut and the client gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshakes_are_bounded_in_number_and_time() {
+    let dir = tempfile::tempdir().expect("dir");
+    let authority = ca("rolecheck test CA");
+    let server = leaf(&authority, &["localhost"], "rolecheck");
+    let cert = write(dir.path(), "server.pem", &server.0);
+    let key = write(dir.path(), "server.key", &server.1);
+    let app = spawn_with(Backend::Sqlite, |c| {
+        c.tls_cert = Some(cert.clone());
+        c.tls_key = Some(key.clone());
+    })
+    .await;
+    let port = app.addr.port();
+    let mut idle = Vec::new();
+    for _ in 0..1024 {
+        idle.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect"));
+    }
+    let started = std::time::Instant::now();
+    // With every slot held, a real client does not get through in 2 s (unbounded, it
+    // would in milliseconds)...
+    let blocked =
+        tokio::time::timeout(Duration::from_secs(2), tls_channel(port, &authority.pem, None)).await;
+    assert!(blocked.is_err(), "a handshake got through while 1024 were in flight");
+    // ...and does once the idle ones are cut at the 5 s handshake deadline.
+    let channel =
+        tokio::time::timeout(Duration::from_secs(10), tls_channel(port, &authority.pem, None))
+            .await
+            .expect("the idle handshakes were cut in time")
+            .expect("handshake");
+    assert!(started.elapsed() >= Duration::from_secs(4), "cut after {:?}", started.elapsed());
+    RoleCheckClient::new(channel).check(check_req("u")).await.expect("check over TLS");
+    drop(idle);
+}
