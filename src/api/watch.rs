@@ -230,8 +230,9 @@ impl WatchHub {
 }
 
 /// The hub's reader: after each applied revision, reads what was committed since its last
-/// read and broadcasts it, a response per revision. With no stream subscribed it reads
-/// nothing and only moves its mark (a new stream catches up from the store itself).
+/// read and broadcasts it, a response per revision. With no stream subscribed it reads no
+/// history and only moves its mark to the store's revision (a new stream catches up from
+/// the store itself).
 async fn read_history(
     store: Arc<dyn Store>,
     coherence: Arc<Coherence>,
@@ -246,15 +247,22 @@ async fn read_history(
         }
     };
     loop {
-        let skipped = {
+        let idle = {
             let _gate = gate.lock();
-            let idle = live.receiver_count() == 0;
-            if idle {
-                last = last.max(coherence.applied());
-            }
-            idle
+            live.receiver_count() == 0
         };
-        if !skipped {
+        if idle {
+            // Move the mark to a revision this process can already read (the revision
+            // row, read in a snapshot), not to the feed's applied revision: a
+            // notification may arrive a moment before its transaction is visible to other
+            // sessions, and a stream subscribing then would not find it in its own read.
+            if let Ok(visible) = store.revision().await {
+                let _gate = gate.lock();
+                if live.receiver_count() == 0 {
+                    last = last.max(visible);
+                }
+            }
+        } else {
             match store.changes_after(last, PAGE).await {
                 Ok(history) => {
                     last = last.max(history.pruned_through);

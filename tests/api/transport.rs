@@ -391,11 +391,11 @@ async fn tls_handshakes_are_bounded_in_number_and_time() {
     })
     .await;
     let port = app.addr.port();
+    let started = std::time::Instant::now();
     let mut idle = Vec::new();
     for _ in 0..1024 {
         idle.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect"));
     }
-    let started = std::time::Instant::now();
     // With every slot held, a real client does not get through in 2 s (unbounded, it
     // would in milliseconds)...
     let blocked =
