@@ -1,7 +1,7 @@
 //! The one implementation of [`Store`](crate::store::Store) over the shared SQL in
 //! `sql.rs`, expanded for each backend's pool type. A backend provides `read_pool()`,
 //! `write_pool()`, `application_id()`, `read_user()`, `write_member()`, `write_guard()`,
-//! `commit_guard()`, `lock_first()`, `record()`, `announcer()`, `fault_after_commit()`,
+//! `lock_first()`, `record()`, `announcer()`, `fault_after_commit()`,
 //! `feed()` and `migrator()`.
 
 /// Implements [`crate::store::Store`] for a backend struct over sqlx database `$db`.
@@ -335,7 +335,6 @@ macro_rules! sql_store {
                 } else {
                     String::new()
                 };
-                let _turn = self.commit_guard().await;
                 let revision = self.record(&mut tx, &change, roles).await?;
                 let announcer = self.announcer();
                 let fault = self.fault_after_commit();

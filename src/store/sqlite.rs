@@ -20,7 +20,7 @@ use sqlx::{
 use std::sync::Arc;
 
 use tokio::sync::{
-    Mutex, MutexGuard, OwnedMutexGuard, Semaphore,
+    Mutex, OwnedMutexGuard, Semaphore,
     mpsc::{UnboundedReceiver, UnboundedSender},
 };
 
@@ -142,11 +142,6 @@ impl SqliteStore {
             Error::Unavailable("store unavailable: too many writes queued, retry".into())
         })?;
         Ok(Some(self.serial.clone().lock_owned().await))
-    }
-
-    /// The write guard, held for the whole write, already serializes commits.
-    async fn commit_guard(&self) -> Option<MutexGuard<'_, ()>> {
-        None
     }
 
     /// Membership writes run one at a time under the write guard.

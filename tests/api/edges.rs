@@ -240,12 +240,7 @@ async fn two_hundred_watchers_do_not_starve_the_heartbeat() {
     })
     .await;
     app.create_tenant("acme").await;
-    let users: Vec<String> = (0..20).map(|i| format!("reader{i}")).collect();
-    let mut last = 0;
-    for user in &users {
-        last = app.grant(user, "acme", &["admin"]).await;
-    }
-    crate::helpers::wait_trusted(&app, last).await;
+    let (users, last) = crate::helpers::granted_readers(&app, "acme").await;
     let mut streams = Vec::new();
     for i in 0..200 {
         // 100 streams per connection, under the default 256 streams per connection.

@@ -374,3 +374,15 @@ pub async fn wait_trusted(app: &TestApp, revision: u64) {
     })
     .await;
 }
+
+/// Twenty users `reader0`..`reader19` holding `admin` in `tenant`, with the grants applied
+/// to `app`'s cache; and the revision of the last grant.
+pub async fn granted_readers(app: &TestApp, tenant: &str) -> (Vec<String>, u64) {
+    let readers: Vec<String> = (0..20).map(|i| format!("reader{i}")).collect();
+    let mut last = 0;
+    for reader in &readers {
+        last = app.grant(reader, tenant, &["admin"]).await;
+    }
+    wait_trusted(app, last).await;
+    (readers, last)
+}

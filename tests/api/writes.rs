@@ -180,12 +180,7 @@ async fn a_queued_write_whose_caller_left_never_commits() {
 async fn tenant_churn_leaves_other_users_cached(backend: Backend) {
     let app = spawn_with(backend, |_| {}).await;
     app.create_tenant("stable").await;
-    let readers: Vec<String> = (0..20).map(|i| format!("reader{i}")).collect();
-    let mut last = 0;
-    for reader in &readers {
-        last = app.grant(reader, "stable", &["admin"]).await;
-    }
-    crate::helpers::wait_trusted(&app, last).await;
+    let (readers, _) = crate::helpers::granted_readers(&app, "stable").await;
     for reader in &readers {
         assert!(allowed(&app, reader, "stable", 0).await); // warm
     }

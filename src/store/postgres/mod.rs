@@ -215,8 +215,6 @@ pub struct PgStore {
     listener_silence: Duration,
     suspicion: Suspicion,
     application_id: TenantId,
-    /// This process's writers take turns at the revision row (see `commit_guard`).
-    committing: tokio::sync::Mutex<()>,
     /// Misses for the coalescing loader (see the module docs).
     loads: UnboundedSender<PendingLoad>,
     /// Membership writes for the batch writer (see the module docs), at most
@@ -281,7 +279,6 @@ impl PgStore {
             pool,
             connect,
             application_id: application_id.clone(),
-            committing: Default::default(),
             loads,
             writes,
             fault_after_commit: options.fault_after_commit,
@@ -337,14 +334,6 @@ impl PgStore {
     /// Postgres orders concurrent writers itself (the revision row lock).
     async fn write_guard(&self) -> Result<Option<OwnedMutexGuard<()>>> {
         Ok(None)
-    }
-
-    /// Held from taking the revision until COMMIT returns. The revision row lock already
-    /// orders writers; queueing this process's writers here instead of on the row lock
-    /// spares Postgres waking every waiting backend at each commit (measured: Grant
-    /// throughput, see BENCHMARKS.md).
-    async fn commit_guard(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        Some(self.committing.lock().await)
     }
 
     /// Queues the write for the batch writer (see the module docs). A full queue is
