@@ -1,4 +1,7 @@
-//! The moka cache: a decorator with the same [`Store`] interface as what it wraps.
+//! The moka cache: a decorator of the store's [`RoleReads`] (answers from memory) and
+//! [`Writes`] (forgets what a write touched before it returns); every other part of the
+//! [`Store`] passes by it. The hot path of `Check` and `CheckBatch` asks
+//! [`CachedStore::user_roles_in_memory`] first.
 //!
 //! Entries are per user (everything the user holds, at one revision), so a `Check` and
 //! the user's `GetAuthorization` always agree. Absent users are cached too (an empty
@@ -34,12 +37,9 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::{
     coherence::{Coherence, Invalidate},
-    domain::{Revision, TenantId, UnixSeconds, UserId, UserRoles, now_unix},
+    domain::{Revision, TenantId, UserId, UserRoles, now_unix},
     error::{Error, Result},
-    store::{
-        Answer, ChangeFilter, Feed, History, HistoryEntry, Member, MembershipWrite, Stale, Store,
-        Tenant,
-    },
+    store::{Answer, MembershipWrite, RoleReads, Stale, Store, Tenant, Writes},
 };
 
 /// Number of generation counters users are spread over.
@@ -107,9 +107,10 @@ impl Tombstones {
     }
 }
 
-/// A [`Store`] that answers `user_roles` from memory.
+/// Answers `user_roles` from memory.
 pub struct CachedStore {
-    inner: Arc<dyn Store>,
+    inner: Arc<dyn RoleReads>,
+    writes: Arc<dyn Writes>,
     tombstones: Tombstones,
     /// How long a tombstone is kept: past it no entry read before it can remain.
     tombstone_life: Duration,
@@ -139,13 +140,31 @@ pub struct CacheOptions {
 }
 
 impl CachedStore {
-    /// Wraps `inner`; `coherence` says when the cache may be trusted.
-    pub fn new(inner: Arc<dyn Store>, options: &CacheOptions, coherence: Arc<Coherence>) -> Self {
+    /// `store` with its role reads and writes going through a new cache, and the cache;
+    /// `coherence` says when the cache may be trusted.
+    pub fn wrap(
+        store: Store,
+        options: &CacheOptions,
+        coherence: Arc<Coherence>,
+    ) -> (Store, Arc<Self>) {
+        let cache = Arc::new(Self::new(store.roles, store.writes, options, coherence));
+        let store = Store { roles: cache.clone(), writes: cache.clone(), ..store };
+        (store, cache)
+    }
+
+    /// Caches `inner`'s answers, forgetting what `writes` touch.
+    pub fn new(
+        inner: Arc<dyn RoleReads>,
+        writes: Arc<dyn Writes>,
+        options: &CacheOptions,
+        coherence: Arc<Coherence>,
+    ) -> Self {
         let (capacity, ttl) = (options.capacity, options.ttl);
         let cache =
             Cache::builder().max_capacity(capacity).expire_after(EntryExpiry { ttl }).build();
         Self {
             inner,
+            writes,
             tombstones: Tombstones::default(),
             tombstone_life: ttl * 2 + Duration::from_secs(60),
             cache,
@@ -179,10 +198,43 @@ impl CachedStore {
         }
         self.cache.invalidate_all();
     }
+
+    /// The answer to `user_roles` when it is in memory and current, without waiting or
+    /// allocating; `None` means "ask `user_roles`". `user` must be a valid [`UserId`]. The
+    /// hot path of `Check` and `CheckBatch`; the caller reports the answers it got with
+    /// [`count_hits`](Self::count_hits).
+    pub fn user_roles_in_memory(&self, user: &str, min_revision: Revision) -> Option<Answer> {
+        if !self.coherence.is_current() {
+            return None;
+        }
+        // Read before the generation check, as in `user_roles`.
+        let applied = self.coherence.applied();
+        if min_revision > applied {
+            return None;
+        }
+        // A hit completes on its first poll; moka only waits when its read log needs
+        // housekeeping first, and then `user_roles` waits for it.
+        let entry = self.cache.get(user).now_or_never()??;
+        let revision = entry.snapshot.revision.max(applied);
+        if entry.generation != self.generation(user).load(Ordering::SeqCst)
+            || self.tombstones.buries(&entry.snapshot)
+        {
+            return None;
+        }
+        Some(Answer { roles: entry.snapshot.clone(), revision })
+    }
+
+    /// Counts `n` answers from [`user_roles_in_memory`](Self::user_roles_in_memory), once
+    /// per request rather than once per user (one shared counter, two cores).
+    pub fn count_hits(&self, n: u64) {
+        if n > 0 {
+            self.hits.inc_by(n);
+        }
+    }
 }
 
 #[async_trait]
-impl Store for CachedStore {
+impl RoleReads for CachedStore {
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
         if !self.coherence.is_current() {
             self.misses.inc();
@@ -225,98 +277,27 @@ impl Store for CachedStore {
         }
         self.inner.user_roles(user, min_revision).await
     }
+}
 
-    fn user_roles_in_memory(&self, user: &str, min_revision: Revision) -> Option<Answer> {
-        if !self.coherence.is_current() {
-            return None;
-        }
-        // Read before the generation check, as in `user_roles`.
-        let applied = self.coherence.applied();
-        if min_revision > applied {
-            return None;
-        }
-        // A hit completes on its first poll; moka only waits when its read log needs
-        // housekeeping first, and then `user_roles` waits for it.
-        let entry = self.cache.get(user).now_or_never()??;
-        let revision = entry.snapshot.revision.max(applied);
-        if entry.generation != self.generation(user).load(Ordering::SeqCst)
-            || self.tombstones.buries(&entry.snapshot)
-        {
-            return None;
-        }
-        Some(Answer { roles: entry.snapshot.clone(), revision })
-    }
-
-    fn count_hits(&self, n: u64) {
-        if n > 0 {
-            self.hits.inc_by(n);
-        }
-    }
-
+#[async_trait]
+impl Writes for CachedStore {
     async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {
         // Forget even on error: a failed COMMIT may still have committed.
-        let result = self.inner.write_membership(write).await;
+        let result = self.writes.write_membership(write).await;
         self.forget(&write.user).await;
         result
     }
 
-    async fn list_members(
-        &self,
-        tenant: &TenantId,
-        after: Option<&UserId>,
-        limit: u32,
-        now: UnixSeconds,
-    ) -> Result<(Vec<Member>, Revision)> {
-        self.inner.list_members(tenant, after, limit, now).await
-    }
-
     async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
-        self.inner.create_tenant(tenant, caller).await
-    }
-
-    async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
-        self.inner.get_tenant(id).await
-    }
-
-    async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
-        self.inner.list_tenants(after, limit).await
+        self.writes.create_tenant(tenant, caller).await
     }
 
     async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
         // The caller reads its own deletion here at once; the change feed announces it
         // too (to every replica, and here when this caller went away after the COMMIT).
-        let revision = self.inner.delete_tenant(id, caller).await?;
+        let revision = self.writes.delete_tenant(id, caller).await?;
         self.tombstones.bury(id.as_str(), revision, self.tombstone_life);
         Ok(revision)
-    }
-
-    async fn revision(&self) -> Result<Revision> {
-        self.inner.revision().await
-    }
-
-    async fn close(&self) {
-        self.inner.close().await;
-    }
-
-    async fn subscribe(&self) -> Result<Feed> {
-        self.inner.subscribe().await
-    }
-
-    async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
-        self.inner.changes_after(after, limit).await
-    }
-
-    async fn list_changes(
-        &self,
-        filter: &ChangeFilter,
-        after: Revision,
-        limit: u32,
-    ) -> Result<Vec<HistoryEntry>> {
-        self.inner.list_changes(filter, after, limit).await
-    }
-
-    async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
-        self.inner.prune_history(older_than_ms).await
     }
 }
 
@@ -345,20 +326,20 @@ mod tests {
     use super::*;
     use crate::{
         domain::Role,
-        store::{SqliteStore, StoreOptions, WriteKind},
+        store::{ChangeFeed, SqliteStore, StoreOptions, WriteKind},
     };
 
     /// A real SQLite store that counts `user_roles` loads and, when armed, holds each load
     /// after its read until the test releases it.
     struct Counting {
-        inner: SqliteStore,
+        inner: Arc<SqliteStore>,
         loads: AtomicUsize,
         armed: std::sync::atomic::AtomicBool,
         release: Semaphore,
     }
 
     #[async_trait]
-    impl Store for Counting {
+    impl RoleReads for Counting {
         async fn user_roles(&self, user: &UserId, min: Revision) -> Result<Answer> {
             self.loads.fetch_add(1, Ordering::SeqCst);
             let snapshot = self.inner.user_roles(user, min).await?;
@@ -366,53 +347,6 @@ mod tests {
                 self.release.acquire().await.expect("semaphore").forget();
             }
             Ok(snapshot)
-        }
-        async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {
-            self.inner.write_membership(write).await
-        }
-        async fn list_members(
-            &self,
-            tenant: &TenantId,
-            after: Option<&UserId>,
-            limit: u32,
-            now: UnixSeconds,
-        ) -> Result<(Vec<Member>, Revision)> {
-            self.inner.list_members(tenant, after, limit, now).await
-        }
-        async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
-            self.inner.create_tenant(tenant, caller).await
-        }
-        async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
-            self.inner.get_tenant(id).await
-        }
-        async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
-            self.inner.list_tenants(after, limit).await
-        }
-        async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
-            self.inner.delete_tenant(id, caller).await
-        }
-        async fn revision(&self) -> Result<Revision> {
-            self.inner.revision().await
-        }
-        async fn close(&self) {
-            self.inner.close().await;
-        }
-        async fn subscribe(&self) -> Result<Feed> {
-            self.inner.subscribe().await
-        }
-        async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
-            self.inner.changes_after(after, limit).await
-        }
-        async fn list_changes(
-            &self,
-            filter: &ChangeFilter,
-            after: Revision,
-            limit: u32,
-        ) -> Result<Vec<HistoryEntry>> {
-            self.inner.list_changes(filter, after, limit).await
-        }
-        async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
-            self.inner.prune_history(older_than_ms).await
         }
     }
 
@@ -423,8 +357,9 @@ mod tests {
             SqliteStore::open(&dir.path().join("t.db"), &app, &options).await.expect("open");
         inner.migrate().await.expect("migrate");
         inner.ensure_application_tenant(&app).await.expect("app tenant");
+        let inner = Arc::new(inner);
         let counting = Arc::new(Counting {
-            inner,
+            inner: inner.clone(),
             loads: AtomicUsize::new(0),
             armed: false.into(),
             release: Semaphore::new(0),
@@ -437,8 +372,13 @@ mod tests {
             hits: Counter::default(),
             misses: Counter::default(),
         };
-        let cached = Arc::new(CachedStore::new(counting.clone(), &options, coherence.clone()));
-        coherence.run(counting.subscribe().await.expect("feed"), cached.clone());
+        let cached = Arc::new(CachedStore::new(
+            counting.clone(),
+            inner.clone(),
+            &options,
+            coherence.clone(),
+        ));
+        coherence.run(inner.subscribe().await.expect("feed"), cached.clone());
         let deadline = Instant::now() + Duration::from_secs(5);
         while !coherence.is_current() {
             assert!(Instant::now() < deadline, "feed never connected");

@@ -19,7 +19,7 @@ use crate::{
     listen::GrpcListener,
     metrics::{Metrics, RequestLayer},
     pb::{self, role_check_server::RoleCheckServer, tenants_server::TenantsServer},
-    store::{self, MeasuredStore, Store, StoreOptions},
+    store::{self, HistoryLog, MeasuredStore, Store, StoreOptions, TenantReads},
     tls::{Port, Tls},
     token::{KeySet, TokenSettings, Tokens},
 };
@@ -36,7 +36,8 @@ pub struct Server {
     tls: Option<Arc<Tls>>,
     keys: Keys,
     http_listener: TcpListener,
-    store: Arc<dyn Store>,
+    store: Store,
+    cache: Option<Arc<CachedStore>>,
     tokens: Arc<Tokens>,
     metrics: Arc<Metrics>,
     coherence: Arc<Coherence>,
@@ -106,13 +107,12 @@ impl Server {
             },
         ));
         let store = open_store(&config, &application_id, !config.no_migrate).await?;
-        let store: Arc<dyn Store> =
-            Arc::new(MeasuredStore::new(store, metrics.clone(), config.db_query_timeout));
-        let feed = store.subscribe().await?;
+        let store = MeasuredStore::wrap(store, &metrics, config.db_query_timeout);
+        let feed = store.backend.subscribe().await?;
         let coherence = Coherence::new(config.coherence_lease);
-        let (store, sink): (Arc<dyn Store>, Arc<dyn Invalidate>) = if config.cache_capacity == 0 {
+        let (store, cache, sink): (Store, _, Arc<dyn Invalidate>) = if config.cache_capacity == 0 {
             metrics.observe(coherence.clone(), None);
-            (store, Arc::new(NoCache))
+            (store, None, Arc::new(NoCache))
         } else {
             let options = CacheOptions {
                 capacity: config.cache_capacity,
@@ -121,9 +121,9 @@ impl Server {
                 hits: metrics.cache_hits.clone(),
                 misses: metrics.cache_misses.clone(),
             };
-            let cached = Arc::new(CachedStore::new(store, &options, coherence.clone()));
-            metrics.observe(coherence.clone(), Some(cached.clone()));
-            (cached.clone(), cached)
+            let (store, cache) = CachedStore::wrap(store, &options, coherence.clone());
+            metrics.observe(coherence.clone(), Some(cache.clone()));
+            (store, Some(cache.clone()), cache)
         };
         let feed_task = coherence.run(feed, sink);
         Ok(Self {
@@ -132,6 +132,7 @@ impl Server {
             keys: callers,
             http_listener,
             store,
+            cache,
             tokens,
             metrics,
             coherence,
@@ -156,16 +157,19 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
         // One probe before serving, so readiness and gRPC health are known from the start.
-        let initially = self.store.revision().await.is_ok();
+        let initially = self.store.tenants.revision().await.is_ok();
         let store_ready = Arc::new(std::sync::atomic::AtomicBool::new(initially));
         let status = if initially { ServingStatus::Serving } else { ServingStatus::NotServing };
         for service in HEALTH_SERVICES {
             health.set_service_status(service, status).await;
         }
-        let health_task =
-            tokio::spawn(watch_health(health.clone(), self.store.clone(), store_ready.clone()));
+        let health_task = tokio::spawn(watch_health(
+            health.clone(),
+            self.store.tenants.clone(),
+            store_ready.clone(),
+        ));
         let prune_task =
-            tokio::spawn(prune_history(self.store.clone(), self.config.history_retention));
+            tokio::spawn(prune_history(self.store.history.clone(), self.config.history_retention));
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -181,6 +185,7 @@ impl Server {
         let max = self.config.max_message_bytes;
         let role_check = RoleCheckServer::new(RoleCheckApi::new(
             self.store.clone(),
+            self.cache.clone(),
             self.application_id.clone(),
             self.tokens.clone(),
             self.coherence.clone(),
@@ -306,7 +311,7 @@ impl Server {
         if tokio::time::timeout(grace * 2, http_task).await.is_err() {
             tracing::warn!("HTTP server did not stop in time");
         }
-        self.store.close().await;
+        self.store.backend.close().await;
         self.feed_task.abort();
         tracing::info!("stopped");
         served.map_err(|err| Error::Internal(Box::new(err)))
@@ -329,16 +334,12 @@ fn listener_silence(lease: Duration) -> Duration {
 pub async fn migrate(config: &Config) -> Result<()> {
     let application_id = TenantId::parse("application_id", &config.application_id)?;
     let store = open_store(config, &application_id, true).await?;
-    store.close().await;
+    store.backend.close().await;
     Ok(())
 }
 
 /// Opens the store, retrying an unreachable database for `--db-startup-wait`.
-async fn open_store(
-    config: &Config,
-    application_id: &TenantId,
-    migrate: bool,
-) -> Result<Arc<dyn Store>> {
+async fn open_store(config: &Config, application_id: &TenantId, migrate: bool) -> Result<Store> {
     let options = StoreOptions {
         max_connections: config.db_max_connections,
         acquire_timeout: config.db_acquire_timeout,
@@ -362,7 +363,7 @@ async fn open_store(
 }
 
 /// Drops history older than `retention`, now and then. Not a write: no revision.
-async fn prune_history(store: Arc<dyn Store>, retention: Duration) {
+async fn prune_history(store: Arc<dyn HistoryLog>, retention: Duration) {
     let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         let cutoff = crate::domain::now_millis() - retention.as_millis() as i64;
@@ -383,7 +384,7 @@ const HEALTH_SERVICES: [&str; 3] = ["", "rolecheck.v1.RoleCheck", "rolecheck.v1.
 /// hit the ports.
 async fn watch_health(
     health: HealthReporter,
-    store: Arc<dyn Store>,
+    store: Arc<dyn TenantReads>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let services = HEALTH_SERVICES;

@@ -5,12 +5,12 @@ use crate::{
     domain::{TenantId, UserId},
     error::{Error, Result},
     pb,
-    store::{ChangeFilter, Store},
+    store::{ChangeFilter, HistoryLog},
 };
 
 /// One page of the audit trail matching `req`.
 pub async fn list_changes(
-    store: &dyn Store,
+    store: &dyn HistoryLog,
     req: &pb::ListChangesRequest,
 ) -> Result<pb::ListChangesResponse, tonic::Status> {
     let filter = ChangeFilter {

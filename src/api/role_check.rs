@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use super::{decode_page_token, encode_page_token, page_size, parse_expiry, tenant_or_application};
 use crate::{
     auth::caller_name,
+    cache::CachedStore,
     coherence::Coherence,
     domain::{Revision, Role, TenantId, UserId, now_unix, parse_roles},
     error::{Error, Result},
@@ -23,7 +24,9 @@ const BATCH_LOAD_CONCURRENCY: usize = 16;
 
 /// Handlers for `rolecheck.v1.RoleCheck`.
 pub struct RoleCheckApi {
-    store: Arc<dyn Store>,
+    store: Store,
+    /// The cache's hot path, when there is a cache.
+    cache: Option<Arc<CachedStore>>,
     application_id: TenantId,
     tokens: Arc<Tokens>,
     watch_hub: Arc<super::watch::WatchHub>,
@@ -31,16 +34,18 @@ pub struct RoleCheckApi {
 }
 
 impl RoleCheckApi {
-    /// Serves checks and writes from `store`; empty tenant ids mean `application_id`.
+    /// Serves checks and writes from `store` (through `cache` first, when there is one);
+    /// empty tenant ids mean `application_id`.
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Store,
+        cache: Option<Arc<CachedStore>>,
         application_id: TenantId,
         tokens: Arc<Tokens>,
         coherence: Arc<Coherence>,
         watch_limits: super::watch::WatchLimits,
     ) -> Self {
         let watch_hub = super::watch::WatchHub::start(store.clone(), coherence);
-        Self { store, application_id, tokens, watch_hub, watch_limits }
+        Self { store, cache, application_id, tokens, watch_hub, watch_limits }
     }
 
     fn tenant(&self, field: &str, value: &str) -> Result<TenantId> {
@@ -88,12 +93,26 @@ impl RoleCheckApi {
     /// loads it into the cache). `user` must be valid. Every RPC reads roles through here
     /// or, for a batch's misses, straight through `user_roles`.
     async fn answer(&self, user: &str, min_revision: Revision) -> Result<Answer> {
-        match self.store.user_roles_in_memory(user, min_revision) {
+        match self.in_memory(user, min_revision) {
             Some(answer) => {
-                self.store.count_hits(1);
+                self.count_hits(1);
                 Ok(answer)
             }
-            None => self.store.user_roles(&UserId::trusted(user.to_owned()), min_revision).await,
+            None => {
+                self.store.roles.user_roles(&UserId::trusted(user.to_owned()), min_revision).await
+            }
+        }
+    }
+
+    /// See [`CachedStore::user_roles_in_memory`].
+    fn in_memory(&self, user: &str, min_revision: Revision) -> Option<Answer> {
+        self.cache.as_ref()?.user_roles_in_memory(user, min_revision)
+    }
+
+    /// See [`CachedStore::count_hits`].
+    fn count_hits(&self, n: u64) {
+        if let Some(cache) = &self.cache {
+            cache.count_hits(n);
         }
     }
 }
@@ -162,7 +181,7 @@ impl RoleCheck for RoleCheckApi {
         let (now, mut hits, mut waiting, mut start) = (now_unix(), 0, Vec::new(), 0);
         for group in order.chunk_by(|&a, &b| checks[a].user_id == checks[b].user_id) {
             let user = &checks[group[0]].user_id;
-            match self.store.user_roles_in_memory(user, min_revision) {
+            match self.in_memory(user, min_revision) {
                 Some(answer) => {
                     hits += 1;
                     answer_group(group, &answer, now);
@@ -171,9 +190,9 @@ impl RoleCheck for RoleCheckApi {
             }
             start += group.len();
         }
-        self.store.count_hits(hits);
+        self.count_hits(hits);
         if !waiting.is_empty() {
-            let store = &self.store;
+            let store = &self.store.roles;
             let fetched: Vec<(std::ops::Range<usize>, Answer)> = futures::stream::iter(waiting)
                 .map(|(group, id)| async move {
                     Ok::<_, Error>((group, store.user_roles(&id, min_revision).await?))
@@ -203,7 +222,7 @@ impl RoleCheck for RoleCheckApi {
             &req.roles,
             req.expires_at.as_ref(),
         )?;
-        let revision = self.store.write_membership(&write).await?;
+        let revision = self.store.writes.write_membership(&write).await?;
         Ok(Response::new(pb::GrantResponse { revision }))
     }
 
@@ -221,7 +240,7 @@ impl RoleCheck for RoleCheckApi {
             &req.roles,
             None,
         )?;
-        let revision = self.store.write_membership(&write).await?;
+        let revision = self.store.writes.write_membership(&write).await?;
         Ok(Response::new(pb::RevokeResponse { revision }))
     }
 
@@ -239,7 +258,7 @@ impl RoleCheck for RoleCheckApi {
             &req.roles,
             req.expires_at.as_ref(),
         )?;
-        let revision = self.store.write_membership(&write).await?;
+        let revision = self.store.writes.write_membership(&write).await?;
         Ok(Response::new(pb::SetRolesResponse { revision }))
     }
 
@@ -272,7 +291,7 @@ impl RoleCheck for RoleCheckApi {
             .map(|user| UserId::parse("page_token", &user))
             .transpose()?;
         let (mut members, revision) =
-            self.store.list_members(&tenant, after.as_ref(), limit + 1, now_unix()).await?;
+            self.store.tenants.list_members(&tenant, after.as_ref(), limit + 1, now_unix()).await?;
         let next_page_token = if members.len() > limit as usize {
             members.truncate(limit as usize);
             members.last().map(|m| encode_page_token("members", &m.user_id)).unwrap_or_default()
@@ -332,7 +351,9 @@ impl RoleCheck for RoleCheckApi {
         &self,
         request: Request<pb::ListChangesRequest>,
     ) -> Result<Response<pb::ListChangesResponse>, Status> {
-        super::audit::list_changes(self.store.as_ref(), request.get_ref()).await.map(Response::new)
+        super::audit::list_changes(self.store.history.as_ref(), request.get_ref())
+            .await
+            .map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(after = request.get_ref().after_revision))]

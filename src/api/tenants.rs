@@ -1,7 +1,5 @@
 //! The `Tenants` service.
 
-use std::sync::Arc;
-
 use rand::{Rng, distr::Alphanumeric};
 use tonic::{Request, Response, Status};
 
@@ -21,12 +19,12 @@ const GENERATE_ATTEMPTS: usize = 5;
 
 /// Handlers for `rolecheck.v1.Tenants`.
 pub struct TenantsApi {
-    store: Arc<dyn Store>,
+    store: Store,
 }
 
 impl TenantsApi {
     /// Serves tenants from `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub fn new(store: Store) -> Self {
         Self { store }
     }
 
@@ -38,7 +36,7 @@ impl TenantsApi {
                 name: name.clone(),
                 created_at_ms: now_millis(),
             };
-            match self.store.create_tenant(&tenant, caller).await {
+            match self.store.writes.create_tenant(&tenant, caller).await {
                 Ok(_) => return Ok(tenant),
                 Err(Error::AlreadyExists(_)) if id.is_none() => continue,
                 Err(err) => return Err(err),
@@ -100,7 +98,7 @@ impl Tenants for TenantsApi {
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
         let id = TenantId::parse("tenant_id", &request.get_ref().tenant_id)?;
-        Ok(Response::new(to_pb(self.store.get_tenant(&id).await?)))
+        Ok(Response::new(to_pb(self.store.tenants.get_tenant(&id).await?)))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -113,7 +111,7 @@ impl Tenants for TenantsApi {
         let after = decode_page_token("tenants", &req.page_token)?
             .map(|id| TenantId::parse("page_token", &id))
             .transpose()?;
-        let mut tenants = self.store.list_tenants(after.as_ref(), limit + 1).await?;
+        let mut tenants = self.store.tenants.list_tenants(after.as_ref(), limit + 1).await?;
         let next_page_token = if tenants.len() > limit as usize {
             tenants.truncate(limit as usize);
             tenants.last().map(|t| encode_page_token("tenants", t.id.as_str())).unwrap_or_default()
@@ -132,7 +130,7 @@ impl Tenants for TenantsApi {
         request: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
         let id = TenantId::parse("tenant_id", &request.get_ref().tenant_id)?;
-        let revision = self.store.delete_tenant(&id, &caller_name(&request)).await?;
+        let revision = self.store.writes.delete_tenant(&id, &caller_name(&request)).await?;
         Ok(Response::new(pb::DeleteTenantResponse { revision }))
     }
 }

@@ -140,7 +140,7 @@ impl WatchLimits {
 
 /// The process's one history reader, fanning commits out to every Watch stream.
 pub struct WatchHub {
-    store: Arc<dyn Store>,
+    store: Store,
     live: broadcast::Sender<Arc<pb::WatchResponse>>,
     /// Held while a stream subscribes, and while the reader, finding no subscriber, moves
     /// its mark without reading: so the mark never moves past what a stream that has just
@@ -157,7 +157,7 @@ impl Drop for WatchHub {
 
 impl WatchHub {
     /// Starts the reader.
-    pub fn start(store: Arc<dyn Store>, coherence: Arc<Coherence>) -> Arc<Self> {
+    pub fn start(store: Store, coherence: Arc<Coherence>) -> Arc<Self> {
         let (live, _) = broadcast::channel(BUFFER);
         let gate = Arc::new(Mutex::new(()));
         let reader =
@@ -180,7 +180,7 @@ impl WatchHub {
                 };
                 // Catch up from the store.
                 loop {
-                    let history = match hub.store.changes_after(last, PAGE).await {
+                    let history = match hub.store.history.changes_after(last, PAGE).await {
                         Ok(history) => history,
                         Err(err) => {
                             let _ = tx.send(Err(err.into())).await;
@@ -234,14 +234,14 @@ impl WatchHub {
 /// history and only moves its mark to the store's revision (a new stream catches up from
 /// the store itself).
 async fn read_history(
-    store: Arc<dyn Store>,
+    store: Store,
     coherence: Arc<Coherence>,
     live: broadcast::Sender<Arc<pb::WatchResponse>>,
     gate: Arc<Mutex<()>>,
 ) {
     let mut applied = coherence.watch_applied();
     let mut last = loop {
-        match store.revision().await {
+        match store.tenants.revision().await {
             Ok(revision) => break revision,
             Err(_) => tokio::time::sleep(POLL).await,
         }
@@ -256,14 +256,14 @@ async fn read_history(
             // row, read in a snapshot), not to the feed's applied revision: a
             // notification may arrive a moment before its transaction is visible to other
             // sessions, and a stream subscribing then would not find it in its own read.
-            if let Ok(visible) = store.revision().await {
+            if let Ok(visible) = store.tenants.revision().await {
                 let _gate = gate.lock();
                 if live.receiver_count() == 0 {
                     last = last.max(visible);
                 }
             }
         } else {
-            match store.changes_after(last, PAGE).await {
+            match store.history.changes_after(last, PAGE).await {
                 Ok(history) => {
                     last = last.max(history.pruned_through);
                     let full = history.entries.len() == PAGE as usize;

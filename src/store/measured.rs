@@ -15,29 +15,45 @@ use crate::{
     error::Result,
     metrics::Metrics,
     store::{
-        Answer, ChangeFilter, Feed, History, HistoryEntry, Member, MembershipWrite, Store, Tenant,
+        Answer, ChangeFilter, History, HistoryEntry, HistoryLog, Member, MembershipWrite,
+        RoleReads, Store, Tenant, TenantReads, Writes,
     },
 };
 
-/// Times the store it wraps.
-pub struct MeasuredStore {
-    inner: Arc<dyn Store>,
+/// Times (and bounds) each part of the store it wraps.
+pub struct MeasuredStore<T: ?Sized> {
+    inner: Arc<T>,
     metrics: Arc<Metrics>,
     timeout: Duration,
 }
 
-impl MeasuredStore {
-    /// Wraps `inner`, recording into `metrics`; an operation past `timeout` is
-    /// `UNAVAILABLE`.
-    pub fn new(inner: Arc<dyn Store>, metrics: Arc<Metrics>, timeout: Duration) -> Self {
-        Self { inner, metrics, timeout }
+impl MeasuredStore<()> {
+    /// `store` with every part but the change feed measured into `metrics`; an operation
+    /// past `timeout` is `UNAVAILABLE`.
+    pub fn wrap(store: Store, metrics: &Arc<Metrics>, timeout: Duration) -> Store {
+        fn part<T: ?Sized>(
+            inner: Arc<T>,
+            metrics: &Arc<Metrics>,
+            timeout: Duration,
+        ) -> Arc<MeasuredStore<T>> {
+            Arc::new(MeasuredStore { inner, metrics: metrics.clone(), timeout })
+        }
+        Store {
+            roles: part(store.roles, metrics, timeout),
+            tenants: part(store.tenants, metrics, timeout),
+            writes: part(store.writes, metrics, timeout),
+            history: part(store.history, metrics, timeout),
+            backend: store.backend,
+        }
     }
+}
 
-    async fn timed<T>(
+impl<T: ?Sized> MeasuredStore<T> {
+    async fn timed<R>(
         &self,
         operation: &'static str,
-        call: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
+        call: impl std::future::Future<Output = Result<R>>,
+    ) -> Result<R> {
         let started = Instant::now();
         let out = tokio::time::timeout(self.timeout, call).await.unwrap_or_else(|_| {
             tracing::warn!(operation, timeout = ?self.timeout, "the store did not answer in time");
@@ -49,15 +65,14 @@ impl MeasuredStore {
 }
 
 #[async_trait]
-impl Store for MeasuredStore {
+impl RoleReads for MeasuredStore<dyn RoleReads> {
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
         self.timed("user_roles", self.inner.user_roles(user, min_revision)).await
     }
+}
 
-    async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {
-        self.timed("write_membership", self.inner.write_membership(write)).await
-    }
-
+#[async_trait]
+impl TenantReads for MeasuredStore<dyn TenantReads> {
     async fn list_members(
         &self,
         tenant: &TenantId,
@@ -68,10 +83,6 @@ impl Store for MeasuredStore {
         self.timed("list_members", self.inner.list_members(tenant, after, limit, now)).await
     }
 
-    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
-        self.timed("create_tenant", self.inner.create_tenant(tenant, caller)).await
-    }
-
     async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
         self.timed("get_tenant", self.inner.get_tenant(id)).await
     }
@@ -80,22 +91,28 @@ impl Store for MeasuredStore {
         self.timed("list_tenants", self.inner.list_tenants(after, limit)).await
     }
 
-    async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
-        self.timed("delete_tenant", self.inner.delete_tenant(id, caller)).await
-    }
-
     async fn revision(&self) -> Result<Revision> {
         self.timed("revision", self.inner.revision()).await
     }
+}
 
-    async fn close(&self) {
-        self.inner.close().await;
+#[async_trait]
+impl Writes for MeasuredStore<dyn Writes> {
+    async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {
+        self.timed("write_membership", self.inner.write_membership(write)).await
     }
 
-    async fn subscribe(&self) -> Result<Feed> {
-        self.inner.subscribe().await
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
+        self.timed("create_tenant", self.inner.create_tenant(tenant, caller)).await
     }
 
+    async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
+        self.timed("delete_tenant", self.inner.delete_tenant(id, caller)).await
+    }
+}
+
+#[async_trait]
+impl HistoryLog for MeasuredStore<dyn HistoryLog> {
     async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
         self.timed("changes_after", self.inner.changes_after(after, limit)).await
     }

@@ -7,8 +7,6 @@
 mod measured;
 mod postgres;
 mod sql;
-
-mod sql_store;
 mod sqlite;
 
 use std::{path::Path, sync::Arc, time::Duration};
@@ -73,29 +71,73 @@ pub struct MembershipWrite {
     pub caller: String,
 }
 
-/// The membership store.
+impl MembershipWrite {
+    /// What this write does to the stored rows: the one definition of Grant, Revoke and
+    /// SetRoles. Each backend carries a plan out as it is, with no meaning of its own (the
+    /// embedded store in statements, Postgres in `rolecheck_apply_plans`, migration 0007).
+    pub fn plan(&self) -> Plan<'_> {
+        let remove = match self.kind {
+            WriteKind::SetRoles => Remove::All,
+            WriteKind::Revoke if self.roles.is_empty() => Remove::All,
+            WriteKind::Revoke => Remove::These(&self.roles),
+            WriteKind::Grant => Remove::Nothing,
+        };
+        let add: &[Role] = if self.kind == WriteKind::Revoke { &[] } else { &self.roles };
+        Plan {
+            tenant: &self.tenant,
+            user: &self.user,
+            remove,
+            add,
+            expires_at: self.expires_at,
+            // A Revoke in a tenant that no longer exists changes nothing and succeeds (a
+            // retry after DeleteTenant is not an error); anything else there is NOT_FOUND.
+            missing_tenant_ok: self.kind == WriteKind::Revoke,
+            caller: &self.caller,
+        }
+    }
+}
+
+/// A membership write as row changes, in this order: remove, then add.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan<'a> {
+    /// The tenant.
+    pub tenant: &'a TenantId,
+    /// The user.
+    pub user: &'a UserId,
+    /// Which of the user's roles in the tenant to remove first.
+    pub remove: Remove<'a>,
+    /// Roles to insert, or to give `expires_at` when already held.
+    pub add: &'a [Role],
+    /// Expiry for the added roles.
+    pub expires_at: Option<UnixSeconds>,
+    /// Whether a missing tenant is success with no change (else `NotFound`).
+    pub missing_tenant_ok: bool,
+    /// Who asked.
+    pub caller: &'a str,
+}
+
+/// Which roles a [`Plan`] removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Remove<'a> {
+    /// None.
+    Nothing,
+    /// Every role the user holds in the tenant.
+    All,
+    /// These roles.
+    These(&'a [Role]),
+}
+
+/// One user's roles: what `Check` asks. The cache decorates this trait alone.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait RoleReads: Send + Sync + 'static {
     /// Everything `user` holds, and the revision the answer reflects. An answer older
     /// than `min_revision` is never returned.
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer>;
+}
 
-    /// The answer to [`user_roles`](Self::user_roles) when it is in memory and current,
-    /// without waiting or allocating; `None` means "ask `user_roles`". `user` must be a
-    /// valid [`UserId`]. Only the cache answers; the hot path of `Check` and `CheckBatch`.
-    /// The caller reports the answers it got with [`count_hits`](Self::count_hits).
-    fn user_roles_in_memory(&self, _user: &str, _min_revision: Revision) -> Option<Answer> {
-        None
-    }
-
-    /// Counts `n` answers from [`user_roles_in_memory`](Self::user_roles_in_memory), once
-    /// per request rather than once per user (one shared counter, two cores).
-    fn count_hits(&self, _n: u64) {}
-
-    /// Applies one membership write; returns the revision it committed at.
-    /// An unknown tenant is `NotFound`.
-    async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision>;
-
+/// Tenants, their members, and the store's revision.
+#[async_trait]
+pub trait TenantReads: Send + Sync + 'static {
     /// Up to `limit` members of `tenant` with user id after `after`, ordered by user id,
     /// with live roles at `now`; and the revision the page reflects.
     async fn list_members(
@@ -106,27 +148,45 @@ pub trait Store: Send + Sync + 'static {
         now: UnixSeconds,
     ) -> Result<(Vec<Member>, Revision)>;
 
-    /// Creates a tenant; `AlreadyExists` if the id is taken.
-    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision>;
-
     /// Reads a tenant; `NotFound` if absent.
     async fn get_tenant(&self, id: &TenantId) -> Result<Tenant>;
 
     /// Up to `limit` tenants with id after `after`, ordered by id.
     async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>>;
 
-    /// Deletes a tenant and every membership in it; `NotFound` if absent.
-    async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision>;
-
     /// The current revision; doubles as the readiness probe.
     async fn revision(&self) -> Result<Revision>;
+}
 
-    /// Closes the connections, waiting for checked-out ones to come back.
-    async fn close(&self);
+/// Every write: each commits at a revision of its own, or not at all.
+///
+/// A write's outcome is decided once: either it never commits, or it commits *and* is
+/// announced on the change feed, whatever its caller does meanwhile (see
+/// [`sql::commit`]).
+#[async_trait]
+pub trait Writes: Send + Sync + 'static {
+    /// Applies one membership write; returns the revision it committed at. An unknown
+    /// tenant is `NotFound`, except for a Revoke (see [`MembershipWrite::plan`]).
+    async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision>;
 
+    /// Creates a tenant; `AlreadyExists` if the id is taken.
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision>;
+
+    /// Deletes a tenant and every membership in it; `NotFound` if absent.
+    async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision>;
+}
+
+/// The feed of committed changes.
+#[async_trait]
+pub trait ChangeFeed: Send + Sync + 'static {
     /// The feed of committed changes, in revision order. Called once, by the server.
     async fn subscribe(&self) -> Result<Feed>;
+}
 
+/// The history of committed changes: what `Watch` catches up from and `ListChanges`
+/// (the audit trail) pages through.
+#[async_trait]
+pub trait HistoryLog: Send + Sync + 'static {
     /// Up to `limit` history entries after `after`, in revision order, and the revision
     /// through which history has been pruned.
     async fn changes_after(&self, after: Revision, limit: u32) -> Result<History>;
@@ -142,6 +202,49 @@ pub trait Store: Send + Sync + 'static {
     /// Drops history committed before `older_than_ms` (unix ms); returns the new floor.
     /// Not a write: no revision is committed.
     async fn prune_history(&self, older_than_ms: i64) -> Result<Revision>;
+}
+
+/// A storage backend: every part, and a way to close it. SQLite and Postgres are two;
+/// a third joins by implementing these traits.
+#[async_trait]
+pub trait Backend: RoleReads + TenantReads + Writes + ChangeFeed + HistoryLog {
+    /// Closes the connections, waiting for checked-out ones to come back.
+    async fn close(&self);
+}
+
+/// The store as the services use it: each part behind its own trait object, so a
+/// decorator (the metrics, the cache) replaces only the parts it changes.
+#[derive(Clone)]
+pub struct Store {
+    /// One user's roles.
+    pub roles: Arc<dyn RoleReads>,
+    /// Tenants, members, the revision.
+    pub tenants: Arc<dyn TenantReads>,
+    /// Every write.
+    pub writes: Arc<dyn Writes>,
+    /// History and the audit trail.
+    pub history: Arc<dyn HistoryLog>,
+    /// The backend under every decorator: its change feed, and `close`.
+    pub backend: Arc<dyn Backend>,
+}
+
+impl Store {
+    /// Every part straight from `backend`.
+    pub fn new<B: Backend>(backend: Arc<B>) -> Self {
+        Self {
+            roles: backend.clone(),
+            tenants: backend.clone(),
+            writes: backend.clone(),
+            history: backend.clone(),
+            backend,
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
 }
 
 /// A user's roles as answered, and the revision the answer reflects (at least the
@@ -207,6 +310,27 @@ pub struct ChangeRef<'a> {
     pub caller: &'a str,
 }
 
+impl<'a> ChangeRef<'a> {
+    /// A membership write's change.
+    pub fn membership(tenant: &'a TenantId, user: &'a UserId, caller: &'a str) -> Self {
+        Self { kind: ChangeKind::Membership, tenant: tenant.as_str(), user: user.as_str(), caller }
+    }
+
+    /// A tenant's creation or deletion.
+    pub fn tenant(kind: ChangeKind, tenant: &'a TenantId, caller: &'a str) -> Self {
+        Self { kind, tenant: tenant.as_str(), user: "", caller }
+    }
+
+    /// Whom it concerns: the user of a membership change, the tenant of a tenant change
+    /// (what the feed's [`Stale`] is made of).
+    pub fn subject(&self) -> &'a str {
+        match self.kind {
+            ChangeKind::Membership => self.user,
+            ChangeKind::TenantCreated | ChangeKind::TenantDeleted => self.tenant,
+        }
+    }
+}
+
 /// Which history entries `list_changes` returns; empty fields match everything.
 #[derive(Clone, Debug, Default)]
 pub struct ChangeFilter {
@@ -216,6 +340,18 @@ pub struct ChangeFilter {
     pub user_id: String,
     /// Only this caller.
     pub caller: String,
+}
+
+impl ChangeFilter {
+    /// Each field with the history column it filters, in the order they are bound.
+    pub fn columns(&self) -> [(&'static str, &str); 3] {
+        [("tenant_id", &self.tenant_id), ("user_id", &self.user_id), ("caller", &self.caller)]
+    }
+
+    /// The non-empty fields, in the order [`list_changes_sql`] binds them.
+    pub fn values(&self) -> impl Iterator<Item = &str> {
+        self.columns().into_iter().map(|(_, value)| value).filter(|value| !value.is_empty())
+    }
 }
 
 /// One committed change, from the history.
@@ -387,7 +523,7 @@ pub async fn open(
     application_id: &TenantId,
     options: &StoreOptions,
     migrate: bool,
-) -> Result<Arc<dyn Store>> {
+) -> Result<Store> {
     match database_url {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             let store = PgStore::connect(url, application_id, options).await?;
@@ -397,7 +533,7 @@ pub async fn open(
                 store.check_schema().await?;
             }
             store.ensure_application_tenant(application_id).await?;
-            Ok(Arc::new(store))
+            Ok(Store::new(Arc::new(store)))
         }
         other => {
             let path = match other {
@@ -411,7 +547,7 @@ pub async fn open(
                 store.check_schema().await?;
             }
             store.ensure_application_tenant(application_id).await?;
-            Ok(Arc::new(store))
+            Ok(Store::new(Arc::new(store)))
         }
     }
 }
@@ -425,8 +561,4 @@ pub(crate) fn check_min_revision(revision: Revision, min_revision: Revision) -> 
         )));
     }
     Ok(())
-}
-
-pub(crate) fn tenant_from_row((id, name, created_at_ms): (String, String, i64)) -> Tenant {
-    Tenant { id: TenantId::trusted(id), name, created_at_ms }
 }

@@ -1,12 +1,17 @@
 //! The SQL both backends share, and how its rows fold into domain values.
 //!
 //! Postgres and SQLite accept the same statements here (`$n` parameters, `ON CONFLICT`,
-//! `RETURNING`), so the [`Store`](crate::store::Store) trait is implemented once, by the
-//! macro in `sql_store.rs`, for each backend.
+//! `RETURNING`). Each backend implements the store traits plainly, running these
+//! statements and folding their rows with the functions here; the steps every write ends
+//! with ([`commit`]) and the schema check ([`schema_status`]) are here too.
+
+use tokio::sync::OwnedMutexGuard;
 
 use crate::{
+    domain::TenantId,
     domain::{Revision, UserRoles},
-    store::Member,
+    error::{Error, Result},
+    store::{Announcer, ChangeKind, Member, Tenant},
 };
 
 /// Increments the revision; the last statement of every write transaction.
@@ -82,9 +87,7 @@ pub fn list_changes_sql(filter: &crate::store::ChangeFilter) -> String {
          WHERE revision > $1",
     );
     let mut n = 1;
-    for (column, value) in
-        [("tenant_id", &filter.tenant_id), ("user_id", &filter.user_id), ("caller", &filter.caller)]
-    {
+    for (column, value) in filter.columns() {
         if !value.is_empty() {
             n += 1;
             sql.push_str(&format!(" AND {column} = ${n}"));
@@ -193,4 +196,108 @@ pub fn members_from(rows: Vec<MemberRow>) -> (Vec<Member>, Revision) {
         }
     }
     (members, revision)
+}
+
+/// The newest schema version applied.
+pub const APPLIED_SCHEMA: &str = "SELECT max(version) FROM _sqlx_migrations WHERE success";
+
+/// Whether a database whose newest applied migration is `applied` (the result of
+/// [`APPLIED_SCHEMA`]) can be served by a binary that knows migrations up to `known`.
+///
+/// No migrations table means a fresh database ("run `rolecheck migrate`"); any other
+/// failure (an unreachable database) is itself, `UNAVAILABLE`, and retried at start.
+pub fn schema_status(
+    applied: std::result::Result<(Option<i64>,), sqlx::Error>,
+    known: i64,
+) -> Result<()> {
+    let applied = match applied {
+        Ok((version,)) => version,
+        Err(sqlx::Error::Database(db))
+            if db.code().as_deref() == Some("42P01") || db.message().contains("no such table") =>
+        {
+            None
+        }
+        Err(err) => return Err(err.into()),
+    };
+    match applied {
+        Some(version) if version > known => Err(Error::FailedPrecondition(format!(
+            "the database schema is at version {version}, newer than this rolecheck knows \
+             ({known}): upgrade rolecheck"
+        ))),
+        Some(version) if version == known => Ok(()),
+        _ => Err(Error::FailedPrecondition(format!(
+            "the database schema is behind this rolecheck (needs version {known}): run \
+             `rolecheck migrate`"
+        ))),
+    }
+}
+
+/// Ends every write, once the backend has recorded it at `revision` (bumped the revision
+/// row, whose lock orders revisions as commits, and inserted the history row): COMMIT,
+/// then announce `change` on the change feed.
+///
+/// Once the change is recorded, the outcome is decided: COMMIT and the announcement run
+/// on a task of their own, so a caller that goes away (a deadline, a reset stream) cannot
+/// leave a committed write unannounced. Before that, a caller that goes away drops the
+/// transaction, which rolls back. `serial` (the embedded store's write lock) is held
+/// until the announcement, so announcements keep revision order.
+pub async fn commit<DB: sqlx::Database>(
+    tx: sqlx::Transaction<'static, DB>,
+    revision: Revision,
+    change: Announcement,
+    serial: Option<OwnedMutexGuard<()>>,
+) -> Result<Revision> {
+    let decided = tokio::spawn(async move {
+        let _serial = serial;
+        tx.commit().await?;
+        if let Some(delay) = change.fault_after_commit {
+            tokio::time::sleep(delay).await;
+        }
+        change.announcer.committed(revision, change.kind, &change.subject);
+        Ok::<_, Error>(revision)
+    });
+    decided.await.map_err(|err| Error::Internal(Box::new(err)))?
+}
+
+/// What [`commit`] announces, and how.
+pub struct Announcement {
+    /// Where (an in-process feed, or nowhere when the database announces).
+    pub announcer: Announcer,
+    /// What changed.
+    pub kind: ChangeKind,
+    /// Whom it concerns: the user of a membership change, the tenant of a tenant change.
+    pub subject: String,
+    /// The test fault point: wait this long after COMMIT, before announcing.
+    pub fault_after_commit: Option<std::time::Duration>,
+}
+
+/// A row of [`GET_TENANT`] and [`LIST_TENANTS`].
+pub type TenantRow = (String, String, i64);
+
+/// A tenant from its row.
+pub fn tenant_from_row((id, name, created_at_ms): TenantRow) -> Tenant {
+    Tenant { id: TenantId::trusted(id), name, created_at_ms }
+}
+
+/// The tenant [`GET_TENANT`] found, or `NotFound`.
+pub fn tenant_found(id: &TenantId, row: Option<TenantRow>) -> Result<Tenant> {
+    row.map(tenant_from_row).ok_or_else(|| Error::NotFound(format!("tenant {id} not found")))
+}
+
+/// The error of a failed [`INSERT_TENANT`]: a taken id names the tenant.
+pub fn tenant_taken(id: &TenantId, err: sqlx::Error) -> Error {
+    match Error::from(err) {
+        Error::AlreadyExists(_) => Error::AlreadyExists(format!("tenant {id} already exists")),
+        other => other,
+    }
+}
+
+/// `FailedPrecondition` for the application tenant, which is never deleted.
+pub fn deletable(id: &TenantId, application_id: &TenantId) -> Result<()> {
+    if id == application_id {
+        return Err(Error::FailedPrecondition(format!(
+            "tenant {id} is the application tenant and cannot be deleted"
+        )));
+    }
+    Ok(())
 }

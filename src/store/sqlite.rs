@@ -2,7 +2,7 @@
 //!
 //! SQLite allows one writer at a time, so writes go through a one-connection pool (they
 //! queue in-process instead of failing with `SQLITE_BUSY`) while reads use their own pool.
-//! A write holds [`SqliteStore::write_guard`] from `BEGIN` until it has announced its
+//! A write holds the store's write lock from `BEGIN` until it has announced its
 //! commit on the in-process change feed, so the feed is in revision order. The file
 //! belongs to one process: the feed only knows this process's writes.
 
@@ -12,22 +12,26 @@ use std::{
     time::Duration,
 };
 
-use sqlx::{
-    SqlitePool,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-};
-
 use std::sync::Arc;
 
+use async_trait::async_trait;
+use sqlx::{
+    QueryBuilder, Sqlite, SqlitePool, Transaction,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
 use tokio::sync::{
     Mutex, OwnedMutexGuard, Semaphore,
     mpsc::{UnboundedReceiver, UnboundedSender},
 };
 
 use crate::{
-    domain::{Revision, TenantId},
+    domain::{Revision, TenantId, UnixSeconds, UserId},
     error::{Error, Result},
-    store::{Announcer, ChangeRef, Feed, FeedEvent, MAX_QUEUED_WRITES, StoreOptions, sql},
+    store::{
+        Announcer, Answer, Backend, ChangeFeed, ChangeFilter, ChangeKind, ChangeRef, Feed,
+        FeedEvent, History, HistoryEntry, HistoryLog, MAX_QUEUED_WRITES, Member, MembershipWrite,
+        Remove, RoleReads, StoreOptions, Tenant, TenantReads, Writes, check_min_revision, sql,
+    },
 };
 
 /// Memberships in an embedded SQLite file.
@@ -116,48 +120,60 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
     }
 
-    /// One user's roles, in one statement (one snapshot).
-    async fn read_user(&self, user: &crate::domain::UserId) -> Result<crate::domain::UserRoles> {
-        let rows: Vec<sql::UserRoleRow> =
-            sqlx::query_as(sql::USER_ROLES).bind(user.as_str()).fetch_all(&self.read).await?;
-        Ok(sql::user_roles_from(rows))
+    /// Without migrating: refuses a schema newer than this binary knows, or one that
+    /// still needs `rolecheck migrate`.
+    pub async fn check_schema(&self) -> Result<()> {
+        let known = self.migrator().iter().map(|m| m.version).max().unwrap_or(0);
+        let applied = sqlx::query_as(sql::APPLIED_SCHEMA).fetch_one(&self.read).await;
+        sql::schema_status(applied, known)
     }
 
-    fn read_pool(&self) -> &SqlitePool {
-        &self.read
+    /// Creates the application tenant if it does not exist yet. Not a write: the
+    /// application tenant is part of the schema's starting state.
+    pub async fn ensure_application_tenant(&self, id: &TenantId) -> Result<()> {
+        sqlx::query(sql::ENSURE_TENANT)
+            .bind(id.as_str())
+            .bind("Application")
+            .bind(crate::domain::now_millis())
+            .execute(&self.write)
+            .await?;
+        Ok(())
     }
 
-    fn write_pool(&self) -> &SqlitePool {
-        &self.write
+    /// Begins a write: one at a time, at most [`MAX_QUEUED_WRITES`] waiting for their
+    /// turn (past that, `UNAVAILABLE` at once). The lock is held until the write is
+    /// announced ([`sql::commit`]).
+    async fn begin(&self) -> Result<(Transaction<'static, Sqlite>, OwnedMutexGuard<()>)> {
+        let serial = {
+            let _waiting = self.waiting.try_acquire().map_err(|_| {
+                Error::Unavailable("store unavailable: too many writes queued, retry".into())
+            })?;
+            self.serial.clone().lock_owned().await
+        };
+        Ok((self.write.begin().await?, serial))
     }
 
-    fn application_id(&self) -> &TenantId {
-        &self.application_id
-    }
-
-    /// One write at a time; at most [`MAX_QUEUED_WRITES`] wait for their turn, past
-    /// that a write is `UNAVAILABLE` at once.
-    async fn write_guard(&self) -> Result<Option<OwnedMutexGuard<()>>> {
-        let _waiting = self.waiting.try_acquire().map_err(|_| {
-            Error::Unavailable("store unavailable: too many writes queued, retry".into())
-        })?;
-        Ok(Some(self.serial.clone().lock_owned().await))
-    }
-
-    /// Membership writes run one at a time under the write guard.
-    async fn write_member(&self, write: &crate::store::MembershipWrite) -> Result<Revision> {
-        self.write_in_steps(write).await
-    }
-
-    /// Takes the next revision and records the change; the feed hears of it in
-    /// `committed`.
-    async fn record(
+    /// Records `change` in the open write (the next revision, the history row), then
+    /// commits and announces it.
+    async fn commit(
         &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-        change: &ChangeRef<'_>,
-        roles: String,
+        mut tx: Transaction<'static, Sqlite>,
+        serial: OwnedMutexGuard<()>,
+        change: ChangeRef<'_>,
     ) -> Result<Revision> {
-        let (revision,): (i64,) = sqlx::query_as(sql::BUMP_REVISION).fetch_one(&mut **tx).await?;
+        // The roles after this change, for the history row (none for a tenant change).
+        let roles = if change.kind == ChangeKind::Membership {
+            let rows: Vec<(String,)> = sqlx::query_as(sql::ROLES_AFTER)
+                .bind(change.tenant)
+                .bind(change.user)
+                .bind(crate::domain::now_unix())
+                .fetch_all(&mut *tx)
+                .await?;
+            rows.into_iter().map(|(role,)| role).collect::<Vec<_>>().join(",")
+        } else {
+            String::new()
+        };
+        let (revision,): (i64,) = sqlx::query_as(sql::BUMP_REVISION).fetch_one(&mut *tx).await?;
         sqlx::query(sql::INSERT_CHANGE)
             .bind(revision)
             .bind(change.kind.code())
@@ -166,27 +182,152 @@ impl SqliteStore {
             .bind(roles)
             .bind(crate::domain::now_millis())
             .bind(change.caller)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
+        let announcement = sql::Announcement {
+            announcer: Announcer::on(self.feed_tx.clone()),
+            kind: change.kind,
+            subject: change.subject().to_owned(),
+            fault_after_commit: self.fault_after_commit,
+        };
+        sql::commit(tx, revision as Revision, announcement, Some(serial)).await
+    }
+}
+
+#[async_trait]
+impl RoleReads for SqliteStore {
+    async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
+        let rows: Vec<sql::UserRoleRow> =
+            sqlx::query_as(sql::USER_ROLES).bind(user.as_str()).fetch_all(&self.read).await?;
+        let snapshot = sql::user_roles_from(rows);
+        check_min_revision(snapshot.revision, min_revision)?;
+        Ok(Answer::new(Arc::new(snapshot)))
+    }
+}
+
+#[async_trait]
+impl TenantReads for SqliteStore {
+    async fn list_members(
+        &self,
+        tenant: &TenantId,
+        after: Option<&UserId>,
+        limit: u32,
+        now: UnixSeconds,
+    ) -> Result<(Vec<Member>, Revision)> {
+        let rows: Vec<sql::MemberRow> = sqlx::query_as(sql::LIST_MEMBERS)
+            .bind(tenant.as_str())
+            .bind(after.map_or("", |user| user.as_str()))
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await?;
+        Ok(sql::members_from(rows))
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
+        let row: Option<sql::TenantRow> =
+            sqlx::query_as(sql::GET_TENANT).bind(id.as_str()).fetch_optional(&self.read).await?;
+        sql::tenant_found(id, row)
+    }
+
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
+        let rows: Vec<sql::TenantRow> = sqlx::query_as(sql::LIST_TENANTS)
+            .bind(after.map_or("", |id| id.as_str()))
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows.into_iter().map(sql::tenant_from_row).collect())
+    }
+
+    async fn revision(&self) -> Result<Revision> {
+        let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&self.read).await?;
         Ok(revision as Revision)
     }
+}
 
-    /// Writes are serialized by the write guard already.
-    async fn lock_first(&self, _tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>) -> Result<()> {
-        Ok(())
+#[async_trait]
+impl Writes for SqliteStore {
+    /// Carries out the write's [`plan`](MembershipWrite::plan) as single statements.
+    async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {
+        let plan = write.plan();
+        let (mut tx, serial) = self.begin().await?;
+        let exists: Option<(i32,)> = sqlx::query_as(sql::TENANT_EXISTS)
+            .bind(plan.tenant.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            if plan.missing_tenant_ok {
+                let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&mut *tx).await?;
+                return Ok(revision as Revision);
+            }
+            return Err(Error::NotFound(format!("tenant {} not found", plan.tenant)));
+        }
+        match plan.remove {
+            Remove::Nothing => {}
+            Remove::All => {
+                sqlx::query(sql::DELETE_MEMBER)
+                    .bind(plan.tenant.as_str())
+                    .bind(plan.user.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Remove::These(roles) => {
+                let mut query = QueryBuilder::<Sqlite>::new(sql::DELETE_ROLES_PREFIX);
+                query.push_bind(plan.tenant.as_str());
+                query.push(" AND user_id = ").push_bind(plan.user.as_str());
+                query.push(" AND role IN (");
+                let mut list = query.separated(", ");
+                for role in roles {
+                    list.push_bind(role.as_str());
+                }
+                query.push(")");
+                query.build().execute(&mut *tx).await?;
+            }
+        }
+        if !plan.add.is_empty() {
+            let mut query = QueryBuilder::<Sqlite>::new(sql::UPSERT_ROLES_PREFIX);
+            query.push_values(plan.add, |mut row, role| {
+                row.push_bind(plan.tenant.as_str())
+                    .push_bind(plan.user.as_str())
+                    .push_bind(role.as_str())
+                    .push_bind(plan.expires_at);
+            });
+            query.push(sql::UPSERT_ROLES_SUFFIX);
+            query.build().execute(&mut *tx).await?;
+        }
+        let change = ChangeRef::membership(plan.tenant, plan.user, plan.caller);
+        self.commit(tx, serial, change).await
     }
 
-    /// Announces on the in-process feed, after COMMIT with the write guard still held, so
-    /// events are in order.
-    fn announcer(&self) -> Announcer {
-        Announcer::on(self.feed_tx.clone())
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
+        let (mut tx, serial) = self.begin().await?;
+        sqlx::query(sql::INSERT_TENANT)
+            .bind(tenant.id.as_str())
+            .bind(tenant.name.as_str())
+            .bind(tenant.created_at_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(|err| sql::tenant_taken(&tenant.id, err))?;
+        self.commit(tx, serial, ChangeRef::tenant(ChangeKind::TenantCreated, &tenant.id, caller))
+            .await
     }
 
-    fn fault_after_commit(&self) -> Option<Duration> {
-        self.fault_after_commit
+    async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
+        sql::deletable(id, &self.application_id)?;
+        let (mut tx, serial) = self.begin().await?;
+        sqlx::query(sql::DELETE_TENANT_MEMBERS).bind(id.as_str()).execute(&mut *tx).await?;
+        let deleted = sqlx::query(sql::DELETE_TENANT).bind(id.as_str()).execute(&mut *tx).await?;
+        if deleted.rows_affected() == 0 {
+            return Err(Error::NotFound(format!("tenant {id} not found")));
+        }
+        self.commit(tx, serial, ChangeRef::tenant(ChangeKind::TenantDeleted, id, caller)).await
     }
+}
 
-    async fn feed(&self) -> Result<Feed> {
+#[async_trait]
+impl ChangeFeed for SqliteStore {
+    /// The in-process feed: this process's writes, announced in revision order.
+    async fn subscribe(&self) -> Result<Feed> {
         let _serial = self.serial.lock().await;
         let events = self
             .feed_rx
@@ -200,4 +341,48 @@ impl SqliteStore {
     }
 }
 
-super::sql_store::sql_store!(SqliteStore, sqlx::Sqlite);
+#[async_trait]
+impl HistoryLog for SqliteStore {
+    async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
+        let rows: Vec<sql::ChangeRow> = sqlx::query_as(sql::CHANGES_AFTER)
+            .bind(after as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await?;
+        Ok(sql::history_from(rows))
+    }
+
+    async fn list_changes(
+        &self,
+        filter: &ChangeFilter,
+        after: Revision,
+        limit: u32,
+    ) -> Result<Vec<HistoryEntry>> {
+        let statement = sql::list_changes_sql(filter);
+        let mut query = sqlx::query_as::<_, sql::AuditRow>(&statement).bind(after as i64);
+        for value in filter.values() {
+            query = query.bind(value);
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.read).await?;
+        Ok(sql::audit_from(rows))
+    }
+
+    async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
+        let mut tx = self.write.begin().await?;
+        let (floor,): (Option<i64>,) =
+            sqlx::query_as(sql::PRUNE_FLOOR).bind(older_than_ms).fetch_one(&mut *tx).await?;
+        let Some(floor) = floor else { return Ok(0) };
+        sqlx::query(sql::PRUNE_CHANGES).bind(floor).execute(&mut *tx).await?;
+        sqlx::query(sql::RAISE_FLOOR).bind(floor).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(floor as Revision)
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteStore {
+    async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+}

@@ -21,7 +21,7 @@
 //!
 //! Membership writes are group-committed the same way: one writer per process takes
 //! every write queued while its previous transaction ran (up to [`WRITE_BATCH`]) and
-//! applies them in one call of `rolecheck_apply` (migration 0004) and one COMMIT, so one
+//! applies them in one call of `rolecheck_apply_plans` (migration 0007) and one COMMIT, so one
 //! WAL flush serves the batch. Each write still gets its own revision, history row and
 //! notification, in queue order; a caller hears of its revision only after the COMMIT.
 //! A write to a missing tenant fails alone (NOT_FOUND); any other failure rolls the whole
@@ -58,12 +58,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use async_trait::async_trait;
 use sqlx::{
     Connection, PgConnection, PgPool, Postgres, Transaction,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use tokio::sync::{
-    OwnedMutexGuard,
     mpsc::{self, UnboundedSender},
     oneshot,
 };
@@ -74,12 +74,16 @@ mod writer;
 
 use listener::{Link, heartbeat, listen};
 use loader::coalesce_loads;
-use writer::{Writer, write_batches};
+use writer::{WRITE_ATTEMPTS, Writer, is_retryable, write_batches};
 
 use crate::{
-    domain::{Revision, TenantId, UserId, UserRoles},
+    domain::{Revision, TenantId, UnixSeconds, UserId, UserRoles},
     error::{Error, Result},
-    store::{Announcer, ChangeRef, Feed, MAX_QUEUED_WRITES, MembershipWrite, StoreOptions},
+    store::{
+        Announcer, Answer, Backend, ChangeFeed, ChangeFilter, ChangeKind, ChangeRef, Feed, History,
+        HistoryEntry, HistoryLog, MAX_QUEUED_WRITES, Member, MembershipWrite, RoleReads,
+        StoreOptions, Tenant, TenantReads, Writes, check_min_revision, sql,
+    },
 };
 
 /// The channel every write notifies.
@@ -311,36 +315,171 @@ impl PgStore {
         &self.pool
     }
 
-    /// One user's roles, through the coalescing loader.
-    async fn read_user(&self, user: &UserId) -> Result<UserRoles> {
+    /// Without migrating: refuses a schema newer than this binary knows, or one that
+    /// still needs `rolecheck migrate`.
+    pub async fn check_schema(&self) -> Result<()> {
+        let known = self.migrator().iter().map(|m| m.version).max().unwrap_or(0);
+        let applied = sqlx::query_as(sql::APPLIED_SCHEMA).fetch_one(&self.pool).await;
+        sql::schema_status(applied, known)
+    }
+
+    /// Creates the application tenant if it does not exist yet. Not a write: the
+    /// application tenant is part of the schema's starting state.
+    pub async fn ensure_application_tenant(&self, id: &TenantId) -> Result<()> {
+        sqlx::query(sql::ENSURE_TENANT)
+            .bind(id.as_str())
+            .bind("Application")
+            .bind(crate::domain::now_millis())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Creates or deletes a tenant: one transaction that takes the revision row first (as
+    /// every write does, so writers never deadlock), changes the tenant, records the
+    /// change; then commits and announces it. A serialization failure or deadlock is
+    /// retried a few times before the caller hears of it.
+    async fn write_tenant(&self, op: TenantOp<'_>, caller: &str) -> Result<Revision> {
+        let (kind, id) = match op {
+            TenantOp::Create(tenant) => (ChangeKind::TenantCreated, &tenant.id),
+            TenantOp::Delete(id) => (ChangeKind::TenantDeleted, id),
+        };
+        let change = ChangeRef::tenant(kind, id, caller);
+        let mut attempt = 1;
+        let (tx, revision) = loop {
+            match self.record_tenant_write(op, &change).await {
+                Ok(recorded) => break recorded?,
+                Err(err) if attempt < WRITE_ATTEMPTS && is_retryable(&err) => {
+                    tracing::debug!(error = %err, attempt, "tenant write retried");
+                    attempt += 1;
+                }
+                Err(err) => return Err(sql::tenant_taken(id, err)),
+            }
+        };
+        let announcement = sql::Announcement {
+            // NOTIFY announces at COMMIT.
+            announcer: Announcer::database(),
+            kind,
+            subject: change.subject().to_owned(),
+            fault_after_commit: self.fault_after_commit,
+        };
+        sql::commit(tx, revision, announcement, None).await
+    }
+
+    /// One attempt of [`write_tenant`](Self::write_tenant), up to (not including) COMMIT.
+    /// The outer error is the database's (perhaps worth a retry); the inner one, the
+    /// write's own outcome.
+    async fn record_tenant_write(
+        &self,
+        op: TenantOp<'_>,
+        change: &ChangeRef<'_>,
+    ) -> std::result::Result<Result<(Transaction<'static, Postgres>, Revision)>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(LOCK_REVISION).execute(&mut *tx).await?;
+        match op {
+            TenantOp::Create(tenant) => {
+                sqlx::query(sql::INSERT_TENANT)
+                    .bind(tenant.id.as_str())
+                    .bind(tenant.name.as_str())
+                    .bind(tenant.created_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            TenantOp::Delete(id) => {
+                sqlx::query(sql::DELETE_TENANT_MEMBERS).bind(id.as_str()).execute(&mut *tx).await?;
+                let deleted =
+                    sqlx::query(sql::DELETE_TENANT).bind(id.as_str()).execute(&mut *tx).await?;
+                if deleted.rows_affected() == 0 {
+                    return Ok(Err(Error::NotFound(format!("tenant {id} not found"))));
+                }
+            }
+        }
+        let (revision,): (i64,) = sqlx::query_as(RECORD)
+            .bind(change.kind.code())
+            .bind(change.tenant)
+            .bind(change.user)
+            .bind("")
+            .bind(crate::domain::now_millis())
+            .bind(change.caller)
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok(Ok((tx, revision as Revision)))
+    }
+}
+
+/// A tenant write.
+#[derive(Clone, Copy)]
+enum TenantOp<'a> {
+    Create(&'a Tenant),
+    Delete(&'a TenantId),
+}
+
+/// Takes the revision row, the first lock of every write transaction.
+const LOCK_REVISION: &str = "SELECT 1 FROM store_revision WHERE id = 1 FOR UPDATE";
+
+/// Bumps the revision, records the change and queues its notification (migration 0007).
+const RECORD: &str = "SELECT rolecheck_record($1, $2, $3, $4, $5, $6)";
+
+#[async_trait]
+impl RoleReads for PgStore {
+    /// Through the coalescing loader (see the module docs).
+    async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
         let (tx, rx) = oneshot::channel();
         let closed = || Error::Unavailable("store closed".into());
         self.loads.send((user.as_str().to_owned(), tx)).map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+        let snapshot = rx.await.map_err(|_| closed())??;
+        check_min_revision(snapshot.revision, min_revision)?;
+        Ok(Answer::new(Arc::new(snapshot)))
+    }
+}
+
+#[async_trait]
+impl TenantReads for PgStore {
+    async fn list_members(
+        &self,
+        tenant: &TenantId,
+        after: Option<&UserId>,
+        limit: u32,
+        now: UnixSeconds,
+    ) -> Result<(Vec<Member>, Revision)> {
+        let rows: Vec<sql::MemberRow> = sqlx::query_as(sql::LIST_MEMBERS)
+            .bind(tenant.as_str())
+            .bind(after.map_or("", |user| user.as_str()))
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(sql::members_from(rows))
     }
 
-    fn read_pool(&self) -> &PgPool {
-        &self.pool
+    async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
+        let row: Option<sql::TenantRow> =
+            sqlx::query_as(sql::GET_TENANT).bind(id.as_str()).fetch_optional(&self.pool).await?;
+        sql::tenant_found(id, row)
     }
 
-    fn write_pool(&self) -> &PgPool {
-        &self.pool
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
+        let rows: Vec<sql::TenantRow> = sqlx::query_as(sql::LIST_TENANTS)
+            .bind(after.map_or("", |id| id.as_str()))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(sql::tenant_from_row).collect())
     }
 
-    fn application_id(&self) -> &TenantId {
-        &self.application_id
+    async fn revision(&self) -> Result<Revision> {
+        let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&self.pool).await?;
+        Ok(revision as Revision)
     }
+}
 
-    /// Postgres orders concurrent writers itself (the revision row lock).
-    async fn write_guard(&self) -> Result<Option<OwnedMutexGuard<()>>> {
-        Ok(None)
-    }
-
+#[async_trait]
+impl Writes for PgStore {
     /// Queues the write for the batch writer (see the module docs). A full queue is
     /// `UNAVAILABLE` at once. A caller that goes away while its write is still queued
     /// drops it: the writer skips writes nobody waits for, so a write never lands after
     /// its caller gave up on it unseen (and perhaps retried elsewhere).
-    async fn write_member(&self, write: &MembershipWrite) -> Result<Revision> {
+    async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {
         let (tx, rx) = oneshot::channel();
         let closed = || Error::Unavailable("store closed".into());
         self.writes.try_send((write.clone(), tx)).map_err(|err| match err {
@@ -352,48 +491,20 @@ impl PgStore {
         rx.await.map_err(|_| closed())?
     }
 
-    /// One statement takes the next revision (the row lock it holds until COMMIT orders
-    /// revisions as commits), records the change and queues its notification, which
-    /// Postgres delivers at commit: the lock is held for one round trip and the commit.
-    async fn record(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        change: &ChangeRef<'_>,
-        roles: String,
-    ) -> Result<Revision> {
-        let (revision,): (i64,) = sqlx::query_as(RECORD_CHANGE)
-            .bind(change.kind.code())
-            .bind(change.tenant)
-            .bind(change.user)
-            .bind(roles)
-            .bind(crate::domain::now_millis())
-            .bind(change.caller)
-            .bind(CHANNEL)
-            .fetch_one(&mut **tx)
-            .await?;
-        Ok(revision as Revision)
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
+        self.write_tenant(TenantOp::Create(tenant), caller).await
     }
 
-    /// Every write transaction takes the revision row before anything else (the same
-    /// order as `rolecheck_apply`, migration 0006), so writers never deadlock.
-    async fn lock_first(&self, tx: &mut Transaction<'static, Postgres>) -> Result<()> {
-        sqlx::query("SELECT 1 FROM store_revision WHERE id = 1 FOR UPDATE")
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+    async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
+        sql::deletable(id, &self.application_id)?;
+        self.write_tenant(TenantOp::Delete(id), caller).await
     }
+}
 
-    /// `NOTIFY` announces at COMMIT.
-    fn announcer(&self) -> Announcer {
-        Announcer::database()
-    }
-
-    fn fault_after_commit(&self) -> Option<Duration> {
-        self.fault_after_commit
-    }
-
+#[async_trait]
+impl ChangeFeed for PgStore {
     /// Starts the listener and the sync heartbeat; both stop when the feed is dropped.
-    async fn feed(&self) -> Result<Feed> {
+    async fn subscribe(&self) -> Result<Feed> {
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let sync_channel = format!("rolecheck_sync_{:016x}", rand::random::<u64>());
         let epoch = Instant::now();
@@ -409,6 +520,51 @@ impl PgStore {
         tokio::spawn(listen(link.clone(), tx.clone()));
         tokio::spawn(heartbeat(link, tx));
         Ok(Feed { events, needs_lease: true })
+    }
+}
+
+#[async_trait]
+impl HistoryLog for PgStore {
+    async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
+        let rows: Vec<sql::ChangeRow> = sqlx::query_as(sql::CHANGES_AFTER)
+            .bind(after as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(sql::history_from(rows))
+    }
+
+    async fn list_changes(
+        &self,
+        filter: &ChangeFilter,
+        after: Revision,
+        limit: u32,
+    ) -> Result<Vec<HistoryEntry>> {
+        let statement = sql::list_changes_sql(filter);
+        let mut query = sqlx::query_as::<_, sql::AuditRow>(&statement).bind(after as i64);
+        for value in filter.values() {
+            query = query.bind(value);
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        Ok(sql::audit_from(rows))
+    }
+
+    async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
+        let mut tx = self.pool.begin().await?;
+        let (floor,): (Option<i64>,) =
+            sqlx::query_as(sql::PRUNE_FLOOR).bind(older_than_ms).fetch_one(&mut *tx).await?;
+        let Some(floor) = floor else { return Ok(0) };
+        sqlx::query(sql::PRUNE_CHANGES).bind(floor).execute(&mut *tx).await?;
+        sqlx::query(sql::RAISE_FLOOR).bind(floor).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(floor as Revision)
+    }
+}
+
+#[async_trait]
+impl Backend for PgStore {
+    async fn close(&self) {
+        self.pool.close().await;
     }
 }
 
@@ -431,15 +587,3 @@ fn fail_all<K, T>(batch: Vec<(K, oneshot::Sender<Result<T>>)>, error: Error) {
         let _ = reply.send(Err(Error::unshare(shared.clone())));
     }
 }
-
-/// Bumps the revision, inserts the history row and queues the
-/// `<revision>:<kind>:<subject>` notification (the user of a membership change, the
-/// tenant of a deleted one), in one statement.
-const RECORD_CHANGE: &str = "\
-    WITH r AS (UPDATE store_revision SET value = value + 1 WHERE id = 1 RETURNING value), \
-    c AS (INSERT INTO changes (revision, kind, tenant_id, user_id, roles, committed_at, caller) \
-        SELECT value, $1::text, $2, $3, $4, $5, $6 FROM r RETURNING revision) \
-    SELECT revision, pg_notify($7, revision || ':' || $1::text || ':' || \
-        CASE WHEN $1::text = 'd' THEN $2 ELSE $3 END) FROM c";
-
-super::sql_store::sql_store!(PgStore, sqlx::Postgres);

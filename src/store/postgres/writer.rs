@@ -1,5 +1,5 @@
 //! The group-commit writer: one per process, applying every membership write queued
-//! while its previous batch ran in one `rolecheck_apply` call and one COMMIT.
+//! while its previous batch ran in one `rolecheck_apply_plans` call and one COMMIT.
 
 use std::time::Duration;
 
@@ -7,10 +7,15 @@ use sqlx::{Connection, PgPool};
 use tokio::sync::mpsc;
 
 use super::{Held, PendingWrite, Suspicion, WRITE_BATCH, bounded, fail_all, take_batch};
-use crate::{domain::Revision, error::Error, store::WriteKind};
+use crate::{
+    domain::Revision,
+    error::Error,
+    store::{Plan, Remove},
+};
 
-/// Applies a batch of membership writes; one revision (or -1: no such tenant) per write.
-const APPLY: &str = "SELECT rolecheck_apply($1::text::jsonb, $2, $3)";
+/// Carries out a batch of write plans (migration 0007); one revision (or -1: no such
+/// tenant) per plan.
+const APPLY: &str = "SELECT rolecheck_apply_plans($1::text::jsonb, $2, $3)";
 
 /// How the batch writer runs: each batch within `timeout`, and the test fault point.
 pub(super) struct Writer {
@@ -42,25 +47,9 @@ pub(super) async fn write_batches(
 }
 
 async fn write_batch(pool: &PgPool, held: &mut Held, batch: Vec<PendingWrite>, writer: &Writer) {
-    let writes: Vec<serde_json::Value> = batch
-        .iter()
-        .map(|(write, _)| {
-            let kind = match write.kind {
-                WriteKind::Grant => "grant",
-                WriteKind::Revoke => "revoke",
-                WriteKind::SetRoles => "set",
-            };
-            serde_json::json!({
-                "k": kind,
-                "t": write.tenant.as_str(),
-                "u": write.user.as_str(),
-                "r": write.roles.iter().map(|role| role.as_str()).collect::<Vec<_>>(),
-                "e": write.expires_at,
-                "c": write.caller,
-            })
-        })
-        .collect();
-    let body = serde_json::Value::Array(writes).to_string();
+    let plans: Vec<serde_json::Value> =
+        batch.iter().map(|(write, _)| plan_json(&write.plan())).collect();
+    let body = serde_json::Value::Array(plans).to_string();
     let mut attempt = 1;
     let applied = loop {
         let once = async {
@@ -107,8 +96,11 @@ async fn write_batch(pool: &PgPool, held: &mut Held, batch: Vec<PendingWrite>, w
             }
         }
         Ok(revisions) => {
-            let message =
-                format!("rolecheck_apply answered {} of {} writes", revisions.len(), batch.len());
+            let message = format!(
+                "rolecheck_apply_plans answered {} of {} writes",
+                revisions.len(),
+                batch.len()
+            );
             fail_all(batch, Error::Internal(message.into()));
         }
         // The whole batch rolled back: no write in it is any caller's own fault, and
@@ -120,10 +112,32 @@ async fn write_batch(pool: &PgPool, held: &mut Held, batch: Vec<PendingWrite>, w
     }
 }
 
-/// Attempts of a write batch that fails with a serialization failure or a deadlock.
-const WRITE_ATTEMPTS: u32 = 3;
+/// Attempts of a write (batch) that fails with a serialization failure or a deadlock.
+pub(super) const WRITE_ATTEMPTS: u32 = 3;
 
 /// A serialization failure (40001) or a deadlock (40P01): the transaction can be retried.
-fn is_retryable(err: &sqlx::Error) -> bool {
+pub(super) fn is_retryable(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
+}
+
+/// A plan as `rolecheck_apply_plans` reads it.
+fn plan_json(plan: &Plan<'_>) -> serde_json::Value {
+    let remove = match plan.remove {
+        Remove::Nothing => serde_json::Value::Null,
+        Remove::All => "all".into(),
+        Remove::These(these) => role_names(these).into(),
+    };
+    serde_json::json!({
+        "t": plan.tenant.as_str(),
+        "u": plan.user.as_str(),
+        "remove": remove,
+        "add": role_names(plan.add),
+        "e": plan.expires_at,
+        "missing_ok": plan.missing_tenant_ok,
+        "c": plan.caller,
+    })
+}
+
+fn role_names(roles: &[crate::domain::Role]) -> Vec<&str> {
+    roles.iter().map(|role| role.as_str()).collect()
 }
