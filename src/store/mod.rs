@@ -1,8 +1,17 @@
-//! The membership store: one narrow async trait, one implementation per backend.
+//! The membership store, as five narrow traits: [`RoleReads`] (one user's roles, what
+//! the cache decorates), [`TenantReads`], [`Writes`], [`ChangeFeed`] and [`HistoryLog`].
+//! A backend implements all five plus [`Backend::close`]: [`SqliteStore`] and [`PgStore`]
+//! do, each plainly, sharing the statements, row folding and write ending of `sql.rs`.
+//! The services hold a [`Store`], one trait object per part, so a decorator
+//! ([`MeasuredStore`], the cache) replaces only the parts it changes.
 //!
-//! Every write runs in one transaction that increments the single revision row as its
-//! last statement; the row lock makes revisions follow commit order. Every read comes
-//! from one statement, so the rows and the revision it reports are one snapshot.
+//! Every write runs in one transaction that takes the single revision row first (one
+//! lock order, so writers never deadlock) and increments it once per change; the row
+//! lock makes revisions follow commit order. A membership write's meaning is defined once,
+//! by [`MembershipWrite::plan`]; each backend carries the plan out. Every read comes from
+//! one statement, so the rows and the revision it reports are one snapshot.
+//!
+//! The store-level conformance suite every backend runs is `tests/api/store.rs`.
 
 mod measured;
 mod postgres;

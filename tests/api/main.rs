@@ -11,6 +11,7 @@ mod outage;
 mod proxy;
 mod revisions;
 mod rpc;
+mod store;
 mod tokens;
 mod transport;
 mod validation;
