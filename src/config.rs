@@ -60,6 +60,13 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
 
+    /// TOML policy for proxy authorization: serves Envoy's
+    /// `envoy.service.auth.v3.Authorization/Check` on the gRPC listener and forward-auth at
+    /// `/authz` on the HTTP listener. Refused at start when invalid; reloaded on SIGHUP and
+    /// when it changes (a reload that fails keeps the policy in force).
+    #[arg(long, env = "ROLECHECK_AUTHZ_POLICY")]
+    pub authz_policy: Option<PathBuf>,
+
     /// PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key). Re-read
     /// when the file changes.
     #[arg(long, env = "ROLECHECK_TLS_CERT", requires = "tls_key")]

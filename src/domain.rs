@@ -179,6 +179,20 @@ impl UserRoles {
         out
     }
 
+    /// The live roles in `tenant` at `now`, sorted.
+    pub fn roles_in<'a>(
+        &'a self,
+        tenant: &'a str,
+        now: UnixSeconds,
+    ) -> impl Iterator<Item = &'a str> {
+        let start = self.held.partition_point(|held| self.name(held.tenant) < tenant);
+        self.held[start..]
+            .iter()
+            .take_while(move |held| self.name(held.tenant) == tenant)
+            .filter(move |held| held.is_live(now))
+            .map(|held| self.name(held.role))
+    }
+
     /// Whether any role (live or not) is held in a tenant `tenant` accepts.
     pub fn names_tenant(&self, mut tenant: impl FnMut(&str) -> bool) -> bool {
         let mut last = None;

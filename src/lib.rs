@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod authz;
 pub mod cache;
 pub mod codec;
 pub mod coherence;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod http;
 pub mod listen;
 pub mod metrics;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod telemetry;

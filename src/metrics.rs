@@ -54,6 +54,11 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     /// API key file reloads that failed and kept the keys in force.
     pub key_reload_failures: Counter,
+    /// Authorization policy reloads that failed and kept the policy in force.
+    pub policy_reload_failures: Counter,
+    /// Proxy authorization decisions by outcome (allowed, unauthenticated, denied,
+    /// unavailable).
+    pub authz_decisions: Family<DecisionLabels, Counter>,
     /// Cache hits (answered from memory).
     pub cache_hits: Counter,
     /// Cache misses (loaded from the store).
@@ -64,6 +69,13 @@ pub struct Metrics {
     cache_trusted: Gauge,
     reconnects: Gauge,
     sources: OnceLock<(Arc<Coherence>, Option<Arc<CachedStore>>)>,
+}
+
+/// The outcome label of a proxy authorization decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `allowed`, `unauthenticated`, `denied` or `unavailable`.
+    pub decision: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -81,6 +93,18 @@ impl Metrics {
         let tokens = Family::<TokenLabels, Counter>::default();
         let (cache_hits, cache_misses) = (Counter::default(), Counter::default());
         let key_reload_failures = Counter::default();
+        let policy_reload_failures = Counter::default();
+        registry.register(
+            "authz_policy_reload_failures",
+            "Authorization policy reloads refused (unreadable or invalid); the policy in force was kept",
+            policy_reload_failures.clone(),
+        );
+        let authz_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "authz_decisions",
+            "Proxy authorization decisions (ext_authz and forward-auth), by outcome",
+            authz_decisions.clone(),
+        );
         registry.register(
             "api_keys_reload_failures",
             "API key file reloads refused (unreadable, unparsable, empty); the keys in force were kept",
@@ -130,6 +154,8 @@ impl Metrics {
             store,
             tokens,
             key_reload_failures,
+            policy_reload_failures,
+            authz_decisions,
             cache_hits,
             cache_misses,
             cache_entries,

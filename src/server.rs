@@ -10,7 +10,11 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{RoleCheckApi, TenantsApi},
     auth::{AuthLayer, Keys},
-    cache::{CacheOptions, CachedStore},
+    authz::{
+        Authz,
+        envoy::{AuthorizationServer, EnvoyAuthz},
+    },
+    cache::{CacheOptions, CachedStore, RoleLookup},
     codec::FramingFaultLayer,
     coherence::{Coherence, Invalidate, NoCache},
     config::Config,
@@ -38,6 +42,7 @@ pub struct Server {
     http_listener: TcpListener,
     store: Store,
     cache: Option<Arc<CachedStore>>,
+    authz: Option<Arc<Authz>>,
     tokens: Arc<Tokens>,
     metrics: Arc<Metrics>,
     coherence: Arc<Coherence>,
@@ -126,6 +131,16 @@ impl Server {
             (store, Some(cache.clone()), cache)
         };
         let feed_task = coherence.run(feed, sink);
+        let authz = match &config.authz_policy {
+            Some(path) => Some(Authz::load(
+                path,
+                tokens.keys().jwks_json(),
+                RoleLookup::new(store.roles.clone(), cache.clone()),
+                application_id.clone(),
+                &metrics,
+            )?),
+            None => None,
+        };
         Ok(Self {
             listener,
             tls,
@@ -133,6 +148,7 @@ impl Server {
             http_listener,
             store,
             cache,
+            authz,
             tokens,
             metrics,
             coherence,
@@ -202,12 +218,19 @@ impl Server {
         let http_addr = self.http_addr();
         let (stop_http, http_stopping) = tokio::sync::oneshot::channel::<()>();
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let http_router = crate::http::router(
+        let mut http_router = crate::http::router(
             self.tokens.keys().clone(),
             store_ready.clone(),
             self.metrics.clone(),
             draining.clone(),
         );
+        if let Some(authz) = &self.authz {
+            http_router = http_router.merge(
+                axum::Router::new()
+                    .route("/authz", axum::routing::any(crate::authz::forward::handle))
+                    .with_state(authz.clone()),
+            );
+        }
         let http_stopped = async {
             let _ = http_stopping.await;
         };
@@ -231,6 +254,7 @@ impl Server {
             None => tracing::info!(%addr, "serving gRPC"),
         }
         let key_watch = self.keys.watch(Duration::from_secs(2));
+        let policy_watch = self.authz.as_ref().map(|authz| authz.watch(Duration::from_secs(2)));
         let rate = std::num::NonZeroU32::new(self.config.rate_limit);
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
         let delay = self.config.shutdown_delay;
@@ -260,7 +284,10 @@ impl Server {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(role_check)
-            .add_service(tenants);
+            .add_service(tenants)
+            .add_optional_service(self.authz.clone().map(|authz| {
+                AuthorizationServer::new(EnvoyAuthz::new(authz)).max_decoding_message_size(max)
+            }));
         let socket_path = match &self.listener {
             GrpcListener::Unix(_, path) => Some(path.clone()),
             GrpcListener::Tcp(_) => None,
@@ -300,7 +327,9 @@ impl Server {
             }
         };
         prune_task.abort();
-        key_watch.abort();
+        for task in [key_watch, policy_watch].into_iter().flatten() {
+            task.abort();
+        }
         if let Some(task) = tls_watch {
             task.abort();
         }

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use super::{decode_page_token, encode_page_token, page_size, parse_expiry, tenant_or_application};
 use crate::{
     auth::caller_name,
-    cache::CachedStore,
+    cache::{CachedStore, RoleLookup},
     coherence::Coherence,
     domain::{Revision, Role, TenantId, UserId, now_unix, parse_roles},
     error::{Error, Result},
@@ -25,8 +25,7 @@ const BATCH_LOAD_CONCURRENCY: usize = 16;
 /// Handlers for `rolecheck.v1.RoleCheck`.
 pub struct RoleCheckApi {
     store: Store,
-    /// The cache's hot path, when there is a cache.
-    cache: Option<Arc<CachedStore>>,
+    roles: RoleLookup,
     application_id: TenantId,
     tokens: Arc<Tokens>,
     watch_hub: Arc<super::watch::WatchHub>,
@@ -45,7 +44,8 @@ impl RoleCheckApi {
         watch_limits: super::watch::WatchLimits,
     ) -> Self {
         let watch_hub = super::watch::WatchHub::start(store.clone(), coherence);
-        Self { store, cache, application_id, tokens, watch_hub, watch_limits }
+        let roles = RoleLookup::new(store.roles.clone(), cache);
+        Self { store, roles, application_id, tokens, watch_hub, watch_limits }
     }
 
     fn tenant(&self, field: &str, value: &str) -> Result<TenantId> {
@@ -89,31 +89,10 @@ impl RoleCheckApi {
         })
     }
 
-    /// `user`'s answer: from memory when the cache has it, else through the store (which
-    /// loads it into the cache). `user` must be valid. Every RPC reads roles through here
-    /// or, for a batch's misses, straight through `user_roles`.
+    /// `user`'s answer: see [`RoleLookup::answer`]. Every RPC reads roles through here
+    /// or, for a batch, through the same lookup.
     async fn answer(&self, user: &str, min_revision: Revision) -> Result<Answer> {
-        match self.in_memory(user, min_revision) {
-            Some(answer) => {
-                self.count_hits(1);
-                Ok(answer)
-            }
-            None => {
-                self.store.roles.user_roles(&UserId::trusted(user.to_owned()), min_revision).await
-            }
-        }
-    }
-
-    /// See [`CachedStore::user_roles_in_memory`].
-    fn in_memory(&self, user: &str, min_revision: Revision) -> Option<Answer> {
-        self.cache.as_ref()?.user_roles_in_memory(user, min_revision)
-    }
-
-    /// See [`CachedStore::count_hits`].
-    fn count_hits(&self, n: u64) {
-        if let Some(cache) = &self.cache {
-            cache.count_hits(n);
-        }
+        self.roles.answer(user, min_revision).await
     }
 }
 
@@ -181,7 +160,7 @@ impl RoleCheck for RoleCheckApi {
         let (now, mut hits, mut waiting, mut start) = (now_unix(), 0, Vec::new(), 0);
         for group in order.chunk_by(|&a, &b| checks[a].user_id == checks[b].user_id) {
             let user = &checks[group[0]].user_id;
-            match self.in_memory(user, min_revision) {
+            match self.roles.in_memory(user, min_revision) {
                 Some(answer) => {
                     hits += 1;
                     answer_group(group, &answer, now);
@@ -190,12 +169,12 @@ impl RoleCheck for RoleCheckApi {
             }
             start += group.len();
         }
-        self.count_hits(hits);
+        self.roles.count_hits(hits);
         if !waiting.is_empty() {
-            let store = &self.store.roles;
+            let roles = &self.roles;
             let fetched: Vec<(std::ops::Range<usize>, Answer)> = futures::stream::iter(waiting)
                 .map(|(group, id)| async move {
-                    Ok::<_, Error>((group, store.user_roles(&id, min_revision).await?))
+                    Ok::<_, Error>((group, roles.load(&id, min_revision).await?))
                 })
                 .buffer_unordered(BATCH_LOAD_CONCURRENCY)
                 .try_collect()

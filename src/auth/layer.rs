@@ -54,6 +54,8 @@ pub const RULES: &[(&str, Access)] = &[
     ("/rolecheck.v1.Tenants/GetTenant", CHECK),
     ("/rolecheck.v1.Tenants/ListTenants", CHECK),
     ("/rolecheck.v1.Tenants/DeleteTenant", WRITE),
+    // Proxy authorization (with --authz-policy): a proxy asking about its requests.
+    ("/envoy.service.auth.v3.Authorization/Check", CHECK),
 ];
 
 /// The rule for a gRPC method path, with the path as `RULES` spells it (a bounded set of
@@ -228,6 +230,10 @@ mod tests {
                 }
             }
         }
+        // Envoy's ext_authz comes pre-generated (envoy-types), with no descriptor set.
+        let envoy = <crate::authz::envoy::AuthorizationServer<crate::authz::envoy::EnvoyAuthz>
+            as tonic::server::NamedService>::NAME;
+        methods.push(format!("/{envoy}/Check"));
         methods
     }
 

@@ -28,7 +28,7 @@ use std::{
     fmt,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use aws_lc_rs::{constant_time, digest};
@@ -276,15 +276,7 @@ pub struct Keys {
     reload_failures: Counter,
     /// The file's stamp taken before it was read, so a change made before the watch
     /// starts is still seen.
-    loaded: Option<Stamp>,
-}
-
-/// A file's modification time and size: a rewrite within the file system's timestamp
-/// granularity still changes the size.
-type Stamp = (Option<SystemTime>, u64);
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len()))
+    loaded: Option<crate::reload::Stamp>,
 }
 
 impl Keys {
@@ -292,7 +284,7 @@ impl Keys {
     /// that cannot be read, does not parse or lists nothing is refused.
     /// `reload_failures` counts reloads that kept the keys in force.
     pub fn load(path: Option<&Path>, reload_failures: Counter) -> Result<Self> {
-        let loaded = path.and_then(stamp);
+        let loaded = path.and_then(crate::reload::stamp);
         let ring = path.map(KeyRing::load).transpose()?.unwrap_or_default();
         Ok(Self {
             current: Arc::new(RwLock::new(Arc::new(ring))),
@@ -331,40 +323,11 @@ impl Keys {
         }
     }
 
-    /// Reloads on SIGHUP and whenever the file's modification time changes (polled
-    /// every `every`).
-    pub fn watch(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// Reloads on SIGHUP and whenever the file changes (polled every `every`).
+    pub fn watch(&self, every: Duration) -> Option<tokio::task::JoinHandle<()>> {
+        let path = self.path.clone()?;
         let keys = self.clone();
-        tokio::spawn(async move {
-            let Some(path) = keys.path.clone() else { return };
-            let mut seen = keys.loaded;
-            #[cfg(unix)]
-            let mut hup =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-            loop {
-                #[cfg(unix)]
-                let hangup = async {
-                    match hup.as_mut() {
-                        Some(signal) => {
-                            signal.recv().await;
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                #[cfg(not(unix))]
-                let hangup = std::future::pending::<()>();
-                tokio::select! {
-                    () = hangup => keys.reload(),
-                    () = tokio::time::sleep(every) => {
-                        let now = stamp(&path);
-                        if now != seen {
-                            seen = now;
-                            keys.reload();
-                        }
-                    }
-                }
-            }
-        })
+        Some(crate::reload::watch(path, self.loaded, every, move || keys.reload()))
     }
 }
 

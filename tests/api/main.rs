@@ -1,6 +1,7 @@
 //! The conformance suite: every test runs against a real server over a fresh SQLite file
 //! and over a fresh Postgres database (`DATABASE_URL`, default the local one).
 
+mod authz;
 mod callers;
 mod coherence;
 mod edges;

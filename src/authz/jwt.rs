@@ -1,0 +1,232 @@
+//! Bearer JWTs as proxy identity: verified against rolecheck's own keys or a JWK Set
+//! fetched from a URL, and remembered once verified.
+//!
+//! - Each distinct token is verified once: a bounded cache ([`VERIFIED_CAPACITY`]
+//!   tokens) keeps the user it names until the token's `exp` (at most
+//!   [`VERIFIED_TTL`]), so a busy proxy pays for the signature only on a token's first
+//!   request.
+//! - A JWK Set from a URL is fetched at start (a failure is logged; requests are 401
+//!   until it arrives), refreshed every [`JWKS_REFRESH`], and fetched again at once when
+//!   a token names a `kid` it does not hold, at most once per [`REFETCH_EVERY`] (so
+//!   tokens with made-up `kid`s cannot make us hammer the issuer). A failed refresh keeps
+//!   the keys held.
+//! - HMAC algorithms are refused (a JWK Set publishes public keys), and the algorithm
+//!   must belong to the key's family, so a public key is never used as an HMAC secret.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
+use moka::future::Cache;
+
+use super::policy::{JwksSource, JwtIdentity};
+
+/// Most verified tokens remembered.
+pub const VERIFIED_CAPACITY: u64 = 100_000;
+/// Longest a verified token is remembered, whatever its `exp`.
+pub const VERIFIED_TTL: Duration = Duration::from_secs(300);
+/// How often a fetched JWK Set is refreshed.
+pub const JWKS_REFRESH: Duration = Duration::from_secs(300);
+/// At most one fetch for an unknown `kid` this often.
+pub const REFETCH_EVERY: Duration = Duration::from_secs(30);
+/// Longest a JWK Set fetch may take.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest JWK Set accepted.
+pub const MAX_JWKS_BYTES: usize = 256 * 1024;
+
+/// Why a bearer token was not accepted (never shown to the client in detail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// Malformed, bad signature, wrong issuer or audience, expired, no user claim.
+    Invalid,
+    /// No key with the token's `kid` (after the bounded refetch).
+    UnknownKey,
+}
+
+/// Verifies bearer tokens for one `[identity.jwt]`.
+pub struct Verifier {
+    config: JwtIdentity,
+    keys: RwLock<Arc<KeyMap>>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    verified: Cache<Box<str>, (Arc<str>, u64)>,
+}
+
+/// Decoding keys by `kid`.
+#[derive(Default)]
+struct KeyMap {
+    by_kid: HashMap<String, (DecodingKey, Vec<Algorithm>)>,
+}
+
+impl KeyMap {
+    fn from_jwks(set: &JwkSet) -> Self {
+        let mut by_kid = HashMap::new();
+        for jwk in &set.keys {
+            let Some(kid) = jwk.common.key_id.clone() else { continue };
+            let algorithms = algorithms_for(jwk);
+            if algorithms.is_empty() {
+                continue;
+            }
+            if let Ok(key) = DecodingKey::from_jwk(jwk) {
+                by_kid.insert(kid, (key, algorithms));
+            }
+        }
+        Self { by_kid }
+    }
+}
+
+/// The algorithms a public JWK may verify (none for a symmetric key).
+fn algorithms_for(jwk: &jsonwebtoken::jwk::Jwk) -> Vec<Algorithm> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
+    let declared =
+        jwk.common.key_algorithm.and_then(|alg| alg.to_string().parse::<Algorithm>().ok());
+    let family: Vec<Algorithm> = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => vec![
+            Algorithm::RS256,
+            Algorithm::RS384,
+            Algorithm::RS512,
+            Algorithm::PS256,
+            Algorithm::PS384,
+            Algorithm::PS512,
+        ],
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => vec![Algorithm::ES256],
+            EllipticCurve::P384 => vec![Algorithm::ES384],
+            _ => vec![],
+        },
+        AlgorithmParameters::OctetKeyPair(_) => vec![Algorithm::EdDSA],
+        AlgorithmParameters::OctetKey(_) => vec![],
+    };
+    match declared {
+        Some(alg) if family.contains(&alg) => vec![alg],
+        Some(_) => vec![],
+        None => family,
+    }
+}
+
+impl Verifier {
+    /// A verifier for `config`; `own_jwks` is rolecheck's own JWK Set (for `"self"`).
+    pub fn new(config: JwtIdentity, own_jwks: &str) -> Self {
+        let keys = match config.keys {
+            JwksSource::Own => serde_json::from_str::<JwkSet>(own_jwks)
+                .map(|set| KeyMap::from_jwks(&set))
+                .unwrap_or_default(),
+            JwksSource::Url(_) => KeyMap::default(),
+        };
+        Self {
+            config,
+            keys: RwLock::new(Arc::new(keys)),
+            last_fetch: tokio::sync::Mutex::new(None),
+            verified: Cache::builder()
+                .max_capacity(VERIFIED_CAPACITY)
+                .time_to_live(VERIFIED_TTL)
+                .build(),
+        }
+    }
+
+    /// The configuration verified against.
+    pub fn config(&self) -> &JwtIdentity {
+        &self.config
+    }
+
+    fn current(&self) -> Arc<KeyMap> {
+        self.keys.read().map_or_else(|p| p.into_inner().clone(), |k| k.clone())
+    }
+
+    /// The user `token` names, once its signature and claims check out.
+    pub async fn user(&self, token: &str) -> Result<Arc<str>, Rejected> {
+        let now = crate::domain::now_unix() as u64;
+        if let Some((user, exp)) = self.verified.get(token).await {
+            if exp > now {
+                return Ok(user);
+            }
+            self.verified.invalidate(token).await;
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Rejected::Invalid)?;
+        let kid = header.kid.ok_or(Rejected::Invalid)?;
+        let mut keys = self.current();
+        if !keys.by_kid.contains_key(&kid) && self.refetch().await {
+            keys = self.current();
+        }
+        let (key, algorithms) = keys.by_kid.get(&kid).ok_or(Rejected::UnknownKey)?;
+        if !algorithms.contains(&header.alg) {
+            return Err(Rejected::Invalid);
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.set_required_spec_claims(&["exp"]);
+        if let Some(issuer) = &self.config.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        match &self.config.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            key,
+            &validation,
+        )
+        .map_err(|_| Rejected::Invalid)?;
+        let user = data.claims.get(&self.config.user_claim).and_then(|v| v.as_str());
+        let user: Arc<str> = user.filter(|u| !u.is_empty()).ok_or(Rejected::Invalid)?.into();
+        let exp = data.claims.get("exp").and_then(|v| v.as_u64()).unwrap_or(0);
+        self.verified.insert(token.into(), (user.clone(), exp)).await;
+        Ok(user)
+    }
+
+    /// Fetches the JWK Set now if a fetch is allowed (URL source, none in the last
+    /// [`REFETCH_EVERY`]); whether new keys were installed.
+    async fn refetch(&self) -> bool {
+        let JwksSource::Url(url) = &self.config.keys else { return false };
+        let mut last = self.last_fetch.lock().await;
+        if last.is_some_and(|at| at.elapsed() < REFETCH_EVERY) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        self.fetch(url).await
+    }
+
+    async fn fetch(&self, url: &http::Uri) -> bool {
+        match tokio::time::timeout(FETCH_TIMEOUT, super::fetch::get(url, MAX_JWKS_BYTES)).await {
+            Ok(Ok(body)) => match serde_json::from_slice::<JwkSet>(&body) {
+                Ok(set) => {
+                    let keys = KeyMap::from_jwks(&set);
+                    tracing::info!(%url, keys = keys.by_kid.len(), "JWK Set fetched");
+                    if let Ok(mut current) = self.keys.write() {
+                        *current = Arc::new(keys);
+                    }
+                    true
+                }
+                Err(err) => {
+                    tracing::warn!(%url, %err, "JWK Set did not parse; keeping the keys held");
+                    false
+                }
+            },
+            Ok(Err(err)) => {
+                tracing::warn!(%url, %err, "JWK Set fetch failed; keeping the keys held");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(%url, "JWK Set fetch timed out; keeping the keys held");
+                false
+            }
+        }
+    }
+
+    /// Fetches a URL source now and every [`JWKS_REFRESH`]; ends when `self` is dropped.
+    pub fn refresh(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let JwksSource::Url(url) = self.config.keys.clone() else { return None };
+        let weak = Arc::downgrade(self);
+        Some(tokio::spawn(async move {
+            loop {
+                let Some(verifier) = weak.upgrade() else { return };
+                *verifier.last_fetch.lock().await = Some(Instant::now());
+                verifier.fetch(&url).await;
+                drop(verifier);
+                tokio::time::sleep(JWKS_REFRESH).await;
+            }
+        }))
+    }
+}

@@ -1,0 +1,303 @@
+//! Proxy authorization (`--authz-policy`): a proxy in front of an app asks whether a
+//! request may pass, by Envoy's external authorization API on the gRPC listener
+//! ([`envoy`]) or by forward-auth at `/authz` on the HTTP listener ([`forward`]).
+//!
+//! One decision for both ([`Authz::decide`]):
+//! 1. The path and host are normalized ([`path`]); a path that cannot be is denied (403).
+//! 2. The first route of the [`policy`] that matches the method, host and path decides;
+//!    none is a denial (403). A public route allows anyone.
+//! 3. The user comes from the policy's trusted header when it is present, else from a
+//!    bearer JWT ([`jwt`]); neither, or an invalid one, is 401.
+//! 4. The tenant comes from the route's `{tenant}` (host or path), else the application
+//!    tenant. The user's roles are read live (the cache, else the store): any one of the
+//!    route's roles allows; none is 403; a store that cannot answer is 503 / UNAVAILABLE.
+//!
+//! An allowed request carries `x-rolecheck-user`, `x-rolecheck-tenant` and
+//! `x-rolecheck-roles` (the user's live roles in the tenant) to the app, replacing any
+//! copies the client sent; a public one carries none of them (the proxy removes them).
+//!
+//! The policy is reloaded like the key file (SIGHUP, or a change to the file); a reload
+//! that fails keeps the policy in force, logs the line and the reason, and counts
+//! `rolecheck_authz_policy_reload_failures_total`.
+
+pub mod envoy;
+mod fetch;
+pub mod forward;
+pub mod jwt;
+pub mod path;
+pub mod policy;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use prometheus_client::metrics::counter::Counter;
+
+use self::{
+    jwt::Verifier,
+    policy::{Matched, Policy, Target},
+};
+use crate::{
+    cache::RoleLookup,
+    domain::{TenantId, UserId, now_unix},
+    error::Result,
+    metrics::{DecisionLabels, Metrics},
+};
+
+/// The headers an allowed request carries to the app.
+pub const USER_HEADER: &str = "x-rolecheck-user";
+/// See [`USER_HEADER`].
+pub const TENANT_HEADER: &str = "x-rolecheck-tenant";
+/// See [`USER_HEADER`].
+pub const ROLES_HEADER: &str = "x-rolecheck-roles";
+
+/// A request's headers, by lower-case name.
+pub trait Headers {
+    /// The value of header `name` (lower-case), if present.
+    fn get(&self, name: &str) -> Option<&str>;
+}
+
+impl Headers for http::HeaderMap {
+    fn get(&self, name: &str) -> Option<&str> {
+        http::HeaderMap::get(self, name).and_then(|value| value.to_str().ok())
+    }
+}
+
+impl Headers for std::collections::HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<&str> {
+        std::collections::HashMap::get(self, name).map(String::as_str)
+    }
+}
+
+/// The request a proxy asks about.
+#[derive(Debug)]
+pub struct Incoming<'a, H: Headers + ?Sized> {
+    /// Its method.
+    pub method: &'a str,
+    /// Its host (`Host`, `:authority`, `X-Forwarded-Host`), when known.
+    pub host: Option<&'a str>,
+    /// Its target: the path with any query, or an absolute URL.
+    pub target: &'a str,
+    /// Its headers (for the identity).
+    pub headers: &'a H,
+}
+
+/// What the proxy is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Let it through; for a public route every field is empty.
+    Allow {
+        /// The user.
+        user: String,
+        /// The tenant the roles are in.
+        tenant: String,
+        /// The user's live roles in the tenant, comma-separated.
+        roles: String,
+    },
+    /// No identity, or an invalid one: 401.
+    Unauthenticated,
+    /// No route, a route the user lacks the role for, or a path refused: 403.
+    Denied,
+    /// The answer cannot be known now (the store): 503 / UNAVAILABLE.
+    Unavailable,
+}
+
+/// The policy in force with its token verifier (kept across reloads while
+/// `[identity.jwt]` is unchanged, so its verified tokens and fetched keys stay).
+struct Loaded {
+    policy: Policy,
+    verifier: Option<Arc<Verifier>>,
+}
+
+/// Decides proxy requests against the policy in force.
+pub struct Authz {
+    loaded: RwLock<Arc<Loaded>>,
+    path: PathBuf,
+    stamp: Option<crate::reload::Stamp>,
+    own_jwks: String,
+    roles: RoleLookup,
+    application_id: TenantId,
+    reload_failures: Counter,
+    outcomes: [Counter; 4],
+}
+
+impl std::fmt::Debug for Authz {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authz").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl Authz {
+    /// Loads the policy at `path`; a policy that cannot be read or is invalid is refused.
+    /// `own_jwks` is rolecheck's JWK Set (for `jwks_url = "self"`).
+    pub fn load(
+        path: &Path,
+        own_jwks: &str,
+        roles: RoleLookup,
+        application_id: TenantId,
+        metrics: &Metrics,
+    ) -> Result<Arc<Self>> {
+        let stamp = crate::reload::stamp(path);
+        let policy = Policy::load(path)?;
+        let verifier =
+            policy.identity.jwt.clone().map(|jwt| Arc::new(Verifier::new(jwt, own_jwks)));
+        tracing::info!(path = %path.display(), routes = policy.len(), "authorization policy loaded");
+        let outcome =
+            |decision| metrics.authz_decisions.get_or_create(&DecisionLabels { decision }).clone();
+        let authz = Arc::new(Self {
+            loaded: RwLock::new(Arc::new(Loaded { policy, verifier })),
+            path: path.to_owned(),
+            stamp,
+            own_jwks: own_jwks.to_owned(),
+            roles,
+            application_id,
+            reload_failures: metrics.policy_reload_failures.clone(),
+            outcomes: [
+                outcome("allowed"),
+                outcome("unauthenticated"),
+                outcome("denied"),
+                outcome("unavailable"),
+            ],
+        });
+        authz.refresh_keys();
+        Ok(authz)
+    }
+
+    fn current(&self) -> Arc<Loaded> {
+        self.loaded.read().map_or_else(|p| p.into_inner().clone(), |l| l.clone())
+    }
+
+    /// Starts fetching the JWK Set of the current verifier, if it has a URL.
+    fn refresh_keys(&self) {
+        if let Some(verifier) = &self.current().verifier {
+            verifier.refresh();
+        }
+    }
+
+    /// Re-reads the policy; on failure keeps the one in force and logs why.
+    pub fn reload(&self) {
+        match Policy::load(&self.path) {
+            Ok(policy) => {
+                let old = self.current();
+                let verifier = match (&policy.identity.jwt, &old.verifier) {
+                    (Some(jwt), Some(verifier)) if verifier.config() == jwt => {
+                        Some(verifier.clone())
+                    }
+                    (Some(jwt), _) => Some(Arc::new(Verifier::new(jwt.clone(), &self.own_jwks))),
+                    (None, _) => None,
+                };
+                let routes = policy.len();
+                if let Ok(mut loaded) = self.loaded.write() {
+                    *loaded = Arc::new(Loaded { policy, verifier });
+                }
+                self.refresh_keys();
+                tracing::info!(routes, "authorization policy reloaded");
+            }
+            Err(err) => {
+                self.reload_failures.inc();
+                tracing::error!(%err, "authorization policy reload failed; keeping the policy in force");
+            }
+        }
+    }
+
+    /// Reloads on SIGHUP and whenever the file changes (polled every `every`).
+    pub fn watch(self: &Arc<Self>, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let authz = self.clone();
+        crate::reload::watch(self.path.clone(), self.stamp, every, move || authz.reload())
+    }
+
+    /// Decides `request`.
+    pub async fn decide<H: Headers + ?Sized>(&self, request: &Incoming<'_, H>) -> Decision {
+        let decision = self.decide_uncounted(request).await;
+        let index = match decision {
+            Decision::Allow { .. } => 0,
+            Decision::Unauthenticated => 1,
+            Decision::Denied => 2,
+            Decision::Unavailable => 3,
+        };
+        self.outcomes[index].inc();
+        decision
+    }
+
+    async fn decide_uncounted<H: Headers + ?Sized>(&self, request: &Incoming<'_, H>) -> Decision {
+        let segments = match path::segments(request.target) {
+            Ok(segments) => segments,
+            Err(path::Refused(why)) => {
+                tracing::debug!(why, "proxy request path refused");
+                return Decision::Denied;
+            }
+        };
+        let host = match request.host.map(path::host).transpose() {
+            Ok(host) => host,
+            Err(path::Refused(why)) => {
+                tracing::debug!(why, "proxy request host refused");
+                return Decision::Denied;
+            }
+        };
+        let loaded = self.current();
+        let target = Target { method: request.method, host: host.as_deref(), path: &segments };
+        let (tenant, roles) = match loaded.policy.decide(&target) {
+            None => return Decision::Denied,
+            Some(Matched::Public) => {
+                return Decision::Allow {
+                    user: String::new(),
+                    tenant: String::new(),
+                    roles: String::new(),
+                };
+            }
+            Some(Matched::Roles { tenant, roles }) => (tenant, roles),
+        };
+        let Some(user) = self.user(&loaded, request.headers).await else {
+            return Decision::Unauthenticated;
+        };
+        let tenant = match tenant {
+            None => self.application_id.clone(),
+            Some(tenant) => match TenantId::parse("tenant", &tenant) {
+                Ok(id) => id,
+                Err(_) => return Decision::Denied,
+            },
+        };
+        let answer = match self.roles.answer(user.as_str(), 0).await {
+            Ok(answer) => answer,
+            Err(err) => {
+                tracing::warn!(%err, "proxy decision: roles unavailable");
+                return Decision::Unavailable;
+            }
+        };
+        let now = now_unix();
+        if !roles.iter().any(|role| answer.roles.allows(&tenant, role, now)) {
+            return Decision::Denied;
+        }
+        let held = answer.roles.roles_in(tenant.as_str(), now).collect::<Vec<_>>().join(",");
+        Decision::Allow {
+            user: user.as_str().to_owned(),
+            tenant: tenant.as_str().to_owned(),
+            roles: held,
+        }
+    }
+
+    /// The user the request names: the trusted header when present, else a bearer JWT.
+    async fn user<H: Headers + ?Sized>(&self, loaded: &Loaded, headers: &H) -> Option<UserId> {
+        if let Some(value) =
+            loaded.policy.identity.header.as_deref().and_then(|name| headers.get(name))
+        {
+            return UserId::parse("user", value.trim()).ok();
+        }
+        let verifier = loaded.verifier.as_ref()?;
+        let token = bearer(headers.get("authorization")?)?;
+        match verifier.user(token).await {
+            Ok(user) => UserId::parse("user", &user).ok(),
+            Err(rejected) => {
+                tracing::debug!(?rejected, "proxy request bearer token rejected");
+                None
+            }
+        }
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` value.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
