@@ -549,3 +549,24 @@ async fn two_processes_writing_the_same_rows_never_deadlock_or_fail() {
     }
     assert_eq!(deadlocks().await, before, "deadlocks detected during the test");
 }
+
+#[test]
+fn an_invalid_authorization_policy_stops_the_start_with_its_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, "[identity]\nheader = \"x-user-id\"\n\n[[route]]\npath = \"/a\"\n")
+        .expect("write policy");
+    let data = dir.path().join("data");
+    let out = rolecheck(
+        &["serve"],
+        &[
+            ("ROLECHECK_AUTHZ_POLICY", policy.to_str().expect("path")),
+            ("ROLECHECK_DATA_DIR", data.to_str().expect("path")),
+        ],
+    )
+    .output()
+    .expect("run serve");
+    assert!(!out.status.success(), "an invalid policy must stop the start");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("line 4") && log.contains("needs `roles`"), "{log}");
+}

@@ -498,3 +498,76 @@ async fn a_bad_policy_is_refused_at_start_and_kept_on_reload() {
     })
     .await;
 }
+
+/// A JWK Set server that counts its fetches, serving `jwks`.
+async fn jwks_server(jwks: String) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().route(
+        "/keys.json",
+        axum::routing::get(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let body = jwks.clone();
+            async move { body }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, hits)
+}
+
+/// Tokens from another issuer, verified with its JWK Set fetched by URL; a flood of
+/// tokens naming unknown keys refetches the set at most once per interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_verify_against_a_fetched_jwk_set() {
+    use std::sync::atomic::Ordering;
+    let issuer = spawn_with(Backend::Sqlite, |c| c.issuer = "https://id.example".into()).await;
+    let (_, jwks) = crate::helpers::http_get(&issuer, "/.well-known/jwks.json").await;
+    let (jwks_addr, fetches) = jwks_server(jwks).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = POLICY
+        .replace("header = \"x-user-id\"\n", "")
+        .replace("jwks_url = \"self\"", &format!("jwks_url = \"http://{jwks_addr}/keys.json\""))
+        .replace("issuer = \"rolecheck\"", "issuer = \"https://id.example\"");
+    let policy = write_policy(dir.path(), &policy);
+    let app = spawn_with(Backend::Sqlite, |c| c.authz_policy = Some(policy)).await;
+    app.create_tenant("acme").await;
+    app.grant("alice", "acme", &["billing"]).await;
+    wait_for(Duration::from_secs(5), "the JWK Set fetched at start", || async {
+        (fetches.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+
+    let token = issue(&issuer, "alice").await;
+    let page = "/tenants/acme/invoices/7";
+    let bearer = format!("Bearer {token}");
+    assert_eq!(forward(&app, "GET", page, &[("authorization", &bearer)]).await.0, 200);
+    // A token of this server's own keys is not the issuer's: 401.
+    let own = format!("Bearer {}", issue(&app, "alice").await);
+    assert_eq!(forward(&app, "GET", page, &[("authorization", &own)]).await.0, 401);
+
+    // Tokens naming keys nobody published: 401 each, and at most one refetch.
+    let before = fetches.load(Ordering::SeqCst);
+    for i in 0..20 {
+        let forged = forge_kid(&token, &format!("made-up-{i}"));
+        let header = format!("Bearer {forged}");
+        assert_eq!(forward(&app, "GET", page, &[("authorization", &header)]).await.0, 401);
+    }
+    let refetches = fetches.load(Ordering::SeqCst) - before;
+    assert!(refetches <= 1, "{refetches} refetches for 20 unknown kids");
+}
+
+/// `token` with its header's `kid` replaced (the signature no longer matches).
+fn forge_kid(token: &str, kid: &str) -> String {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    let (header, rest) = token.split_once('.').expect("a JWS");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).expect("b64")).expect("json");
+    json["kid"] = kid.into();
+    format!("{}.{rest}", URL_SAFE_NO_PAD.encode(json.to_string()))
+}
