@@ -67,6 +67,14 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_AUTHZ_POLICY")]
     pub authz_policy: Option<PathBuf>,
 
+    /// Let `envoy.service.auth.v3.Authorization/Check` be called without an API key
+    /// (Istio's `envoyExtAuthzGrpc` provider cannot send one). Decided at start. The
+    /// answers then tell any caller who reaches the port whether the identity a request
+    /// carries holds a route's role, so restrict the port to the mesh's proxies, and
+    /// prefer JWT identity to a trusted header.
+    #[arg(long, env = "ROLECHECK_AUTHZ_ENVOY_WITHOUT_KEY")]
+    pub authz_envoy_without_key: bool,
+
     /// PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key). Re-read
     /// when the file changes.
     #[arg(long, env = "ROLECHECK_TLS_CERT", requires = "tls_key")]

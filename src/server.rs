@@ -279,7 +279,10 @@ impl Server {
             .max_concurrent_streams(self.config.max_concurrent_streams)
             .layer(RequestLayer(self.metrics.clone()))
             .layer(FramingFaultLayer { max_message_bytes: self.config.max_message_bytes })
-            .layer(AuthLayer::new(self.keys.clone(), rate))
+            .layer(
+                AuthLayer::new(self.keys.clone(), rate)
+                    .envoy_without_key(self.config.authz_envoy_without_key),
+            )
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -31,6 +31,9 @@ const ISSUE: Access = Access::Needs(&[Scope::Issue]);
 const AUDIT: Access = Access::Needs(&[Scope::Audit]);
 const FOLLOW: Access = Access::Needs(&[Scope::Audit, Scope::Follow]);
 
+/// Envoy's external authorization call.
+pub const ENVOY_CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
+
 /// Every method this server serves and who may call it. A path not listed here is
 /// refused before it reaches a service (default deny); a test walks the served file
 /// descriptor sets and fails on any method missing from this table.
@@ -54,8 +57,9 @@ pub const RULES: &[(&str, Access)] = &[
     ("/rolecheck.v1.Tenants/GetTenant", CHECK),
     ("/rolecheck.v1.Tenants/ListTenants", CHECK),
     ("/rolecheck.v1.Tenants/DeleteTenant", WRITE),
-    // Proxy authorization (with --authz-policy): a proxy asking about its requests.
-    ("/envoy.service.auth.v3.Authorization/Check", CHECK),
+    // Proxy authorization (with --authz-policy): a proxy asking about its requests. Open
+    // instead when started with --authz-envoy-without-key.
+    (ENVOY_CHECK, CHECK),
 ];
 
 /// The rule for a gRPC method path, with the path as `RULES` spells it (a bounded set of
@@ -93,6 +97,7 @@ impl PeerIdentity {
 pub struct AuthLayer {
     keys: Keys,
     limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+    envoy_without_key: bool,
 }
 
 impl AuthLayer {
@@ -100,14 +105,21 @@ impl AuthLayer {
     pub fn new(keys: Keys, rate_per_second: Option<NonZeroU32>) -> Self {
         let limiter =
             rate_per_second.map(|rate| Arc::new(RateLimiter::keyed(Quota::per_second(rate))));
-        Self { keys, limiter }
+        Self { keys, limiter, envoy_without_key: false }
+    }
+
+    /// Lets [`ENVOY_CHECK`] through without credentials (`--authz-envoy-without-key`).
+    pub fn envoy_without_key(mut self, open: bool) -> Self {
+        self.envoy_without_key = open;
+        self
     }
 
     fn authorize<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
         let Some(access) = required_scope(request.uri().path()) else {
             return Err(Status::unimplemented("no such method"));
         };
-        if access == Access::Open {
+        if access == Access::Open || (self.envoy_without_key && request.uri().path() == ENVOY_CHECK)
+        {
             return Ok(());
         }
         let caller = if !self.keys.enabled() {

@@ -571,3 +571,39 @@ fn forge_kid(token: &str, kid: &str) -> String {
     json["kid"] = kid.into();
     format!("{}.{rest}", URL_SAFE_NO_PAD.encode(json.to_string()))
 }
+
+/// With API keys, ext_authz is a `check`-scoped call; `--authz-envoy-without-key` (for
+/// Istio, whose provider sends no key) opens that one method and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_authz_needs_the_check_scope_unless_opened_at_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = write_policy(dir.path(), POLICY);
+    let keys = dir.path().join("keys.toml");
+    let reader = [("reader", "reader-secret", &["check"][..])];
+    std::fs::write(&keys, crate::callers::keys_toml(&reader, &[])).expect("keys");
+    let ask = |app: &TestApp| {
+        let addr = app.addr;
+        async move {
+            let mut envoy = AuthorizationClient::new(connect(addr).await);
+            let request = envoy_request("GET", "/healthz", "shop.example", &[]);
+            envoy.check(request).await.map(|_| ())
+        }
+    };
+    for open in [false, true] {
+        let (policy, keys) = (policy.clone(), keys.clone());
+        let app = spawn_with(Backend::Sqlite, move |c| {
+            c.authz_policy = Some(policy);
+            c.api_keys_file = Some(keys);
+            c.authz_envoy_without_key = open;
+        })
+        .await;
+        let without_key = ask(&app).await;
+        match open {
+            false => assert_eq!(without_key.map_err(|s| s.code()), Err(Code::Unauthenticated)),
+            true => assert_eq!(without_key.map_err(|s| s.code()), Ok(())),
+        }
+        // Every other method still needs its key.
+        let check = app.checks.clone().check(crate::helpers::check_req("u", "app", "r", 0)).await;
+        assert_eq!(check.map(|_| ()).map_err(|s| s.code()), Err(Code::Unauthenticated));
+    }
+}
