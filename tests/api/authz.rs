@@ -451,9 +451,12 @@ async fn envoy_ext_authz_decides_as_envoy_asks() {
         .await
         .expect_err("UNAVAILABLE");
     assert_eq!(down.code(), Code::Unavailable, "{down:?}");
+    // Forward-auth says the same with 503.
+    let dave = [("x-user-id", "dave")];
+    assert_eq!(forward(&app, "GET", "/tenants/acme/invoices/7", &dave).await.0, 503);
     let unavailable =
         metric(&app, "rolecheck_authz_decisions_total{decision=\"unavailable\"}").await;
-    assert_eq!(unavailable, Some(1.0));
+    assert_eq!(unavailable, Some(2.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
