@@ -150,6 +150,7 @@ impl AuthLayer {
                 )));
             }
         }
+        let caller = relayed(request.headers(), caller)?;
         if let Some(limiter) = &self.limiter {
             if limiter.check_key(&caller.name).is_err() {
                 return Err(Status::resource_exhausted(format!(
@@ -161,6 +162,40 @@ impl AuthLayer {
         request.extensions_mut().insert(caller);
         Ok(())
     }
+}
+
+/// The header a follower sets to name the caller it relays a call for.
+pub const ON_BEHALF_OF: &str = "x-rolecheck-on-behalf-of";
+
+/// Longest relayed caller name.
+const MAX_RELAYED_NAME: usize = 256;
+
+/// `caller` as recorded when the call is relayed: a follower (a caller with the `follow`
+/// scope) names its own caller in [`ON_BEHALF_OF`], and the audit trail records both,
+/// as `<original> via <follower>`. The call still needs its own scope on the follower's
+/// key, so a follower never does more than its key allows. Anyone else sending the
+/// header is refused.
+fn relayed(headers: &http::HeaderMap, caller: Caller) -> Result<Caller, Status> {
+    let Some(value) = headers.get(ON_BEHALF_OF) else { return Ok(caller) };
+    if !caller.may(Scope::Follow) {
+        return Err(Status::permission_denied(format!(
+            "caller {} lacks the follow scope needed to relay calls ({ON_BEHALF_OF})",
+            caller.name
+        )));
+    }
+    let original = value
+        .to_str()
+        .ok()
+        .filter(|name| {
+            (1..=MAX_RELAYED_NAME).contains(&name.len())
+                && name.bytes().all(|b| (0x20..0x7f).contains(&b))
+        })
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{ON_BEHALF_OF}: 1 to {MAX_RELAYED_NAME} printable ASCII characters"
+            ))
+        })?;
+    Ok(Caller { name: format!("{original} via {}", caller.name), scopes: caller.scopes })
 }
 
 /// The secret of an `authorization: Bearer <secret>` header.

@@ -406,3 +406,55 @@ async fn a_unix_socket_with_tls_flags_refuses_to_start() {
     let refused = Server::bind(config).await.err().expect("refused");
     assert!(refused.to_string().contains("unix socket"), "{refused}");
 }
+
+/// A follower relays its callers' calls with `x-rolecheck-on-behalf-of`: the audit trail
+/// records both names. Only a key with the `follow` scope may relay, and the relayed call
+/// still needs its own scope on that key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_calls_record_both_names_and_need_the_follow_scope() {
+    let dir = tempfile::tempdir().expect("dir");
+    let keys = [
+        ("sidecar-7", "sidecar-secret", &["follow", "write", "audit"][..]),
+        ("reader-sidecar", "reader-sidecar-secret", &["follow", "check"][..]),
+        ("writer", "writer-secret", &["write"][..]),
+    ];
+    let path = write_keys(&dir, &keys_toml(&keys, &[]));
+    let app = spawn_with(Backend::Sqlite, move |c| c.api_keys_file = Some(path)).await;
+    let channel = connect(app.addr).await;
+    let grant = |secret: &str, on_behalf_of: Option<&str>| {
+        let mut request = Request::new(pb::GrantRequest {
+            user_id: "u1".into(),
+            tenant_id: String::new(),
+            roles: vec!["viewer".into()],
+            expires_at: None,
+        });
+        let metadata = request.metadata_mut();
+        metadata.insert("authorization", format!("Bearer {secret}").parse().expect("header"));
+        if let Some(name) = on_behalf_of {
+            metadata.insert("x-rolecheck-on-behalf-of", name.parse().expect("header"));
+        }
+        let mut client = pb::role_check_client::RoleCheckClient::new(channel.clone());
+        async move { client.grant(request).await.map(|r| r.into_inner().revision) }
+    };
+    grant("sidecar-secret", Some("billing-service")).await.expect("relayed Grant");
+    let refused = grant("writer-secret", Some("billing-service")).await.expect_err("no follow");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let refused = grant("reader-sidecar-secret", Some("billing-service")).await.expect_err("");
+    assert_eq!(refused.code(), Code::PermissionDenied, "relaying needs the call's own scope");
+    let refused = grant("sidecar-secret", Some("")).await.expect_err("an empty name");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    let mut request = Request::new(pb::ListChangesRequest::default());
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer sidecar-secret".parse().expect("header"));
+    let entries = pb::role_check_client::RoleCheckClient::new(channel.clone())
+        .list_changes(request)
+        .await
+        .expect("ListChanges")
+        .into_inner()
+        .entries;
+    let callers: Vec<&str> =
+        entries.iter().filter_map(|e| e.change.as_ref()).map(|c| c.caller.as_str()).collect();
+    assert_eq!(callers, ["billing-service via sidecar-7"]);
+}
