@@ -754,7 +754,11 @@ async fn sqlite_phase(noop: &Server, health: &Bytes, concurrency: usize, baselin
         Scenario::fixed("CheckBatch of 100, cached", CHECK_BATCH, all_allowed, batch.clone());
     scenario.items = 100;
     scenarios.push(scenario);
-    let wide = frame(&pb::GetAuthorizationRequest { user_id: "wide".into(), min_revision: 0 });
+    let wide = frame(&pb::GetAuthorizationRequest {
+        user_id: "wide".into(),
+        min_revision: 0,
+        with_expiry: false,
+    });
     scenarios.push(Scenario::fixed(
         "GetAuthorization, 50 tenants",
         GET_AUTHORIZATION,

@@ -148,6 +148,16 @@ impl Coherence {
                         }
                         sink.invalidate(&Stale::Everyone).await;
                     }
+                    FeedEvent::Interrupted => {
+                        if this.connected.swap(false, Ordering::SeqCst) {
+                            this.reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    FeedEvent::Resumed { revision } => {
+                        this.synced_at(Instant::now());
+                        this.advance(revision);
+                        this.connected.store(true, Ordering::SeqCst);
+                    }
                 }
             }
             this.connected.store(false, Ordering::SeqCst);

@@ -67,6 +67,30 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_AUTHZ_POLICY")]
     pub authz_policy: Option<PathBuf>,
 
+    /// Follow this rolecheck instead of opening a database (`http://host:port`,
+    /// `https://host:port` or `unix:/path`): reads from this process's cache, kept coherent
+    /// by the upstream's Watch; writes, lists and Issue relayed. Refused together with
+    /// --database-url or --signing-key: a follower holds neither.
+    #[arg(long, env = "ROLECHECK_UPSTREAM")]
+    pub upstream: Option<String>,
+
+    /// A file holding the bearer secret presented upstream (a key with the `follow` scope,
+    /// plus the scopes of the calls this follower relays).
+    #[arg(long, env = "ROLECHECK_UPSTREAM_KEY_FILE")]
+    pub upstream_key_file: Option<PathBuf>,
+
+    /// CA certificate(s) that verify an `https` upstream (default: the system roots).
+    #[arg(long, env = "ROLECHECK_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to the upstream, with --upstream-cert-key.
+    #[arg(long, env = "ROLECHECK_UPSTREAM_CERT", requires = "upstream_cert_key")]
+    pub upstream_cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "ROLECHECK_UPSTREAM_CERT_KEY", requires = "upstream_cert")]
+    pub upstream_cert_key: Option<PathBuf>,
+
     /// Let `envoy.service.auth.v3.Authorization/Check` be called without an API key
     /// (Istio's `envoyExtAuthzGrpc` provider cannot send one). Decided at start. The
     /// answers then tell any caller who reaches the port whether the identity a request

@@ -179,6 +179,17 @@ impl UserRoles {
         out
     }
 
+    /// Every live role at `now` as (tenant, role, expiry), ordered by tenant and role.
+    pub fn live(
+        &self,
+        now: UnixSeconds,
+    ) -> impl Iterator<Item = (&str, &str, Option<UnixSeconds>)> {
+        self.held
+            .iter()
+            .filter(move |held| held.is_live(now))
+            .map(|held| (self.name(held.tenant), self.name(held.role), held.expires_at))
+    }
+
     /// The live roles in `tenant` at `now`, sorted.
     pub fn roles_in<'a>(
         &'a self,

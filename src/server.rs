@@ -23,7 +23,10 @@ use crate::{
     listen::GrpcListener,
     metrics::{Metrics, RequestLayer},
     pb::{self, role_check_server::RoleCheckServer, tenants_server::TenantsServer},
-    store::{self, HistoryLog, MeasuredStore, Store, StoreOptions, TenantReads},
+    store::{
+        self, HistoryLog, MeasuredStore, Store, StoreOptions, TenantReads, UpstreamOptions,
+        UpstreamStore,
+    },
     tls::{Port, Tls},
     token::{KeySet, TokenSettings, Tokens},
 };
@@ -43,6 +46,7 @@ pub struct Server {
     store: Store,
     cache: Option<Arc<CachedStore>>,
     authz: Option<Arc<Authz>>,
+    upstream: Option<UpstreamStore>,
     tokens: Arc<Tokens>,
     metrics: Arc<Metrics>,
     coherence: Arc<Coherence>,
@@ -93,12 +97,27 @@ impl Server {
         };
         let listener = GrpcListener::bind(&config.listen, config.unix_socket_mode).await?;
         let http_listener = bind(config.http_listen).await?;
-        let generated_key =
-            config.embedded_store().then(|| config.data_dir.join("signing-key.pem"));
-        let keys = Arc::new(KeySet::load(&config.signing_key, generated_key.as_deref())?);
-        match keys.signer() {
-            Some(key) => tracing::info!(kid = key.kid(), alg = ?key.algorithm(), "signing tokens"),
-            None => tracing::warn!("no signing key configured: Issue is refused"),
+        let upstream = match &config.upstream {
+            None => None,
+            Some(url) => Some(follow(&config, url)?),
+        };
+        let keys = match &upstream {
+            Some(upstream) => {
+                let jwks = retry_at_start(&config, || upstream.keys()).await?;
+                Arc::new(KeySet::published(jwks))
+            }
+            None => {
+                let generated_key =
+                    config.embedded_store().then(|| config.data_dir.join("signing-key.pem"));
+                Arc::new(KeySet::load(&config.signing_key, generated_key.as_deref())?)
+            }
+        };
+        match (keys.signer(), &upstream) {
+            (_, Some(_)) => tracing::info!("following an upstream: Issue is relayed to it"),
+            (Some(key), None) => {
+                tracing::info!(kid = key.kid(), alg = ?key.algorithm(), "signing tokens")
+            }
+            (None, None) => tracing::warn!("no signing key configured: Issue is refused"),
         }
         let tokens = Arc::new(Tokens::new(
             keys,
@@ -111,7 +130,10 @@ impl Server {
                 max_bytes: config.max_token_bytes,
             },
         ));
-        let store = open_store(&config, &application_id, !config.no_migrate).await?;
+        let store = match &upstream {
+            Some(upstream) => Store::new(Arc::new(upstream.clone())),
+            None => open_store(&config, &application_id, !config.no_migrate).await?,
+        };
         let store = MeasuredStore::wrap(store, &metrics, config.db_query_timeout);
         let feed = store.backend.subscribe().await?;
         let coherence = Coherence::new(config.coherence_lease);
@@ -149,6 +171,7 @@ impl Server {
             store,
             cache,
             authz,
+            upstream,
             tokens,
             metrics,
             coherence,
@@ -173,7 +196,10 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
         // One probe before serving, so readiness and gRPC health are known from the start.
-        let initially = self.store.tenants.revision().await.is_ok();
+        // A follower is ready once its feed is connected and caught up, too.
+        let feed = self.upstream.is_some().then(|| self.coherence.clone());
+        let initially = self.store.tenants.revision().await.is_ok()
+            && feed.as_ref().is_none_or(|coherence| coherence.is_current());
         let store_ready = Arc::new(std::sync::atomic::AtomicBool::new(initially));
         let status = if initially { ServingStatus::Serving } else { ServingStatus::NotServing };
         for service in HEALTH_SERVICES {
@@ -182,6 +208,7 @@ impl Server {
         let health_task = tokio::spawn(watch_health(
             health.clone(),
             self.store.tenants.clone(),
+            feed,
             store_ready.clone(),
         ));
         let prune_task =
@@ -202,6 +229,7 @@ impl Server {
         let role_check = RoleCheckServer::new(RoleCheckApi::new(
             self.store.clone(),
             self.cache.clone(),
+            self.upstream.clone(),
             self.application_id.clone(),
             self.tokens.clone(),
             self.coherence.clone(),
@@ -370,6 +398,46 @@ pub async fn migrate(config: &Config) -> Result<()> {
     Ok(())
 }
 
+/// The follower's upstream, from the settings; refuses what a follower must not hold.
+fn follow(config: &Config, url: &str) -> Result<UpstreamStore> {
+    if config.database_url.is_some() || !config.signing_key.is_empty() {
+        return Err(Error::FailedPrecondition(
+            "--upstream makes this a follower, which opens no database and holds no private \
+             key: drop --database-url and --signing-key (the upstream has them)"
+                .into(),
+        ));
+    }
+    UpstreamStore::connect(UpstreamOptions {
+        url: url.to_owned(),
+        key_file: config.upstream_key_file.clone(),
+        ca: config.upstream_ca.clone(),
+        cert: config.upstream_cert.clone().zip(config.upstream_cert_key.clone()),
+        progress: (config.coherence_lease / 10).max(Duration::from_millis(10)),
+        silence: config.coherence_lease * 2,
+        timeout: config.db_query_timeout,
+    })
+}
+
+/// Retries `call` while it is `UNAVAILABLE`, for `--db-startup-wait`.
+async fn retry_at_start<T, F, Fut>(config: &Config, mut call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + config.db_startup_wait;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match call().await {
+            Err(Error::Unavailable(reason)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%reason, retry_in = ?backoff, "not reachable yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Opens the store, retrying an unreachable database for `--db-startup-wait`.
 async fn open_store(config: &Config, application_id: &TenantId, migrate: bool) -> Result<Store> {
     let options = StoreOptions {
@@ -380,18 +448,8 @@ async fn open_store(config: &Config, application_id: &TenantId, migrate: bool) -
         fault_after_commit: config.fault_delay_after_commit,
     };
     let url = config.database_url.as_ref().map(|url| url.0.as_str());
-    let deadline = tokio::time::Instant::now() + config.db_startup_wait;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match store::open(url, &config.data_dir, application_id, &options, migrate).await {
-            Err(Error::Unavailable(reason)) if tokio::time::Instant::now() < deadline => {
-                tracing::warn!(%reason, retry_in = ?backoff, "store not reachable yet");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            other => return other,
-        }
-    }
+    retry_at_start(config, || store::open(url, &config.data_dir, application_id, &options, migrate))
+        .await
 }
 
 /// Drops history older than `retention`, now and then. Not a write: no revision.
@@ -412,19 +470,21 @@ async fn prune_history(store: Arc<dyn HistoryLog>, retention: Duration) {
 const HEALTH_SERVICES: [&str; 3] = ["", "rolecheck.v1.RoleCheck", "rolecheck.v1.Tenants"];
 
 /// Keeps `grpc.health.v1` and `/readyz` (through `ready`) in step with the store:
-/// SERVING while it answers. One probe every [`HEALTH_INTERVAL`], however many probes
+/// SERVING while it answers (and, on a follower, while its feed is current). One probe every [`HEALTH_INTERVAL`], however many probes
 /// hit the ports.
 async fn watch_health(
     health: HealthReporter,
     store: Arc<dyn TenantReads>,
+    feed: Option<Arc<Coherence>>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let services = HEALTH_SERVICES;
     let mut last = None;
     loop {
+        let current = feed.as_ref().is_none_or(|coherence| coherence.is_current());
         let status = match store.revision().await {
-            Ok(_) => ServingStatus::Serving,
-            Err(_) => ServingStatus::NotServing,
+            Ok(_) if current => ServingStatus::Serving,
+            _ => ServingStatus::NotServing,
         };
         ready.store(status == ServingStatus::Serving, std::sync::atomic::Ordering::SeqCst);
         if last != Some(status) {

@@ -570,3 +570,63 @@ fn an_invalid_authorization_policy_stops_the_start_with_its_line() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("line 4") && log.contains("needs `roles`"), "{log}");
 }
+
+/// A follower whose upstream process is killed answers UNAVAILABLE once its lease runs
+/// out, never a stale allow; when the upstream returns on the same address the follower
+/// resumes by itself, and a revoke made meanwhile is denied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_fails_closed_when_its_upstream_dies_and_resumes_when_it_returns() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("upstream");
+    let data = data.to_str().expect("path");
+    let mut upstream = Proc::spawn(&[("ROLECHECK_DATA_DIR", data)]);
+    let addr = upstream.addr.expect("addr").to_string();
+    let follower_data = dir.path().join("follower");
+    let follower = Proc::spawn(&[
+        ("ROLECHECK_UPSTREAM", &format!("http://{addr}")),
+        ("ROLECHECK_DATA_DIR", follower_data.to_str().expect("path")),
+    ]);
+    let (up, down) = (upstream.channel().await, follower.channel().await);
+    TenantsClient::new(up.clone())
+        .create_tenant(pb::CreateTenantRequest { tenant_id: "acme".into(), name: "Acme".into() })
+        .await
+        .expect("create");
+    grant(up.clone(), "alice", "acme", "admin").await.expect("grant");
+    let ask = |channel: Channel| async move {
+        let req = pb::CheckRequest {
+            user_id: "alice".into(),
+            tenant_id: "acme".into(),
+            role: "admin".into(),
+            min_revision: 0,
+        };
+        RoleCheckClient::new(channel).check(req).await.map(|r| r.into_inner().allowed)
+    };
+    let until = Instant::now() + Duration::from_secs(5);
+    while ask(down.clone()).await.ok() != Some(true) {
+        assert!(Instant::now() < until, "the follower never saw the grant");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    upstream.child.kill().expect("kill the upstream");
+    upstream.child.wait().expect("reap");
+    // The lease is 1 s: within a few, every read is UNAVAILABLE.
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        match ask(down.clone()).await {
+            Err(status) if status.code() == tonic::Code::Unavailable => break,
+            other => assert!(Instant::now() < until, "still answering: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let upstream = Proc::spawn(&[("ROLECHECK_DATA_DIR", data), ("ROLECHECK_LISTEN", &addr)]);
+    let up = upstream.channel().await;
+    let req =
+        pb::RevokeRequest { user_id: "alice".into(), tenant_id: "acme".into(), roles: vec![] };
+    RoleCheckClient::new(up).revoke(req).await.expect("revoke");
+    let until = Instant::now() + Duration::from_secs(10);
+    while ask(down.clone()).await.ok() != Some(false) {
+        assert!(Instant::now() < until, "the follower never resumed to see the revoke");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

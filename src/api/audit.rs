@@ -26,6 +26,8 @@ pub async fn list_changes(
         None => req.after_revision,
     };
     let mut entries = store.list_changes(&filter, after, limit + 1).await?;
+    // Read after the page: a floor raised meanwhile is reported, never a stale one.
+    let pruned_through = store.changes_after(after, 0).await?.pruned_through;
     let next_page_token = if entries.len() > limit as usize {
         entries.truncate(limit as usize);
         entries
@@ -45,6 +47,7 @@ pub async fn list_changes(
             })
             .collect(),
         next_page_token,
+        pruned_through,
     })
 }
 

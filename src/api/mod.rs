@@ -33,7 +33,7 @@ fn page_size(requested: u32) -> Result<u32> {
 
 /// An opaque page token: the last key of a page, tagged with what it pages over so a
 /// token from one list is refused by another.
-fn encode_page_token(kind: &str, last_key: &str) -> String {
+pub(crate) fn encode_page_token(kind: &str, last_key: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{kind}\n{last_key}"))
 }
 

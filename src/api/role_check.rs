@@ -13,12 +13,14 @@ use crate::{
     domain::{Revision, Role, TenantId, UserId, now_unix, parse_roles},
     error::{Error, Result},
     pb::{self, role_check_server::RoleCheck},
-    store::{Answer, MembershipWrite, Store, WriteKind},
+    store::{Answer, MembershipWrite, Store, UpstreamStore, WriteKind},
     token::Tokens,
 };
 
 /// Most checks in one `CheckBatch`.
 pub const MAX_BATCH: usize = 1000;
+/// The shortest interval between Watch progress responses a caller may ask for.
+pub const MIN_PROGRESS_MS: u32 = 10;
 /// Distinct users a `CheckBatch` loads from the store at once.
 const BATCH_LOAD_CONCURRENCY: usize = 16;
 
@@ -26,6 +28,8 @@ const BATCH_LOAD_CONCURRENCY: usize = 16;
 pub struct RoleCheckApi {
     store: Store,
     roles: RoleLookup,
+    /// On a follower: where `Issue` and `GetKeys` go.
+    upstream: Option<UpstreamStore>,
     application_id: TenantId,
     tokens: Arc<Tokens>,
     watch_hub: Arc<super::watch::WatchHub>,
@@ -38,6 +42,7 @@ impl RoleCheckApi {
     pub fn new(
         store: Store,
         cache: Option<Arc<CachedStore>>,
+        upstream: Option<UpstreamStore>,
         application_id: TenantId,
         tokens: Arc<Tokens>,
         coherence: Arc<Coherence>,
@@ -45,7 +50,7 @@ impl RoleCheckApi {
     ) -> Self {
         let watch_hub = super::watch::WatchHub::start(store.clone(), coherence);
         let roles = RoleLookup::new(store.roles.clone(), cache);
-        Self { store, roles, application_id, tokens, watch_hub, watch_limits }
+        Self { store, roles, upstream, application_id, tokens, watch_hub, watch_limits }
     }
 
     fn tenant(&self, field: &str, value: &str) -> Result<TenantId> {
@@ -249,13 +254,31 @@ impl RoleCheck for RoleCheckApi {
         let req = request.get_ref();
         UserId::validate("user_id", &req.user_id)?;
         let answer = self.answer(&req.user_id, req.min_revision).await?;
+        let now = now_unix();
         let authorization = answer
             .roles
-            .authorization(now_unix())
+            .authorization(now)
             .into_iter()
             .map(|(tenant, roles)| (tenant, pb::Roles { roles }))
             .collect();
-        Ok(Response::new(pb::GetAuthorizationResponse { authorization, revision: answer.revision }))
+        let held = match req.with_expiry {
+            false => Vec::new(),
+            true => answer
+                .roles
+                .live(now)
+                .map(|(tenant, role, expires_at)| pb::HeldRole {
+                    tenant_id: tenant.to_owned(),
+                    role: role.to_owned(),
+                    expires_at: expires_at
+                        .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+                })
+                .collect(),
+        };
+        Ok(Response::new(pb::GetAuthorizationResponse {
+            authorization,
+            revision: answer.revision,
+            held,
+        }))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(tenant = %request.get_ref().tenant_id))]
@@ -292,6 +315,10 @@ impl RoleCheck for RoleCheckApi {
         &self,
         request: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::IssueResponse>, Status> {
+        if let Some(upstream) = &self.upstream {
+            let caller = crate::auth::caller_name(&request);
+            return Ok(Response::new(upstream.issue(request.into_inner(), &caller).await?));
+        }
         let req = request.get_ref();
         let user = UserId::parse("user_id", &req.user_id)?;
         if req.tenant_ids.len() > MAX_BATCH {
@@ -319,7 +346,10 @@ impl RoleCheck for RoleCheckApi {
         &self,
         _request: Request<pb::GetKeysRequest>,
     ) -> Result<Response<pb::GetKeysResponse>, Status> {
-        let jwks_json = self.tokens.keys().jwks_json().to_owned();
+        let jwks_json = match &self.upstream {
+            Some(upstream) => upstream.keys().await?,
+            None => self.tokens.keys().jwks_json().to_owned(),
+        };
         Ok(Response::new(pb::GetKeysResponse { jwks_json }))
     }
 
@@ -340,8 +370,20 @@ impl RoleCheck for RoleCheckApi {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let after = request.get_ref().after_revision;
+        let (after, progress_ms) =
+            (request.get_ref().after_revision, request.get_ref().progress_ms);
+        let progress = match progress_ms {
+            0 => None,
+            ms if ms < MIN_PROGRESS_MS => {
+                return Err(Error::invalid(
+                    "progress_ms",
+                    format!("0 (none) or at least {MIN_PROGRESS_MS}"),
+                )
+                .into());
+            }
+            ms => Some(std::time::Duration::from_millis(u64::from(ms))),
+        };
         let permit = self.watch_limits.admit(&crate::auth::caller_name(&request))?;
-        Ok(Response::new(self.watch_hub.stream(after, permit)))
+        Ok(Response::new(self.watch_hub.stream(after, permit, progress)))
     }
 }

@@ -141,6 +141,7 @@ impl WatchLimits {
 /// The process's one history reader, fanning commits out to every Watch stream.
 pub struct WatchHub {
     store: Store,
+    coherence: Arc<Coherence>,
     live: broadcast::Sender<Arc<pb::WatchResponse>>,
     /// Held while a stream subscribes, and while the reader, finding no subscriber, moves
     /// its mark without reading: so the mark never moves past what a stream that has just
@@ -160,18 +161,29 @@ impl WatchHub {
     pub fn start(store: Store, coherence: Arc<Coherence>) -> Arc<Self> {
         let (live, _) = broadcast::channel(BUFFER);
         let gate = Arc::new(Mutex::new(()));
-        let reader =
-            tokio::spawn(read_history(store.clone(), coherence, live.clone(), gate.clone()));
-        Arc::new(Self { store, live, gate, reader })
+        let reader = tokio::spawn(read_history(
+            store.clone(),
+            coherence.clone(),
+            live.clone(),
+            gate.clone(),
+        ));
+        Arc::new(Self { store, coherence, live, gate, reader })
     }
 
     /// Streams every change committed after `after` until the client goes away; `permit`
-    /// is held as long as the stream is open.
-    pub fn stream(self: &Arc<Self>, after: Revision, permit: WatchPermit) -> WatchStream {
+    /// is held as long as the stream is open. With `progress`, also a response with no
+    /// changes about that often (see [`Progress`]).
+    pub fn stream(
+        self: &Arc<Self>,
+        after: Revision,
+        permit: WatchPermit,
+        progress: Option<Duration>,
+    ) -> WatchStream {
         let (tx, rx) = mpsc::channel::<Result<pb::WatchResponse, Status>>(16);
         let hub = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let mut progress = Progress::new(progress);
             let mut last = after;
             loop {
                 let mut live = {
@@ -220,12 +232,67 @@ impl WatchHub {
                             Err(broadcast::error::RecvError::Lagged(_)) => break,
                             Err(broadcast::error::RecvError::Closed) => return,
                         },
+                        () = progress.tick() => progress.owe(&hub.coherence),
                         () = tx.closed() => return,
+                    }
+                    if let Some(response) = progress.due(last) {
+                        if tx.send(Ok(response)).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }
         });
         Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+/// Progress responses (`WatchRequest.progress_ms`): a response with no changes whose
+/// revision says every change through it has been sent, which a follower leases its
+/// trust on.
+///
+/// At each tick, while this server's own view is current, the stream owes a progress
+/// response for the revision applied at that moment; it sends it once it has forwarded
+/// everything through that revision (at once when idle). So the response proves, as of
+/// the tick, that nothing applied here is still on its way; while this server is not
+/// current none is sent, and a follower's lease runs out.
+struct Progress {
+    ticker: Option<tokio::time::Interval>,
+    owed: Option<Revision>,
+}
+
+impl Progress {
+    fn new(every: Option<Duration>) -> Self {
+        let ticker = every.map(|every| {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker
+        });
+        Self { ticker, owed: None }
+    }
+
+    /// The next tick; never, without progress responses.
+    async fn tick(&mut self) {
+        match &mut self.ticker {
+            Some(ticker) => {
+                ticker.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A tick: owe a response for what is applied now, if this server is current.
+    fn owe(&mut self, coherence: &Coherence) {
+        self.owed = coherence.is_current().then(|| coherence.applied());
+    }
+
+    /// The response owed, once the stream has sent everything through it.
+    fn due(&mut self, sent: Revision) -> Option<pb::WatchResponse> {
+        let owed = self.owed?;
+        (sent >= owed).then(|| {
+            self.owed = None;
+            pb::WatchResponse { revision: sent, changes: Vec::new() }
+        })
     }
 }
 

@@ -28,8 +28,7 @@ pub enum Access {
 const CHECK: Access = Access::Needs(&[Scope::Check]);
 const WRITE: Access = Access::Needs(&[Scope::Write]);
 const ISSUE: Access = Access::Needs(&[Scope::Issue]);
-const AUDIT: Access = Access::Needs(&[Scope::Audit]);
-const FOLLOW: Access = Access::Needs(&[Scope::Audit, Scope::Follow]);
+const AUDIT_OR_FOLLOW: Access = Access::Needs(&[Scope::Audit, Scope::Follow]);
 
 /// Envoy's external authorization call.
 pub const ENVOY_CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
@@ -51,8 +50,9 @@ pub const RULES: &[(&str, Access)] = &[
     ("/rolecheck.v1.RoleCheck/Revoke", WRITE),
     ("/rolecheck.v1.RoleCheck/SetRoles", WRITE),
     ("/rolecheck.v1.RoleCheck/Issue", ISSUE),
-    ("/rolecheck.v1.RoleCheck/ListChanges", AUDIT),
-    ("/rolecheck.v1.RoleCheck/Watch", FOLLOW),
+    // A follower reads history for its own Watch streams (what Watch shows it anyway).
+    ("/rolecheck.v1.RoleCheck/ListChanges", AUDIT_OR_FOLLOW),
+    ("/rolecheck.v1.RoleCheck/Watch", AUDIT_OR_FOLLOW),
     ("/rolecheck.v1.Tenants/CreateTenant", WRITE),
     ("/rolecheck.v1.Tenants/GetTenant", CHECK),
     ("/rolecheck.v1.Tenants/ListTenants", CHECK),
@@ -306,7 +306,7 @@ mod tests {
             assert_eq!(rc(m), Some(WRITE), "{m}");
         }
         assert_eq!(rc("Issue"), Some(ISSUE));
-        assert_eq!(rc("ListChanges"), Some(Access::Needs(&[Scope::Audit])));
+        assert_eq!(rc("ListChanges"), Some(Access::Needs(&[Scope::Audit, Scope::Follow])));
         assert_eq!(rc("Watch"), Some(Access::Needs(&[Scope::Audit, Scope::Follow])));
         assert_eq!(rc("GetKeys"), Some(Access::Open));
         assert_eq!(tn("GetTenant"), Some(CHECK));

@@ -35,7 +35,7 @@ use aws_lc_rs::{constant_time, digest};
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 
-pub use layer::{Access, AuthLayer, PeerIdentity, RULES, required_scope, rule};
+pub use layer::{Access, AuthLayer, ON_BEHALF_OF, PeerIdentity, RULES, required_scope, rule};
 
 use crate::error::{Error, Result};
 

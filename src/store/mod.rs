@@ -17,6 +17,7 @@ mod measured;
 mod postgres;
 mod sql;
 mod sqlite;
+mod upstream;
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -31,6 +32,7 @@ pub use measured::MeasuredStore;
 pub use postgres::PgStore;
 pub use sql::list_changes_sql;
 pub use sqlite::SqliteStore;
+pub use upstream::{UpstreamOptions, UpstreamStore};
 
 /// A tenant as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -416,6 +418,15 @@ pub enum FeedEvent {
     },
     /// The feed lost its connection: changes may be missed until `Connected`.
     Lost,
+    /// The feed paused and will replay what it misses (a follower's Watch resumes from its
+    /// last revision): the cache is not trusted, but kept, until `Resumed`.
+    Interrupted,
+    /// After `Interrupted`, every change through `revision` has been replayed: the cache
+    /// is trusted again.
+    Resumed {
+        /// The revision caught up to.
+        revision: Revision,
+    },
 }
 
 /// Whose cached roles a change makes stale.

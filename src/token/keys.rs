@@ -204,6 +204,11 @@ impl KeySet {
         Self { keys, jwks_json: jwks.to_string() }
     }
 
+    /// Publishes another server's JWK Set and signs nothing (a follower's keys).
+    pub fn published(jwks_json: String) -> Self {
+        Self { keys: Vec::new(), jwks_json }
+    }
+
     /// The key that signs new tokens, if any is configured.
     pub fn signer(&self) -> Option<&SigningKey> {
         self.keys.first()

@@ -125,7 +125,7 @@ async fn every_rpc_demands_its_scope() {
         ("/rolecheck.v1.RoleCheck/CheckBatch", &["check"]),
         ("/rolecheck.v1.RoleCheck/GetAuthorization", &["check"]),
         ("/rolecheck.v1.RoleCheck/ListMembers", &["check"]),
-        ("/rolecheck.v1.RoleCheck/ListChanges", &["audit"]),
+        ("/rolecheck.v1.RoleCheck/ListChanges", &["audit", "follow"]),
         ("/rolecheck.v1.RoleCheck/Watch", &["audit", "follow"]),
         ("/rolecheck.v1.Tenants/GetTenant", &["check"]),
         ("/rolecheck.v1.Tenants/ListTenants", &["check"]),

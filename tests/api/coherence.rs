@@ -224,7 +224,7 @@ async fn collect_watch(app: &TestApp, after: u64, through: u64) -> Vec<pb::Watch
     let mut stream = app
         .checks
         .clone()
-        .watch(pb::WatchRequest { after_revision: after })
+        .watch(pb::WatchRequest { after_revision: after, progress_ms: 0 })
         .await
         .expect("watch")
         .into_inner();
@@ -247,7 +247,7 @@ async fn watch_is_gapless_and_duplicate_free_under_concurrent_writers(backend: B
         let mut checks = watcher.checks.clone();
         tokio::spawn(async move {
             checks
-                .watch(pb::WatchRequest { after_revision: start_revision })
+                .watch(pb::WatchRequest { after_revision: start_revision, progress_ms: 0 })
                 .await
                 .expect("watch")
                 .into_inner()
@@ -344,8 +344,11 @@ async fn watch_reports_tenant_changes_and_pruned_history(backend: Backend) {
     let status = wait_for(Duration::from_secs(10), "history to be pruned", || {
         let mut checks = app.checks.clone();
         async move {
-            let mut stream =
-                checks.watch(pb::WatchRequest { after_revision: 0 }).await.ok()?.into_inner();
+            let mut stream = checks
+                .watch(pb::WatchRequest { after_revision: 0, progress_ms: 0 })
+                .await
+                .ok()?
+                .into_inner();
             match tokio::time::timeout(Duration::from_millis(500), stream.next()).await {
                 Ok(Some(Err(status))) => Some(status),
                 _ => None,

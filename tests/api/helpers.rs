@@ -316,6 +316,7 @@ impl TestApp {
             .get_authorization(pb::GetAuthorizationRequest {
                 user_id: user.into(),
                 min_revision: 0,
+                with_expiry: false,
             })
             .await
             .expect("GetAuthorization")

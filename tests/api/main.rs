@@ -5,6 +5,7 @@ mod authz;
 mod callers;
 mod coherence;
 mod edges;
+mod follower;
 mod helpers;
 mod model;
 mod operations;

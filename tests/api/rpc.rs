@@ -20,7 +20,11 @@ async fn seed_example_reads_back_through_get_authorization(backend: Backend) {
     let got = app
         .checks
         .clone()
-        .get_authorization(pb::GetAuthorizationRequest { user_id: "1".into(), min_revision: last })
+        .get_authorization(pb::GetAuthorizationRequest {
+            user_id: "1".into(),
+            min_revision: last,
+            with_expiry: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -145,7 +149,11 @@ async fn concurrent_misses_get_their_own_roles(backend: Backend) {
     let reads = (0..41).map(|i| {
         let mut checks = app.checks.clone();
         async move {
-            let req = pb::GetAuthorizationRequest { user_id: format!("u{i}"), min_revision: 0 };
+            let req = pb::GetAuthorizationRequest {
+                user_id: format!("u{i}"),
+                min_revision: 0,
+                with_expiry: false,
+            };
             (i, checks.get_authorization(req).await.expect("GetAuthorization").into_inner())
         }
     });

@@ -182,7 +182,10 @@ async fn a_cancelled_write_is_announced_if_and_only_if_it_committed(backend: Bac
                     FeedEvent::Changed { revision, .. } => {
                         announced.lock().await.insert(revision);
                     }
-                    FeedEvent::Synced { .. } | FeedEvent::Lost => {}
+                    FeedEvent::Synced { .. }
+                    | FeedEvent::Lost
+                    | FeedEvent::Interrupted
+                    | FeedEvent::Resumed { .. } => {}
                 }
             }
         })

@@ -444,6 +444,7 @@ async fn invariant(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> 
             .get_authorization(pb::GetAuthorizationRequest {
                 user_id: user.to_string(),
                 min_revision: minted.revision,
+                with_expiry: false,
             })
             .await
             .unwrap()

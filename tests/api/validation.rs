@@ -110,6 +110,7 @@ async fn identifiers_at_and_past_their_limits(backend: Backend) {
         c.get_authorization(pb::GetAuthorizationRequest {
             user_id: String::new(),
             min_revision: 0,
+            with_expiry: false,
         })
         .await,
         "user_id",

@@ -1,0 +1,555 @@
+//! The follower's store (`--upstream`): no database and no private key, only another
+//! rolecheck. It is one more [`Backend`]: reads of a user's roles come from the
+//! upstream's `GetAuthorization` (with each role's expiry, so the cache never allows past
+//! one), writes and lists are relayed as calls, and the change feed is the upstream's
+//! `Watch` with progress responses, which the cache leases its trust on as it does on
+//! Postgres's sync notifications. The cache and coherence logic are the same as over a
+//! database: a follower is this store under the usual [`CachedStore`](crate::cache).
+//!
+//! The feed resumes by itself: when the stream breaks (an error, the end, or silence
+//! longer than two leases) the cache is kept but not trusted (`Interrupted`), and the
+//! follower watches again from the last revision it applied; once the replay has caught
+//! up (its first progress response) the cache is trusted again (`Resumed`). If that
+//! revision was pruned from the upstream's history (`OUT_OF_RANGE`), the cache is dropped
+//! and the follower starts over from the upstream's current revision.
+//!
+//! Relayed writes carry the follower's caller in `x-rolecheck-on-behalf-of`; the upstream
+//! records `<caller> via <follower key>`. `prune_history` does nothing: a follower keeps no
+//! history of its own.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use tokio::sync::mpsc::UnboundedSender;
+use tonic::{
+    Code, Request, Status,
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+use crate::{
+    api::encode_page_token,
+    domain::{Revision, TenantId, UnixSeconds, UserId, UserRoles},
+    error::{Error, Result},
+    pb::{self, role_check_client::RoleCheckClient, tenants_client::TenantsClient},
+    store::{
+        Answer, Backend, ChangeFeed, ChangeFilter, ChangeKind, Feed, FeedEvent, History,
+        HistoryEntry, HistoryLog, Member, MembershipWrite, RoleReads, Stale, Tenant, TenantReads,
+        WriteKind, Writes,
+    },
+};
+
+/// How to reach the upstream.
+#[derive(Clone, Debug)]
+pub struct UpstreamOptions {
+    /// `http://host:port`, `https://host:port` or `unix:/path`.
+    pub url: String,
+    /// A file holding the bearer secret presented upstream (a key with `follow`).
+    pub key_file: Option<PathBuf>,
+    /// CA certificate(s) for an `https` upstream (else the system roots).
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key for mTLS.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// How often the upstream's Watch sends progress responses.
+    pub progress: Duration,
+    /// The feed reconnects after hearing nothing for this long.
+    pub silence: Duration,
+    /// Longest one call may take.
+    pub timeout: Duration,
+}
+
+/// The user a follower asks about to learn the upstream's revision (never a real user:
+/// no role is ever granted to it by rolecheck itself).
+const PROBE_USER: &str = "~rolecheck-follower-probe";
+
+/// Adds the follower's key to every upstream call.
+#[derive(Clone)]
+pub struct Credentials(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
+        if let Some(key) = &self.0 {
+            request.metadata_mut().insert("authorization", key.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Upstream = InterceptedService<Channel, Credentials>;
+
+/// A follower's view of its upstream.
+#[derive(Clone)]
+pub struct UpstreamStore {
+    checks: RoleCheckClient<Upstream>,
+    tenants: TenantsClient<Upstream>,
+    options: UpstreamOptions,
+}
+
+impl std::fmt::Debug for UpstreamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamStore").field("url", &self.options.url).finish_non_exhaustive()
+    }
+}
+
+fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|err| {
+        Error::FailedPrecondition(format!("cannot read {what} {}: {err}", path.display()))
+    })
+}
+
+impl UpstreamStore {
+    /// Connects (lazily: an upstream that is down is retried by every call and the feed).
+    pub fn connect(options: UpstreamOptions) -> Result<Self> {
+        let bad = |why: String| Error::invalid("upstream", why);
+        let channel = if let Some(path) = options.url.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            Endpoint::from_static("http://upstream.invalid").connect_with_connector_lazy(
+                tower::service_fn(move |_: http::Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                }),
+            )
+        } else {
+            let mut endpoint = Endpoint::from_shared(options.url.clone())
+                .map_err(|_| bad("not an http(s):// or unix: URL".into()))?
+                .timeout(options.timeout)
+                .connect_timeout(options.timeout)
+                // A silent path is noticed within the feed's silence, and the next call
+                // gets a fresh connection.
+                .http2_keep_alive_interval(options.silence / 2)
+                .keep_alive_timeout(options.silence / 2)
+                .keep_alive_while_idle(true);
+            match endpoint.uri().scheme_str() {
+                Some("https") => {
+                    let mut tls = ClientTlsConfig::new().with_native_roots();
+                    if let Some(ca) = &options.ca {
+                        tls = tls.ca_certificate(Certificate::from_pem(read(ca, "--upstream-ca")?));
+                    }
+                    if let Some((cert, key)) = &options.cert {
+                        tls = tls.identity(Identity::from_pem(
+                            read(cert, "--upstream-cert")?,
+                            read(key, "--upstream-cert-key")?,
+                        ));
+                    }
+                    endpoint = endpoint.tls_config(tls).map_err(|err| bad(err.to_string()))?;
+                }
+                Some("http") => {}
+                _ => return Err(bad("not an http(s):// or unix: URL".into())),
+            }
+            endpoint.connect_lazy()
+        };
+        let key = match &options.key_file {
+            None => None,
+            Some(path) => {
+                let secret = String::from_utf8(read(path, "--upstream-key-file")?)
+                    .map_err(|_| bad("the key file is not text".into()))?;
+                let value = format!("Bearer {}", secret.trim())
+                    .parse()
+                    .map_err(|_| bad("the key file must hold one printable secret".into()))?;
+                Some(value)
+            }
+        };
+        let credentials = Credentials(key);
+        Ok(Self {
+            checks: RoleCheckClient::with_interceptor(channel.clone(), credentials.clone()),
+            tenants: TenantsClient::with_interceptor(channel, credentials),
+            options,
+        })
+    }
+
+    /// The upstream's JWK Set (what a follower publishes as its own).
+    pub async fn keys(&self) -> Result<String> {
+        let response = self.checks.clone().get_keys(pb::GetKeysRequest {}).await;
+        Ok(response.map_err(from_status)?.into_inner().jwks_json)
+    }
+
+    /// Relays `Issue` for `caller`.
+    pub async fn issue(
+        &self,
+        request: pb::IssueRequest,
+        caller: &str,
+    ) -> Result<pb::IssueResponse> {
+        let response = self.checks.clone().issue(relayed(request, caller)?).await;
+        Ok(response.map_err(from_status)?.into_inner())
+    }
+
+    async fn watch(
+        &self,
+        after: Revision,
+    ) -> std::result::Result<tonic::Streaming<pb::WatchResponse>, Status> {
+        let progress_ms = self.options.progress.as_millis().clamp(10, u128::from(u32::MAX)) as u32;
+        let request = pb::WatchRequest { after_revision: after, progress_ms };
+        // The stream lives as long as it answers, not the per-call timeout.
+        let mut checks = self.checks.clone();
+        Ok(checks.watch(request).await?.into_inner())
+    }
+}
+
+/// `message` as a call relayed for `caller`.
+fn relayed<T>(message: T, caller: &str) -> Result<Request<T>> {
+    let mut request = Request::new(message);
+    let name = caller.parse().map_err(|_| Error::invalid("caller", "not printable ASCII"))?;
+    request.metadata_mut().insert(crate::auth::ON_BEHALF_OF, name);
+    Ok(request)
+}
+
+/// The upstream's answer as this server's own error: the same code and message. A key the
+/// upstream refuses is a setting to fix, and until then nothing can be answered:
+/// `UNAVAILABLE`, logged.
+fn from_status(status: Status) -> Error {
+    let message = status.message().to_owned();
+    match status.code() {
+        Code::NotFound => Error::NotFound(message),
+        Code::AlreadyExists => Error::AlreadyExists(message),
+        Code::FailedPrecondition => Error::FailedPrecondition(message),
+        Code::OutOfRange => Error::OutOfRange(message),
+        Code::InvalidArgument => match message.split_once(": ") {
+            Some((field, reason)) => {
+                Error::InvalidArgument { field: field.into(), reason: reason.into() }
+            }
+            None => Error::InvalidArgument { field: "request".into(), reason: message },
+        },
+        Code::Unauthenticated | Code::PermissionDenied => {
+            tracing::error!(code = ?status.code(), %message, "the upstream refused this follower's key");
+            Error::Unavailable("upstream unavailable: it refused this follower's key".into())
+        }
+        _ => Error::Unavailable(format!("upstream unavailable: {message}")),
+    }
+}
+
+fn millis(timestamp: Option<&prost_types::Timestamp>) -> i64 {
+    timestamp.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+fn tenant_from(tenant: pb::Tenant) -> Tenant {
+    Tenant {
+        created_at_ms: millis(tenant.created_at.as_ref()),
+        id: TenantId::trusted(tenant.tenant_id),
+        name: tenant.name,
+    }
+}
+
+/// Largest page the upstream serves.
+const PAGE: u32 = 1000;
+
+#[async_trait]
+impl RoleReads for UpstreamStore {
+    async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
+        let request = pb::GetAuthorizationRequest {
+            user_id: user.as_str().to_owned(),
+            min_revision,
+            with_expiry: true,
+        };
+        let response = self.checks.clone().get_authorization(request).await;
+        let response = response.map_err(from_status)?.into_inner();
+        let rows = response
+            .held
+            .into_iter()
+            .map(|held| (held.tenant_id, held.role, held.expires_at.map(|t| t.seconds)));
+        Ok(Answer::new(Arc::new(UserRoles::from_rows(response.revision, rows))))
+    }
+}
+
+#[async_trait]
+impl TenantReads for UpstreamStore {
+    async fn list_members(
+        &self,
+        tenant: &TenantId,
+        after: Option<&UserId>,
+        limit: u32,
+        _now: UnixSeconds,
+    ) -> Result<(Vec<Member>, Revision)> {
+        let mut token =
+            after.map(|user| encode_page_token("members", user.as_str())).unwrap_or_default();
+        let (mut members, mut revision) = (Vec::new(), None);
+        while members.len() < limit as usize {
+            let request = pb::ListMembersRequest {
+                tenant_id: tenant.as_str().to_owned(),
+                page_size: (limit - members.len() as u32).min(PAGE),
+                page_token: token,
+            };
+            let page =
+                self.checks.clone().list_members(request).await.map_err(from_status)?.into_inner();
+            revision.get_or_insert(page.revision);
+            members.extend(
+                page.members.into_iter().map(|m| Member { user_id: m.user_id, roles: m.roles }),
+            );
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        Ok((members, revision.unwrap_or_default()))
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
+        let request = pb::GetTenantRequest { tenant_id: id.as_str().to_owned() };
+        let tenant = self.tenants.clone().get_tenant(request).await.map_err(from_status)?;
+        Ok(tenant_from(tenant.into_inner()))
+    }
+
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
+        let mut token =
+            after.map(|id| encode_page_token("tenants", id.as_str())).unwrap_or_default();
+        let mut tenants = Vec::new();
+        while tenants.len() < limit as usize {
+            let request = pb::ListTenantsRequest {
+                page_size: (limit - tenants.len() as u32).min(PAGE),
+                page_token: token,
+            };
+            let page =
+                self.tenants.clone().list_tenants(request).await.map_err(from_status)?.into_inner();
+            tenants.extend(page.tenants.into_iter().map(tenant_from));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        Ok(tenants)
+    }
+
+    /// The upstream's revision, from a Check about a user nobody is granted roles to.
+    async fn revision(&self) -> Result<Revision> {
+        let request = pb::CheckRequest {
+            user_id: PROBE_USER.into(),
+            tenant_id: String::new(),
+            role: "probe".into(),
+            min_revision: 0,
+        };
+        let answer = self.checks.clone().check(request).await.map_err(from_status)?;
+        Ok(answer.into_inner().revision)
+    }
+}
+
+#[async_trait]
+impl Writes for UpstreamStore {
+    async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {
+        let (user_id, tenant_id) =
+            (write.user.as_str().to_owned(), write.tenant.as_str().to_owned());
+        let roles: Vec<String> = write.roles.iter().map(|r| r.as_str().to_owned()).collect();
+        let expires_at =
+            write.expires_at.map(|seconds| prost_types::Timestamp { seconds, nanos: 0 });
+        let mut checks = self.checks.clone();
+        let revision = match write.kind {
+            WriteKind::Grant => {
+                let request = pb::GrantRequest { user_id, tenant_id, roles, expires_at };
+                checks
+                    .grant(relayed(request, &write.caller)?)
+                    .await
+                    .map(|r| r.into_inner().revision)
+            }
+            WriteKind::Revoke => {
+                let request = pb::RevokeRequest { user_id, tenant_id, roles };
+                checks
+                    .revoke(relayed(request, &write.caller)?)
+                    .await
+                    .map(|r| r.into_inner().revision)
+            }
+            WriteKind::SetRoles => {
+                let request = pb::SetRolesRequest { user_id, tenant_id, roles, expires_at };
+                checks
+                    .set_roles(relayed(request, &write.caller)?)
+                    .await
+                    .map(|r| r.into_inner().revision)
+            }
+        };
+        revision.map_err(from_status)
+    }
+
+    /// The upstream answers CreateTenant with the tenant, not a revision: this reports the
+    /// upstream's revision read right after (at least the creation's).
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
+        let request = pb::CreateTenantRequest {
+            tenant_id: tenant.id.as_str().to_owned(),
+            name: tenant.name.clone(),
+        };
+        self.tenants.clone().create_tenant(relayed(request, caller)?).await.map_err(from_status)?;
+        self.revision().await
+    }
+
+    async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
+        let request = pb::DeleteTenantRequest { tenant_id: id.as_str().to_owned() };
+        let response = self.tenants.clone().delete_tenant(relayed(request, caller)?).await;
+        Ok(response.map_err(from_status)?.into_inner().revision)
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for UpstreamStore {
+    async fn subscribe(&self) -> Result<Feed> {
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(follow(self.clone(), tx));
+        Ok(Feed { events, needs_lease: true })
+    }
+}
+
+/// Who a change makes stale, as the upstream's Watch tells it.
+fn stale_of(change: &pb::Change, revision: Revision) -> Stale {
+    let kind = match change.kind() {
+        pb::ChangeKind::TenantCreated => ChangeKind::TenantCreated,
+        pb::ChangeKind::TenantDeleted => ChangeKind::TenantDeleted,
+        pb::ChangeKind::Membership => ChangeKind::Membership,
+        // A kind this follower does not know: trust nothing cached.
+        pb::ChangeKind::Unspecified => return Stale::Everyone,
+    };
+    let subject = match kind {
+        ChangeKind::Membership => &change.user_id,
+        _ => &change.tenant_id,
+    };
+    Stale::of(kind, subject, revision)
+}
+
+/// The feed: the upstream's Watch, resumed from the last applied revision after any
+/// break; see the module docs. Ends when the feed's receiver is dropped.
+async fn follow(upstream: UpstreamStore, tx: UnboundedSender<FeedEvent>) {
+    let mut applied: Option<Revision> = None;
+    let mut backoff = Duration::from_millis(50);
+    while !tx.is_closed() {
+        let start = match applied {
+            Some(revision) => Some(revision),
+            None => upstream.revision().await.ok(),
+        };
+        if let Some(start) = start {
+            match upstream.watch(start).await {
+                Ok(mut stream) => {
+                    let mut caught_up = false;
+                    let ended = loop {
+                        let next =
+                            tokio::time::timeout(upstream.options.silence, stream.message()).await;
+                        let response = match next {
+                            Ok(Ok(Some(response))) => response,
+                            Ok(Ok(None)) => break None,
+                            Ok(Err(status)) => break Some(status),
+                            Err(_) => {
+                                tracing::warn!("the upstream's Watch went silent; reconnecting");
+                                break None;
+                            }
+                        };
+                        backoff = Duration::from_millis(50);
+                        let revision = response.revision;
+                        if response.changes.is_empty() {
+                            let event = match (caught_up, applied) {
+                                (true, _) => FeedEvent::Synced { revision, at: Instant::now() },
+                                (false, None) => FeedEvent::Connected { revision },
+                                (false, Some(_)) => FeedEvent::Resumed { revision },
+                            };
+                            caught_up = true;
+                            let _ = tx.send(event);
+                        } else {
+                            for change in &response.changes {
+                                let stale = stale_of(change, revision);
+                                let _ = tx.send(FeedEvent::Changed { revision, stale });
+                            }
+                        }
+                        // Before the first progress response the start revision is where a
+                        // resumed stream picks up; after it, whatever was applied.
+                        if caught_up || applied.is_some() {
+                            applied = Some(applied.unwrap_or(0).max(revision));
+                        }
+                    };
+                    match ended {
+                        Some(status) if status.code() == Code::OutOfRange => {
+                            tracing::warn!(after = ?applied, "the upstream pruned the history this follower needs; dropping the cache");
+                            applied = None;
+                            let _ = tx.send(FeedEvent::Lost);
+                        }
+                        other => {
+                            if let Some(status) = other {
+                                tracing::warn!(code = ?status.code(), message = status.message(), "the upstream's Watch ended");
+                            }
+                            let _ = tx.send(FeedEvent::Interrupted);
+                        }
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(code = ?status.code(), "cannot watch the upstream yet");
+                    let _ = tx.send(FeedEvent::Interrupted);
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[async_trait]
+impl HistoryLog for UpstreamStore {
+    async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
+        let request = pb::ListChangesRequest {
+            after_revision: after,
+            page_size: limit.clamp(1, PAGE),
+            ..Default::default()
+        };
+        let page =
+            self.checks.clone().list_changes(request).await.map_err(from_status)?.into_inner();
+        let entries =
+            page.entries.into_iter().filter_map(entry_from).take(limit as usize).collect();
+        Ok(History { entries, pruned_through: page.pruned_through })
+    }
+
+    async fn list_changes(
+        &self,
+        filter: &ChangeFilter,
+        after: Revision,
+        limit: u32,
+    ) -> Result<Vec<HistoryEntry>> {
+        let mut entries = Vec::new();
+        let mut token = String::new();
+        while entries.len() < limit as usize {
+            let request = pb::ListChangesRequest {
+                tenant_id: filter.tenant_id.clone(),
+                user_id: filter.user_id.clone(),
+                caller: filter.caller.clone(),
+                after_revision: after,
+                page_size: (limit - entries.len() as u32).min(PAGE),
+                page_token: token,
+            };
+            let page =
+                self.checks.clone().list_changes(request).await.map_err(from_status)?.into_inner();
+            entries.extend(page.entries.into_iter().filter_map(entry_from));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        Ok(entries)
+    }
+
+    /// Nothing: a follower keeps no history of its own (the upstream prunes its own).
+    async fn prune_history(&self, _older_than_ms: i64) -> Result<Revision> {
+        Ok(0)
+    }
+}
+
+fn entry_from(entry: pb::AuditEntry) -> Option<HistoryEntry> {
+    let change = entry.change?;
+    let kind = match change.kind() {
+        pb::ChangeKind::Membership => ChangeKind::Membership,
+        pb::ChangeKind::TenantCreated => ChangeKind::TenantCreated,
+        pb::ChangeKind::TenantDeleted => ChangeKind::TenantDeleted,
+        pb::ChangeKind::Unspecified => return None,
+    };
+    Some(HistoryEntry {
+        revision: entry.revision,
+        kind,
+        tenant_id: change.tenant_id,
+        user_id: change.user_id,
+        roles: change.roles,
+        caller: change.caller,
+        committed_at_ms: millis(entry.committed_at.as_ref()),
+    })
+}
+
+#[async_trait]
+impl Backend for UpstreamStore {
+    /// Nothing to close: the follower holds no pool; its channel closes when dropped.
+    async fn close(&self) {}
+}
