@@ -34,8 +34,11 @@ use crate::{
 /// TCP keepalive probes unanswered before the kernel drops a gRPC connection.
 const KEEPALIVE_RETRIES: u32 = 3;
 
-/// How often the health service re-checks the store.
+/// How often the health service re-checks the store while serving.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often it re-checks while not serving, so a process that is coming up (a follower
+/// whose feed is connecting) or recovering is ready soon after it can be.
+const HEALTH_RETRY: Duration = Duration::from_millis(100);
 
 /// A bound, ready-to-serve rolecheck: the listener is open and the store is migrated.
 pub struct Server {
@@ -470,7 +473,8 @@ async fn prune_history(store: Arc<dyn HistoryLog>, retention: Duration) {
 const HEALTH_SERVICES: [&str; 3] = ["", "rolecheck.v1.RoleCheck", "rolecheck.v1.Tenants"];
 
 /// Keeps `grpc.health.v1` and `/readyz` (through `ready`) in step with the store:
-/// SERVING while it answers (and, on a follower, while its feed is current). One probe every [`HEALTH_INTERVAL`], however many probes
+/// SERVING while it answers (and, on a follower, while its feed is current). One probe
+/// every [`HEALTH_INTERVAL`] ([`HEALTH_RETRY`] while not serving), however many probes
 /// hit the ports.
 async fn watch_health(
     health: HealthReporter,
@@ -494,7 +498,8 @@ async fn watch_health(
             }
             last = Some(status);
         }
-        tokio::time::sleep(HEALTH_INTERVAL).await;
+        let next = if status == ServingStatus::Serving { HEALTH_INTERVAL } else { HEALTH_RETRY };
+        tokio::time::sleep(next).await;
     }
 }
 

@@ -207,3 +207,45 @@ async fn a_follower_behind_a_silent_network_fails_closed_and_recovers() {
     wait_trusted(&follower, revoked).await;
     assert!(!allowed(&follower, "alice", "acme", "admin", 0).await);
 }
+
+/// A follower cut off while the upstream pruned the history it would resume from drops
+/// its whole cache and starts over from the upstream's current revision: a user cached
+/// before, and unchanged since, is read again; a revoke made meanwhile is denied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_revision_was_pruned_drops_its_cache_and_starts_over() {
+    let upstream = crate::helpers::spawn_with(Backend::Postgres, |c| {
+        c.history_retention = Duration::from_secs(1)
+    })
+    .await;
+    let proxy = crate::proxy::Proxy::start_to(upstream.addr.to_string()).await;
+    let db = TestDb::Sqlite(tempfile::tempdir().expect("dir"));
+    let mut config = test_config(&db);
+    config.upstream = Some(format!("http://{}", proxy.addr));
+    config.db_query_timeout = Duration::from_secs(1);
+    let follower = start(config, db).await;
+    upstream.create_tenant("acme").await;
+    upstream.grant("bob", "acme", &["viewer"]).await;
+    let granted = upstream.grant("alice", "acme", &["admin"]).await;
+    assert!(allowed(&follower, "bob", "acme", "viewer", granted).await);
+    assert!(allowed(&follower, "alice", "acme", "admin", granted).await);
+    assert!(allowed(&follower, "bob", "acme", "viewer", 0).await, "bob is cached");
+
+    proxy.silence();
+    let revoked = upstream.revoke("alice", "acme", &["admin"]).await;
+    wait_for(Duration::from_secs(10), "the upstream to prune past the revoke", || async {
+        let request = pb::ListChangesRequest::default();
+        let page = upstream.checks.clone().list_changes(request).await.ok()?.into_inner();
+        (page.pruned_through >= revoked).then_some(())
+    })
+    .await;
+    proxy.restore();
+    wait_trusted(&follower, revoked).await;
+
+    let misses = || async {
+        crate::helpers::metric(&follower, "rolecheck_cache_misses_total").await.expect("metric")
+    };
+    let before = misses().await;
+    assert!(allowed(&follower, "bob", "acme", "viewer", 0).await);
+    assert_eq!(misses().await, before + 1.0, "bob was dropped with the whole cache");
+    assert!(!allowed(&follower, "alice", "acme", "admin", 0).await);
+}
