@@ -2,9 +2,9 @@
 //! fetched from a URL, and remembered once verified.
 //!
 //! - Each distinct token is verified once: a bounded cache ([`VERIFIED_CAPACITY`]
-//!   tokens) keeps the user it names until the token's `exp` (at most
-//!   [`VERIFIED_TTL`]), so a busy proxy pays for the signature only on a token's first
-//!   request.
+//!   tokens, keyed by the token's SHA-256) keeps the user it names until the token's
+//!   `exp` (at most [`VERIFIED_TTL`]), so a busy proxy pays for the signature only on a
+//!   token's first request.
 //! - A JWK Set from a URL is fetched at start (a failure is logged; requests are 401
 //!   until it arrives), refreshed every [`JWKS_REFRESH`], and fetched again at once when
 //!   a token names a `kid` it does not hold, at most once per [`REFETCH_EVERY`] (so
@@ -51,7 +51,8 @@ pub struct Verifier {
     config: JwtIdentity,
     keys: RwLock<Arc<KeyMap>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
-    verified: Cache<Box<str>, (Arc<str>, u64)>,
+    /// By the token's SHA-256 (so 100,000 entries stay small whatever the tokens' size).
+    verified: Cache<[u8; 32], (Arc<str>, u64)>,
 }
 
 /// Decoding keys by `kid`.
@@ -138,11 +139,13 @@ impl Verifier {
     /// The user `token` names, once its signature and claims check out.
     pub async fn user(&self, token: &str) -> Result<Arc<str>, Rejected> {
         let now = crate::domain::now_unix() as u64;
-        if let Some((user, exp)) = self.verified.get(token).await {
+        let hashed = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let digest: [u8; 32] = hashed.as_ref().try_into().map_err(|_| Rejected::Invalid)?;
+        if let Some((user, exp)) = self.verified.get(&digest).await {
             if exp > now {
                 return Ok(user);
             }
-            self.verified.invalidate(token).await;
+            self.verified.invalidate(&digest).await;
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| Rejected::Invalid)?;
         let kid = header.kid.ok_or(Rejected::Invalid)?;
@@ -172,7 +175,7 @@ impl Verifier {
         let user = data.claims.get(&self.config.user_claim).and_then(|v| v.as_str());
         let user: Arc<str> = user.filter(|u| !u.is_empty()).ok_or(Rejected::Invalid)?.into();
         let exp = data.claims.get("exp").and_then(|v| v.as_u64()).unwrap_or(0);
-        self.verified.insert(token.into(), (user.clone(), exp)).await;
+        self.verified.insert(digest, (user.clone(), exp)).await;
         Ok(user)
     }
 

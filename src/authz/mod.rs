@@ -180,18 +180,23 @@ impl Authz {
         match Policy::load(&self.path) {
             Ok(policy) => {
                 let old = self.current();
-                let verifier = match (&policy.identity.jwt, &old.verifier) {
+                let (verifier, fresh) = match (&policy.identity.jwt, &old.verifier) {
                     (Some(jwt), Some(verifier)) if verifier.config() == jwt => {
-                        Some(verifier.clone())
+                        (Some(verifier.clone()), false)
                     }
-                    (Some(jwt), _) => Some(Arc::new(Verifier::new(jwt.clone(), &self.own_jwks))),
-                    (None, _) => None,
+                    (Some(jwt), _) => {
+                        (Some(Arc::new(Verifier::new(jwt.clone(), &self.own_jwks))), true)
+                    }
+                    (None, _) => (None, false),
                 };
                 let routes = policy.len();
                 if let Ok(mut loaded) = self.loaded.write() {
                     *loaded = Arc::new(Loaded { policy, verifier });
                 }
-                self.refresh_keys();
+                // A new verifier fetches its keys; a kept one goes on refreshing its own.
+                if fresh {
+                    self.refresh_keys();
+                }
                 tracing::info!(routes, "authorization policy reloaded");
             }
             Err(err) => {

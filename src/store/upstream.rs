@@ -391,15 +391,20 @@ impl ChangeFeed for UpstreamStore {
     }
 }
 
+/// A change's kind on the wire; `None` for one this follower does not know.
+fn kind_from(kind: pb::ChangeKind) -> Option<ChangeKind> {
+    match kind {
+        pb::ChangeKind::Membership => Some(ChangeKind::Membership),
+        pb::ChangeKind::TenantCreated => Some(ChangeKind::TenantCreated),
+        pb::ChangeKind::TenantDeleted => Some(ChangeKind::TenantDeleted),
+        pb::ChangeKind::Unspecified => None,
+    }
+}
+
 /// Who a change makes stale, as the upstream's Watch tells it.
 fn stale_of(change: &pb::Change, revision: Revision) -> Stale {
-    let kind = match change.kind() {
-        pb::ChangeKind::TenantCreated => ChangeKind::TenantCreated,
-        pb::ChangeKind::TenantDeleted => ChangeKind::TenantDeleted,
-        pb::ChangeKind::Membership => ChangeKind::Membership,
-        // A kind this follower does not know: trust nothing cached.
-        pb::ChangeKind::Unspecified => return Stale::Everyone,
-    };
+    // A kind this follower does not know: trust nothing cached.
+    let Some(kind) = kind_from(change.kind()) else { return Stale::Everyone };
     let subject = match kind {
         ChangeKind::Membership => &change.user_id,
         _ => &change.tenant_id,
@@ -531,12 +536,7 @@ impl HistoryLog for UpstreamStore {
 
 fn entry_from(entry: pb::AuditEntry) -> Option<HistoryEntry> {
     let change = entry.change?;
-    let kind = match change.kind() {
-        pb::ChangeKind::Membership => ChangeKind::Membership,
-        pb::ChangeKind::TenantCreated => ChangeKind::TenantCreated,
-        pb::ChangeKind::TenantDeleted => ChangeKind::TenantDeleted,
-        pb::ChangeKind::Unspecified => return None,
-    };
+    let kind = kind_from(change.kind())?;
     Some(HistoryEntry {
         revision: entry.revision,
         kind,

@@ -22,6 +22,17 @@ async fn follower_of(upstream: &TestApp) -> TestApp {
     start(config, db).await
 }
 
+/// A follower of `upstream` through a test proxy (to cut or silence), with a 1 s bound
+/// on each upstream call.
+async fn follower_through_proxy(upstream: &TestApp) -> (crate::proxy::Proxy, TestApp) {
+    let proxy = crate::proxy::Proxy::start_to(upstream.addr.to_string()).await;
+    let db = TestDb::Sqlite(tempfile::tempdir().expect("dir"));
+    let mut config = test_config(&db);
+    config.upstream = Some(format!("http://{}", proxy.addr));
+    config.db_query_timeout = Duration::from_secs(1);
+    (proxy, start(config, db).await)
+}
+
 async fn allowed(app: &TestApp, user: &str, tenant: &str, role: &str, min: u64) -> bool {
     let response = app.checks.clone().check(check_req(user, tenant, role, min)).await;
     response.expect("Check").into_inner().allowed
@@ -181,12 +192,7 @@ async fn a_follower_holds_no_database_and_no_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_a_silent_network_fails_closed_and_recovers() {
     let upstream = spawn(Backend::Postgres).await;
-    let proxy = crate::proxy::Proxy::start_to(upstream.addr.to_string()).await;
-    let db = TestDb::Sqlite(tempfile::tempdir().expect("dir"));
-    let mut config = test_config(&db);
-    config.upstream = Some(format!("http://{}", proxy.addr));
-    config.db_query_timeout = Duration::from_secs(1);
-    let follower = start(config, db).await;
+    let (proxy, follower) = follower_through_proxy(&upstream).await;
     upstream.create_tenant("acme").await;
     let granted = upstream.grant("alice", "acme", &["admin"]).await;
     assert!(allowed(&follower, "alice", "acme", "admin", granted).await);
@@ -217,12 +223,7 @@ async fn a_follower_whose_revision_was_pruned_drops_its_cache_and_starts_over() 
         c.history_retention = Duration::from_secs(1)
     })
     .await;
-    let proxy = crate::proxy::Proxy::start_to(upstream.addr.to_string()).await;
-    let db = TestDb::Sqlite(tempfile::tempdir().expect("dir"));
-    let mut config = test_config(&db);
-    config.upstream = Some(format!("http://{}", proxy.addr));
-    config.db_query_timeout = Duration::from_secs(1);
-    let follower = start(config, db).await;
+    let (proxy, follower) = follower_through_proxy(&upstream).await;
     upstream.create_tenant("acme").await;
     upstream.grant("bob", "acme", &["viewer"]).await;
     let granted = upstream.grant("alice", "acme", &["admin"]).await;
