@@ -36,8 +36,8 @@ const KEEPALIVE_RETRIES: u32 = 3;
 
 /// How often the health service re-checks the store while serving.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
-/// How often it re-checks while not serving, so a process that is coming up (a follower
-/// whose feed is connecting) or recovering is ready soon after it can be.
+/// How often it re-checks while the store answers but the feed is not current yet (a
+/// follower catching up), so it is ready soon after it can be.
 const HEALTH_RETRY: Duration = Duration::from_millis(100);
 
 /// A bound, ready-to-serve rolecheck: the listener is open and the store is migrated.
@@ -474,7 +474,7 @@ const HEALTH_SERVICES: [&str; 3] = ["", "rolecheck.v1.RoleCheck", "rolecheck.v1.
 
 /// Keeps `grpc.health.v1` and `/readyz` (through `ready`) in step with the store:
 /// SERVING while it answers (and, on a follower, while its feed is current). One probe
-/// every [`HEALTH_INTERVAL`] ([`HEALTH_RETRY`] while not serving), however many probes
+/// every [`HEALTH_INTERVAL`] ([`HEALTH_RETRY`] while a feed catches up), however many probes
 /// hit the ports.
 async fn watch_health(
     health: HealthReporter,
@@ -486,9 +486,10 @@ async fn watch_health(
     let mut last = None;
     loop {
         let current = feed.as_ref().is_none_or(|coherence| coherence.is_current());
-        let status = match store.revision().await {
-            Ok(_) if current => ServingStatus::Serving,
-            _ => ServingStatus::NotServing,
+        let answered = store.revision().await.is_ok();
+        let status = match answered && current {
+            true => ServingStatus::Serving,
+            false => ServingStatus::NotServing,
         };
         ready.store(status == ServingStatus::Serving, std::sync::atomic::Ordering::SeqCst);
         if last != Some(status) {
@@ -498,7 +499,9 @@ async fn watch_health(
             }
             last = Some(status);
         }
-        let next = if status == ServingStatus::Serving { HEALTH_INTERVAL } else { HEALTH_RETRY };
+        // Only a feed still catching up is re-checked sooner; a store that does not
+        // answer is not asked more often than usual.
+        let next = if answered && !current { HEALTH_RETRY } else { HEALTH_INTERVAL };
         tokio::time::sleep(next).await;
     }
 }

@@ -101,7 +101,8 @@ async fn a_silent_network_to_postgres_fails_closed_and_recovers_by_itself() {
     .await;
     // The first reads that need the store may still meet a silenced pooled connection
     // (UNAVAILABLE while it is found out and closed); none may allow.
-    wait_for(Duration::from_secs(5), "reads of the store to answer again", || async {
+    // Each such read takes the query timeout (1 s) to find its connection silent.
+    wait_for(Duration::from_secs(10), "reads of the store to answer again", || async {
         let got = ask(&app, "u1", revoked).await;
         assert_ne!(got, Ok(true), "the revoke was answered as allowed");
         got.ok()
