@@ -240,6 +240,26 @@ fn tenant_from(tenant: pb::Tenant) -> Tenant {
 /// Largest page the upstream serves.
 const PAGE: u32 = 1000;
 
+/// Up to `limit` items of a paged upstream list, from the page after `token` on:
+/// `page(page_size, page_token)` answers one page and the next token (empty after the
+/// last page).
+async fn pages<T, F, Fut>(limit: u32, token: Option<String>, mut page: F) -> Result<Vec<T>>
+where
+    F: FnMut(u32, String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String)>>,
+{
+    let (mut items, mut token) = (Vec::new(), token.unwrap_or_default());
+    while items.len() < limit as usize {
+        let (got, next) = page((limit - items.len() as u32).min(PAGE), token).await?;
+        items.extend(got);
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    Ok(items)
+}
+
 #[async_trait]
 impl RoleReads for UpstreamStore {
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
@@ -267,27 +287,26 @@ impl TenantReads for UpstreamStore {
         limit: u32,
         _now: UnixSeconds,
     ) -> Result<(Vec<Member>, Revision)> {
-        let mut token =
-            after.map(|user| encode_page_token("members", user.as_str())).unwrap_or_default();
-        let (mut members, mut revision) = (Vec::new(), None);
-        while members.len() < limit as usize {
+        let token = after.map(|user| encode_page_token("members", user.as_str()));
+        // The first page's revision: the one the answer reflects.
+        let revision = std::sync::OnceLock::new();
+        let members = pages(limit, token, |page_size, page_token| {
             let request = pb::ListMembersRequest {
                 tenant_id: tenant.as_str().to_owned(),
-                page_size: (limit - members.len() as u32).min(PAGE),
-                page_token: token,
+                page_size,
+                page_token,
             };
-            let page =
-                self.checks.clone().list_members(request).await.map_err(from_status)?.into_inner();
-            revision.get_or_insert(page.revision);
-            members.extend(
-                page.members.into_iter().map(|m| Member { user_id: m.user_id, roles: m.roles }),
-            );
-            if page.next_page_token.is_empty() {
-                break;
+            let (mut checks, revision) = (self.checks.clone(), &revision);
+            async move {
+                let page = checks.list_members(request).await.map_err(from_status)?.into_inner();
+                let _ = revision.set(page.revision);
+                let members =
+                    page.members.into_iter().map(|m| Member { user_id: m.user_id, roles: m.roles });
+                Ok((members.collect(), page.next_page_token))
             }
-            token = page.next_page_token;
-        }
-        Ok((members, revision.unwrap_or_default()))
+        })
+        .await?;
+        Ok((members, revision.get().copied().unwrap_or_default()))
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
@@ -297,23 +316,16 @@ impl TenantReads for UpstreamStore {
     }
 
     async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
-        let mut token =
-            after.map(|id| encode_page_token("tenants", id.as_str())).unwrap_or_default();
-        let mut tenants = Vec::new();
-        while tenants.len() < limit as usize {
-            let request = pb::ListTenantsRequest {
-                page_size: (limit - tenants.len() as u32).min(PAGE),
-                page_token: token,
-            };
-            let page =
-                self.tenants.clone().list_tenants(request).await.map_err(from_status)?.into_inner();
-            tenants.extend(page.tenants.into_iter().map(tenant_from));
-            if page.next_page_token.is_empty() {
-                break;
+        let token = after.map(|id| encode_page_token("tenants", id.as_str()));
+        pages(limit, token, |page_size, page_token| {
+            let request = pb::ListTenantsRequest { page_size, page_token };
+            let mut tenants = self.tenants.clone();
+            async move {
+                let page = tenants.list_tenants(request).await.map_err(from_status)?.into_inner();
+                Ok((page.tenants.into_iter().map(tenant_from).collect(), page.next_page_token))
             }
-            token = page.next_page_token;
-        }
-        Ok(tenants)
+        })
+        .await
     }
 
     /// The upstream's revision, from a Check about a user nobody is granted roles to.
@@ -506,26 +518,25 @@ impl HistoryLog for UpstreamStore {
         after: Revision,
         limit: u32,
     ) -> Result<Vec<HistoryEntry>> {
-        let mut entries = Vec::new();
-        let mut token = String::new();
-        while entries.len() < limit as usize {
+        pages(limit, None, |page_size, page_token| {
             let request = pb::ListChangesRequest {
                 tenant_id: filter.tenant_id.clone(),
                 user_id: filter.user_id.clone(),
                 caller: filter.caller.clone(),
                 after_revision: after,
-                page_size: (limit - entries.len() as u32).min(PAGE),
-                page_token: token,
+                page_size,
+                page_token,
             };
-            let page =
-                self.checks.clone().list_changes(request).await.map_err(from_status)?.into_inner();
-            entries.extend(page.entries.into_iter().filter_map(entry_from));
-            if page.next_page_token.is_empty() {
-                break;
+            let mut checks = self.checks.clone();
+            async move {
+                let page = checks.list_changes(request).await.map_err(from_status)?.into_inner();
+                Ok((
+                    page.entries.into_iter().filter_map(entry_from).collect(),
+                    page.next_page_token,
+                ))
             }
-            token = page.next_page_token;
-        }
-        Ok(entries)
+        })
+        .await
     }
 
     /// Nothing: a follower keeps no history of its own (the upstream prunes its own).

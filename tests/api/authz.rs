@@ -15,12 +15,11 @@ use envoy_types::pb::envoy::service::auth::v3::{
     check_response::HttpResponse,
 };
 use rolecheck::pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 use crate::{
     helpers::{
-        Backend, TestApp, TestDb, connect, metric, spawn_with, start, test_config, wait_for,
+        Backend, TestApp, TestDb, connect, http, metric, spawn_with, start, test_config, wait_for,
     },
     proxy::Proxy,
 };
@@ -66,28 +65,6 @@ async fn app_with_policy(backend: Backend, dir: &Path) -> TestApp {
     app
 }
 
-/// One HTTP/1.1 request: (status, response head, body).
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-) -> (u16, String, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let mut request =
-        format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status");
-    (status, head.to_ascii_lowercase(), body.to_owned())
-}
-
 /// Forward-auth asked directly, as nginx would ask it.
 async fn forward(
     app: &TestApp,
@@ -98,7 +75,7 @@ async fn forward(
     let mut all = vec![("x-original-method", method), ("x-original-uri", uri)];
     all.extend_from_slice(headers);
     let (status, head, _) = http(app.http, "GET", "/authz", &all).await;
-    (status, head)
+    (status, head.to_ascii_lowercase())
 }
 
 /// The upstream app: answers every request with the `x-rolecheck-*` headers it received.

@@ -338,14 +338,31 @@ pub fn authz(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
 
 /// `GET path` on the HTTP port: (head, body).
 pub async fn http_get(app: &TestApp, path: &str) -> (String, String) {
+    let (_, head, body) = http(app.http, "GET", path, &[]).await;
+    (head, body)
+}
+
+/// One HTTP/1.1 request with extra headers: (status, response head, body).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(app.http).await.expect("connect http");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect http");
+    let mut request =
+        format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
-    (head.to_owned(), body.to_owned())
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status");
+    (status, head.to_owned(), body.to_owned())
 }
 
 /// The value of the unlabelled sample `name` on the app's `/metrics`.
