@@ -307,12 +307,11 @@ async fn read_history(
     gate: Arc<Mutex<()>>,
 ) {
     let mut applied = coherence.watch_applied();
-    let mut last = loop {
-        match store.tenants.revision().await {
-            Ok(revision) => break revision,
-            Err(_) => tokio::time::sleep(POLL).await,
-        }
-    };
+    // The mark starts at 0 and moves only by the rules below. (It used to start at the
+    // store's revision, read without the gate: a stream that subscribed while that read
+    // was slow, at a server's start, could find the mark past revisions its own catch-up
+    // read had not seen, and miss them.)
+    let mut last = 0;
     loop {
         let idle = {
             let _gate = gate.lock();
