@@ -224,6 +224,12 @@ impl CachedStore {
         Some(Answer { roles: entry.snapshot.clone(), revision })
     }
 
+    /// Up to `limit` users held in memory, in no particular order: those asked about
+    /// recently (moka's admission keeps the frequently asked ones).
+    pub fn active_users(&self, limit: usize) -> Vec<String> {
+        self.cache.iter().take(limit).map(|(user, _)| user.as_str().to_owned()).collect()
+    }
+
     /// Counts `n` answers from [`user_roles_in_memory`](Self::user_roles_in_memory), once
     /// per request rather than once per user (one shared counter, two cores).
     pub fn count_hits(&self, n: u64) {
@@ -266,6 +272,11 @@ impl RoleLookup {
     /// See [`CachedStore::user_roles_in_memory`].
     pub fn in_memory(&self, user: &str, min_revision: Revision) -> Option<Answer> {
         self.cache.as_ref()?.user_roles_in_memory(user, min_revision)
+    }
+
+    /// See [`CachedStore::active_users`]; none without a cache.
+    pub fn active_users(&self, limit: usize) -> Vec<String> {
+        self.cache.as_ref().map_or_else(Vec::new, |cache| cache.active_users(limit))
     }
 
     /// See [`CachedStore::count_hits`].
@@ -331,7 +342,7 @@ impl Writes for CachedStore {
         result
     }
 
-    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<(Revision, Tenant)> {
         self.writes.create_tenant(tenant, caller).await
     }
 

@@ -91,6 +91,17 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_UPSTREAM_CERT_KEY", requires = "upstream_cert")]
     pub upstream_cert_key: Option<PathBuf>,
 
+    /// A follower, before it reports ready, loads up to this many of the users its
+    /// upstream answered about recently (`ListActiveUsers`) into its cache; 0 starts cold.
+    /// Ignored without --upstream.
+    #[arg(long, env = "ROLECHECK_WARM_USERS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub warm_users: u32,
+
+    /// The longest a follower's warm start may delay its readiness; what is loaded by
+    /// then stays, and the follower reports ready.
+    #[arg(long, env = "ROLECHECK_WARM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub warm_timeout: Duration,
+
     /// Let `envoy.service.auth.v3.Authorization/Check` be called without an API key
     /// (Istio's `envoyExtAuthzGrpc` provider cannot send one). Decided at start. The
     /// answers then tell any caller who reaches the port whether the identity a request

@@ -81,7 +81,7 @@ async fn jwks(State(state): State<AppState>) -> impl IntoResponse {
             (header::CONTENT_TYPE, "application/jwk-set+json".to_owned()),
             (header::CACHE_CONTROL, format!("public, max-age={JWKS_MAX_AGE_SECS}")),
         ],
-        state.keys.jwks_json().to_owned(),
+        state.keys.jwks_json().to_string(),
     )
 }
 

@@ -24,6 +24,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod warm;
 
 /// Code generated from `proto/rolecheck/v1/rolecheck.proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -159,7 +159,7 @@ impl Server {
         let authz = match &config.authz_policy {
             Some(path) => Some(Authz::load(
                 path,
-                tokens.keys().jwks_json(),
+                tokens.keys().clone(),
                 RoleLookup::new(store.roles.clone(), cache.clone()),
                 application_id.clone(),
                 &metrics,
@@ -201,8 +201,27 @@ impl Server {
         // One probe before serving, so readiness and gRPC health are known from the start.
         // A follower is ready once its feed is connected and caught up, too.
         let feed = self.upstream.is_some().then(|| self.coherence.clone());
+        // A follower warms its cache before it is ready (see `crate::warm`).
+        let warming = self.upstream.clone().filter(|_| self.config.warm_users > 0);
+        let warmed = Arc::new(std::sync::atomic::AtomicBool::new(warming.is_none()));
+        let warm_task = warming.map(|upstream| {
+            let roles = RoleLookup::new(self.store.roles.clone(), self.cache.clone());
+            let (coherence, warmed) = (self.coherence.clone(), warmed.clone());
+            let (limit, within) = (self.config.warm_users, self.config.warm_timeout);
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let done = crate::warm::warm(&upstream, &roles, &coherence, limit, within).await;
+                let elapsed = started.elapsed();
+                tracing::info!(listed = done.listed, loaded = done.loaded, ?elapsed, "warm start");
+                warmed.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        });
+        let keys_task = self.upstream.clone().map(|upstream| {
+            tokio::spawn(follow_keys(upstream, self.tokens.keys().clone(), self.coherence.clone()))
+        });
         let initially = self.store.tenants.revision().await.is_ok()
-            && feed.as_ref().is_none_or(|coherence| coherence.is_current());
+            && feed.as_ref().is_none_or(|coherence| coherence.is_current())
+            && warmed.load(std::sync::atomic::Ordering::SeqCst);
         let store_ready = Arc::new(std::sync::atomic::AtomicBool::new(initially));
         let status = if initially { ServingStatus::Serving } else { ServingStatus::NotServing };
         for service in HEALTH_SERVICES {
@@ -212,6 +231,7 @@ impl Server {
             health.clone(),
             self.store.tenants.clone(),
             feed,
+            warmed,
             store_ready.clone(),
         ));
         let prune_task =
@@ -229,7 +249,7 @@ impl Server {
             .map_err(|err| Error::Internal(Box::new(err)))?;
 
         let max = self.config.max_message_bytes;
-        let role_check = RoleCheckServer::new(RoleCheckApi::new(
+        let role_check = RoleCheckApi::new(
             self.store.clone(),
             self.cache.clone(),
             self.upstream.clone(),
@@ -240,8 +260,9 @@ impl Server {
                 self.config.max_watch_streams,
                 self.config.max_watch_streams_per_caller,
             ),
-        ))
-        .max_decoding_message_size(max);
+        );
+        let watch_hub = role_check.watch_hub();
+        let role_check = RoleCheckServer::new(role_check).max_decoding_message_size(max);
         let tenants =
             TenantsServer::new(TenantsApi::new(self.store.clone())).max_decoding_message_size(max);
 
@@ -301,6 +322,7 @@ impl Server {
                 tracing::info!(?delay, "not ready; serving until the delay ends");
                 tokio::time::sleep(delay).await;
             }
+            watch_hub.close();
             let _ = stopping_tx.send(());
         };
         let router = tonic::transport::Server::builder()
@@ -361,6 +383,9 @@ impl Server {
             }
         };
         prune_task.abort();
+        for task in [warm_task, keys_task].into_iter().flatten() {
+            task.abort();
+        }
         for task in [key_watch, policy_watch].into_iter().flatten() {
             task.abort();
         }
@@ -455,6 +480,41 @@ async fn open_store(config: &Config, application_id: &TenantId, migrate: bool) -
         .await
 }
 
+/// How often a follower fetches its upstream's JWK Set again.
+const UPSTREAM_KEYS_REFRESH: Duration = Duration::from_secs(30);
+
+/// Keeps a follower's published keys (`/.well-known/jwks.json`, the proxy verifier's
+/// `"self"`) its upstream's. An upstream's keys change only when it restarts, which
+/// breaks the feed: so the set is fetched again as soon as the feed has been lost (until
+/// a fetch succeeds), and every [`UPSTREAM_KEYS_REFRESH`] in any case (replicas behind one
+/// address may list keys in a different order mid-rollout). A failed fetch keeps the set
+/// held. An upstream publishes a new key before it signs with it (see the README's key
+/// rotation), so a follower knows a key before any token it verifies uses it.
+async fn follow_keys(upstream: UpstreamStore, keys: Arc<KeySet>, coherence: Arc<Coherence>) {
+    let mut seen = coherence.reconnects();
+    let mut fetched = tokio::time::Instant::now();
+    let mut owed = false;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let reconnects = coherence.reconnects();
+        owed |= reconnects != seen;
+        seen = reconnects;
+        if !owed && fetched.elapsed() < UPSTREAM_KEYS_REFRESH {
+            continue;
+        }
+        fetched = tokio::time::Instant::now();
+        match upstream.keys().await {
+            Ok(jwks) => {
+                owed = false;
+                if keys.publish(jwks) {
+                    tracing::info!("the upstream's keys changed");
+                }
+            }
+            Err(err) => tracing::debug!(%err, "the upstream's keys were not fetched; kept"),
+        }
+    }
+}
+
 /// Drops history older than `retention`, now and then. Not a write: no revision.
 async fn prune_history(store: Arc<dyn HistoryLog>, retention: Duration) {
     let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -473,19 +533,22 @@ async fn prune_history(store: Arc<dyn HistoryLog>, retention: Duration) {
 const HEALTH_SERVICES: [&str; 3] = ["", "rolecheck.v1.RoleCheck", "rolecheck.v1.Tenants"];
 
 /// Keeps `grpc.health.v1` and `/readyz` (through `ready`) in step with the store:
-/// SERVING while it answers (and, on a follower, while its feed is current). One probe
-/// every [`HEALTH_INTERVAL`] ([`HEALTH_RETRY`] while a feed catches up), however many probes
+/// SERVING while it answers (and, on a follower, while its feed is current and once its
+/// warm start is over). One probe every [`HEALTH_INTERVAL`] ([`HEALTH_RETRY`] while a
+/// feed catches up or the cache warms), however many probes
 /// hit the ports.
 async fn watch_health(
     health: HealthReporter,
     store: Arc<dyn TenantReads>,
     feed: Option<Arc<Coherence>>,
+    warmed: Arc<std::sync::atomic::AtomicBool>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let services = HEALTH_SERVICES;
     let mut last = None;
     loop {
-        let current = feed.as_ref().is_none_or(|coherence| coherence.is_current());
+        let current = feed.as_ref().is_none_or(|coherence| coherence.is_current())
+            && warmed.load(std::sync::atomic::Ordering::SeqCst);
         let answered = store.revision().await.is_ok();
         let status = match answered && current {
             true => ServingStatus::Serving,
@@ -499,7 +562,7 @@ async fn watch_health(
             }
             last = Some(status);
         }
-        // Only a feed still catching up is re-checked sooner; a store that does not
+        // Only a feed still catching up (or a cache warming) is re-checked sooner; a store that does not
         // answer is not asked more often than usual.
         let next = if answered && !current { HEALTH_RETRY } else { HEALTH_INTERVAL };
         tokio::time::sleep(next).await;

@@ -8,7 +8,7 @@ mod watch;
 
 pub use role_check::RoleCheckApi;
 pub use tenants::TenantsApi;
-pub use watch::WatchLimits;
+pub use watch::{WatchHub, WatchLimits};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use prost_types::Timestamp;

@@ -21,6 +21,8 @@ use crate::{
 pub const MAX_BATCH: usize = 1000;
 /// The shortest interval between Watch progress responses a caller may ask for.
 pub const MIN_PROGRESS_MS: u32 = 10;
+/// Most users one `ListActiveUsers` returns.
+pub const MAX_ACTIVE_USERS: u32 = 100_000;
 /// Distinct users a `CheckBatch` loads from the store at once.
 const BATCH_LOAD_CONCURRENCY: usize = 16;
 
@@ -51,6 +53,11 @@ impl RoleCheckApi {
         let watch_hub = super::watch::WatchHub::start(store.clone(), coherence);
         let roles = RoleLookup::new(store.roles.clone(), cache);
         Self { store, roles, upstream, application_id, tokens, watch_hub, watch_limits }
+    }
+
+    /// The Watch hub, to end its streams when the server drains.
+    pub fn watch_hub(&self) -> Arc<super::watch::WatchHub> {
+        self.watch_hub.clone()
     }
 
     fn tenant(&self, field: &str, value: &str) -> Result<TenantId> {
@@ -348,7 +355,7 @@ impl RoleCheck for RoleCheckApi {
     ) -> Result<Response<pb::GetKeysResponse>, Status> {
         let jwks_json = match &self.upstream {
             Some(upstream) => upstream.keys().await?,
-            None => self.tokens.keys().jwks_json().to_owned(),
+            None => self.tokens.keys().jwks_json().to_string(),
         };
         Ok(Response::new(pb::GetKeysResponse { jwks_json }))
     }
@@ -363,6 +370,20 @@ impl RoleCheck for RoleCheckApi {
         super::audit::list_changes(self.store.history.as_ref(), request.get_ref())
             .await
             .map(Response::new)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn list_active_users(
+        &self,
+        request: Request<pb::ListActiveUsersRequest>,
+    ) -> Result<Response<pb::ListActiveUsersResponse>, Status> {
+        let limit = request.get_ref().limit;
+        if !(1..=MAX_ACTIVE_USERS).contains(&limit) {
+            let why = format!("must be 1 to {MAX_ACTIVE_USERS}");
+            return Err(Error::invalid("limit", why).into());
+        }
+        let user_ids = self.roles.active_users(limit as usize);
+        Ok(Response::new(pb::ListActiveUsersResponse { user_ids }))
     }
 
     #[tracing::instrument(skip_all, fields(after = request.get_ref().after_revision))]

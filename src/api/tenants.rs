@@ -37,7 +37,7 @@ impl TenantsApi {
                 created_at_ms: now_millis(),
             };
             match self.store.writes.create_tenant(&tenant, caller).await {
-                Ok(_) => return Ok(tenant),
+                Ok((_, created)) => return Ok(created),
                 Err(Error::AlreadyExists(_)) if id.is_none() => continue,
                 Err(err) => return Err(err),
             }

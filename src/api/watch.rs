@@ -148,6 +148,9 @@ pub struct WatchHub {
     /// subscribed has yet to read for itself.
     gate: Arc<Mutex<()>>,
     reader: tokio::task::JoinHandle<()>,
+    /// Set when the server stops accepting calls: every stream then ends (see
+    /// [`close`](Self::close)).
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for WatchHub {
@@ -167,7 +170,16 @@ impl WatchHub {
             live.clone(),
             gate.clone(),
         ));
-        Arc::new(Self { store, coherence, live, gate, reader })
+        let closing = tokio::sync::watch::Sender::new(false);
+        Arc::new(Self { store, coherence, live, gate, reader, closing })
+    }
+
+    /// Ends every open stream, and any opened from now on once it has caught up, with
+    /// `UNAVAILABLE` naming the revision to watch again from: a stream never ends on its
+    /// own, so a server draining for shutdown would otherwise wait out its whole grace
+    /// period for its followers' and watchers' streams.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Streams every change committed after `after` until the client goes away; `permit`
@@ -181,6 +193,7 @@ impl WatchHub {
     ) -> WatchStream {
         let (tx, rx) = mpsc::channel::<Result<pb::WatchResponse, Status>>(16);
         let hub = self.clone();
+        let mut closing = self.closing.subscribe();
         tokio::spawn(async move {
             let _permit = permit;
             let mut progress = Progress::new(progress);
@@ -234,6 +247,13 @@ impl WatchHub {
                         },
                         () = progress.tick() => progress.owe(&hub.coherence),
                         () = tx.closed() => return,
+                        true = async { closing.wait_for(|closing| *closing).await.is_ok() } => {
+                            let message = format!(
+                                "server shutting down; watch again from after_revision {last}"
+                            );
+                            let _ = tx.send(Err(Status::unavailable(message))).await;
+                            return;
+                        }
                     }
                     if let Some(response) = progress.due(last) {
                         if tx.send(Ok(response)).await.is_err() {

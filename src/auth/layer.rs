@@ -53,6 +53,8 @@ pub const RULES: &[(&str, Access)] = &[
     // A follower reads history for its own Watch streams (what Watch shows it anyway).
     ("/rolecheck.v1.RoleCheck/ListChanges", AUDIT_OR_FOLLOW),
     ("/rolecheck.v1.RoleCheck/Watch", AUDIT_OR_FOLLOW),
+    // Which users were asked about lately: a follower warming its cache.
+    ("/rolecheck.v1.RoleCheck/ListActiveUsers", AUDIT_OR_FOLLOW),
     ("/rolecheck.v1.Tenants/CreateTenant", WRITE),
     ("/rolecheck.v1.Tenants/GetTenant", CHECK),
     ("/rolecheck.v1.Tenants/ListTenants", CHECK),

@@ -10,6 +10,8 @@
 //!   a token names a `kid` it does not hold, at most once per [`REFETCH_EVERY`] (so
 //!   tokens with made-up `kid`s cannot make us hammer the issuer). A failed refresh keeps
 //!   the keys held.
+//! - rolecheck's own keys (`"self"`) are looked at again when a token names a `kid`
+//!   they lack: a follower's set follows its upstream's (see `crate::token::KeySet`).
 //! - HMAC algorithms are refused (a JWK Set publishes public keys), and the algorithm
 //!   must belong to the key's family, so a public key is never used as an HMAC secret.
 
@@ -23,6 +25,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use moka::future::Cache;
 
 use super::policy::{JwksSource, JwtIdentity};
+use crate::token::KeySet;
 
 /// Most verified tokens remembered.
 pub const VERIFIED_CAPACITY: u64 = 100_000;
@@ -50,6 +53,9 @@ pub enum Rejected {
 pub struct Verifier {
     config: JwtIdentity,
     keys: RwLock<Arc<KeyMap>>,
+    /// rolecheck's own keys, and the JWK Set `keys` was built from (for `"self"`: a
+    /// follower's set changes when its upstream's does).
+    own: (Arc<KeySet>, RwLock<Arc<str>>),
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     /// By the token's SHA-256 (so 100,000 entries stay small whatever the tokens' size).
     verified: Cache<[u8; 32], (Arc<str>, u64)>,
@@ -76,6 +82,11 @@ impl KeyMap {
         }
         Self { by_kid }
     }
+}
+
+/// The keys of rolecheck's own JWK Set.
+fn own_key_map(jwks: &str) -> KeyMap {
+    serde_json::from_str::<JwkSet>(jwks).map(|set| KeyMap::from_jwks(&set)).unwrap_or_default()
 }
 
 /// The algorithms a public JWK may verify (none for a symmetric key).
@@ -108,17 +119,17 @@ fn algorithms_for(jwk: &jsonwebtoken::jwk::Jwk) -> Vec<Algorithm> {
 }
 
 impl Verifier {
-    /// A verifier for `config`; `own_jwks` is rolecheck's own JWK Set (for `"self"`).
-    pub fn new(config: JwtIdentity, own_jwks: &str) -> Self {
+    /// A verifier for `config`; `own` are rolecheck's own keys (for `"self"`).
+    pub fn new(config: JwtIdentity, own: Arc<KeySet>) -> Self {
+        let own_jwks = own.jwks_json();
         let keys = match config.keys {
-            JwksSource::Own => serde_json::from_str::<JwkSet>(own_jwks)
-                .map(|set| KeyMap::from_jwks(&set))
-                .unwrap_or_default(),
+            JwksSource::Own => own_key_map(&own_jwks),
             JwksSource::Url(_) => KeyMap::default(),
         };
         Self {
             config,
             keys: RwLock::new(Arc::new(keys)),
+            own: (own, RwLock::new(own_jwks)),
             last_fetch: tokio::sync::Mutex::new(None),
             verified: Cache::builder()
                 .max_capacity(VERIFIED_CAPACITY)
@@ -182,7 +193,7 @@ impl Verifier {
     /// Fetches the JWK Set now if a fetch is allowed (URL source, none in the last
     /// [`REFETCH_EVERY`]); whether new keys were installed.
     async fn refetch(&self) -> bool {
-        let JwksSource::Url(url) = &self.config.keys else { return false };
+        let JwksSource::Url(url) = &self.config.keys else { return self.reread_own() };
         let mut last = self.last_fetch.lock().await;
         if last.is_some_and(|at| at.elapsed() < REFETCH_EVERY) {
             return false;
@@ -216,6 +227,22 @@ impl Verifier {
                 false
             }
         }
+    }
+
+    /// For `"self"`: rebuilds the keys if rolecheck's own set changed since they were
+    /// built (a pointer comparison otherwise); whether it did.
+    fn reread_own(&self) -> bool {
+        let (own, seen) = &self.own;
+        let now = own.jwks_json();
+        let Ok(mut seen) = seen.write() else { return false };
+        if Arc::ptr_eq(&seen, &now) {
+            return false;
+        }
+        if let Ok(mut current) = self.keys.write() {
+            *current = Arc::new(own_key_map(&now));
+        }
+        *seen = now;
+        true
     }
 
     /// Fetches a URL source now and every [`JWKS_REFRESH`]; ends when `self` is dropped.

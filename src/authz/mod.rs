@@ -38,6 +38,7 @@ use self::{
     jwt::Verifier,
     policy::{Matched, Policy, Target},
 };
+use crate::token::KeySet;
 use crate::{
     cache::RoleLookup,
     domain::{TenantId, UserId, now_unix},
@@ -115,7 +116,7 @@ pub struct Authz {
     loaded: RwLock<Arc<Loaded>>,
     path: PathBuf,
     stamp: Option<crate::reload::Stamp>,
-    own_jwks: String,
+    own_keys: Arc<KeySet>,
     roles: RoleLookup,
     application_id: TenantId,
     reload_failures: Counter,
@@ -130,10 +131,10 @@ impl std::fmt::Debug for Authz {
 
 impl Authz {
     /// Loads the policy at `path`; a policy that cannot be read or is invalid is refused.
-    /// `own_jwks` is rolecheck's JWK Set (for `jwks_url = "self"`).
+    /// `own_keys` are rolecheck's keys (for `jwks_url = "self"`).
     pub fn load(
         path: &Path,
-        own_jwks: &str,
+        own_keys: Arc<KeySet>,
         roles: RoleLookup,
         application_id: TenantId,
         metrics: &Metrics,
@@ -141,7 +142,7 @@ impl Authz {
         let stamp = crate::reload::stamp(path);
         let policy = Policy::load(path)?;
         let verifier =
-            policy.identity.jwt.clone().map(|jwt| Arc::new(Verifier::new(jwt, own_jwks)));
+            policy.identity.jwt.clone().map(|jwt| Arc::new(Verifier::new(jwt, own_keys.clone())));
         tracing::info!(path = %path.display(), routes = policy.len(), "authorization policy loaded");
         let outcome =
             |decision| metrics.authz_decisions.get_or_create(&DecisionLabels { decision }).clone();
@@ -149,7 +150,7 @@ impl Authz {
             loaded: RwLock::new(Arc::new(Loaded { policy, verifier })),
             path: path.to_owned(),
             stamp,
-            own_jwks: own_jwks.to_owned(),
+            own_keys,
             roles,
             application_id,
             reload_failures: metrics.policy_reload_failures.clone(),
@@ -185,7 +186,7 @@ impl Authz {
                         (Some(verifier.clone()), false)
                     }
                     (Some(jwt), _) => {
-                        (Some(Arc::new(Verifier::new(jwt.clone(), &self.own_jwks))), true)
+                        (Some(Arc::new(Verifier::new(jwt.clone(), self.own_keys.clone()))), true)
                     }
                     (None, _) => (None, false),
                 };

@@ -102,7 +102,7 @@ impl Writes for MeasuredStore<dyn Writes> {
         self.timed("write_membership", self.inner.write_membership(write)).await
     }
 
-    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<(Revision, Tenant)> {
         self.timed("create_tenant", self.inner.create_tenant(tenant, caller)).await
     }
 

@@ -180,8 +180,9 @@ pub trait Writes: Send + Sync + 'static {
     /// tenant is `NotFound`, except for a Revoke (see [`MembershipWrite::plan`]).
     async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision>;
 
-    /// Creates a tenant; `AlreadyExists` if the id is taken.
-    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision>;
+    /// Creates a tenant; `AlreadyExists` if the id is taken. Returns the revision and the
+    /// tenant as created (a follower's upstream sets `created_at` by its own clock).
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<(Revision, Tenant)>;
 
     /// Deletes a tenant and every membership in it; `NotFound` if absent.
     async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision>;

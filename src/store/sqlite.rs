@@ -299,7 +299,7 @@ impl Writes for SqliteStore {
         self.commit(tx, serial, change).await
     }
 
-    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<(Revision, Tenant)> {
         let (mut tx, serial) = self.begin().await?;
         sqlx::query(sql::INSERT_TENANT)
             .bind(tenant.id.as_str())
@@ -308,8 +308,8 @@ impl Writes for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(|err| sql::tenant_taken(&tenant.id, err))?;
-        self.commit(tx, serial, ChangeRef::tenant(ChangeKind::TenantCreated, &tenant.id, caller))
-            .await
+        let change = ChangeRef::tenant(ChangeKind::TenantCreated, &tenant.id, caller);
+        Ok((self.commit(tx, serial, change).await?, tenant.clone()))
     }
 
     async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {

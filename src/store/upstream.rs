@@ -171,6 +171,15 @@ impl UpstreamStore {
         Ok(response.map_err(from_status)?.into_inner().jwks_json)
     }
 
+    /// Up to `limit` users the upstream answered about recently (`ListActiveUsers`).
+    pub async fn active_users(&self, limit: u32) -> Result<Vec<String>> {
+        let request = pb::ListActiveUsersRequest { limit };
+        let response = self.checks.clone().list_active_users(request).await;
+        let mut users = response.map_err(from_status)?.into_inner().user_ids;
+        users.retain(|user| user != PROBE_USER);
+        Ok(users)
+    }
+
     /// Relays `Issue` for `caller`.
     pub async fn issue(
         &self,
@@ -377,14 +386,16 @@ impl Writes for UpstreamStore {
     }
 
     /// The upstream answers CreateTenant with the tenant, not a revision: this reports the
-    /// upstream's revision read right after (at least the creation's).
-    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
+    /// upstream's revision read right after (at least the creation's), and the tenant as
+    /// the upstream created it (its `created_at`, not this process's clock).
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<(Revision, Tenant)> {
         let request = pb::CreateTenantRequest {
             tenant_id: tenant.id.as_str().to_owned(),
             name: tenant.name.clone(),
         };
-        self.tenants.clone().create_tenant(relayed(request, caller)?).await.map_err(from_status)?;
-        self.revision().await
+        let relayed = self.tenants.clone().create_tenant(relayed(request, caller)?).await;
+        let created = tenant_from(relayed.map_err(from_status)?.into_inner());
+        Ok((self.revision().await?, created))
     }
 
     async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {

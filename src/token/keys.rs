@@ -6,7 +6,7 @@
 //! thumbprint. aws-lc-rs parses and generates keys and yields their public parts;
 //! jsonwebtoken (on its aws-lc-rs backend) signs.
 
-use std::{collections::BTreeMap, fmt, path::Path};
+use std::{collections::BTreeMap, fmt, path::Path, sync::Arc};
 
 use aws_lc_rs::{
     digest,
@@ -191,22 +191,35 @@ impl SigningKey {
 }
 
 /// The configured keys: the first signs, all are published.
+///
+/// A server's own keys are fixed for the life of the process. A follower's set is its
+/// upstream's, published and refreshed with [`publish`](Self::publish).
 #[derive(Debug)]
 pub struct KeySet {
     keys: Vec<SigningKey>,
-    jwks_json: String,
+    jwks_json: std::sync::RwLock<Arc<str>>,
 }
 
 impl KeySet {
     /// A key set from keys in order of preference.
     pub fn new(keys: Vec<SigningKey>) -> Self {
         let jwks = json!({ "keys": keys.iter().map(SigningKey::jwk).collect::<Vec<_>>() });
-        Self { keys, jwks_json: jwks.to_string() }
+        Self { keys, jwks_json: std::sync::RwLock::new(jwks.to_string().into()) }
     }
 
     /// Publishes another server's JWK Set and signs nothing (a follower's keys).
     pub fn published(jwks_json: String) -> Self {
-        Self { keys: Vec::new(), jwks_json }
+        Self { keys: Vec::new(), jwks_json: std::sync::RwLock::new(jwks_json.into()) }
+    }
+
+    /// Replaces a published set (the upstream's keys changed); whether it differed.
+    pub fn publish(&self, jwks_json: String) -> bool {
+        let Ok(mut current) = self.jwks_json.write() else { return false };
+        let changed = *current.as_ref() != jwks_json;
+        if changed {
+            *current = jwks_json.into();
+        }
+        changed
     }
 
     /// The key that signs new tokens, if any is configured.
@@ -215,8 +228,8 @@ impl KeySet {
     }
 
     /// The RFC 7517 JWK Set, as JSON.
-    pub fn jwks_json(&self) -> &str {
-        &self.jwks_json
+    pub fn jwks_json(&self) -> Arc<str> {
+        self.jwks_json.read().map_or_else(|p| p.into_inner().clone(), |json| json.clone())
     }
 
     /// Loads `paths`; with none and an embedded store, loads or creates the key kept in
@@ -298,7 +311,7 @@ mod tests {
             let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        let jwks: Value = serde_json::from_str(first.jwks_json()).expect("json");
+        let jwks: Value = serde_json::from_str(&first.jwks_json()).expect("json");
         let jwk = &jwks["keys"][0];
         assert_eq!(jwk["kty"], "RSA");
         assert!(jwk.get("d").is_none() && jwk.get("p").is_none(), "public members only");

@@ -23,6 +23,7 @@ use crate::{
         Backend, TestApp, TestDb, check_req, spawn, spawn_with, start, test_config, wait_for,
     },
     proxy::Proxy,
+    through_followers,
 };
 
 /// The default `--coherence-lease`, which these tests run with.
@@ -409,3 +410,33 @@ both_stores!(
     watch_reports_tenant_changes_and_pruned_history,
     watch_kinds,
 );
+
+through_followers!(
+    watch_is_gapless_and_duplicate_free_under_concurrent_writers,
+    watch_reports_tenant_changes_and_pruned_history,
+    watch_kinds,
+);
+
+/// A draining server ends its Watch streams (`UNAVAILABLE`, naming the revision to watch
+/// again from) instead of waiting out its shutdown grace for streams that never end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_ends_its_watch_streams() {
+    let app = spawn_with(Backend::Sqlite, |c| c.shutdown_grace = Duration::from_secs(30)).await;
+    app.create_tenant("acme").await;
+    let granted = app.grant("alice", "acme", &["admin"]).await;
+    let request = pb::WatchRequest { after_revision: 0, progress_ms: 0 };
+    let mut stream = app.checks.clone().watch(request).await.expect("watch").into_inner();
+    loop {
+        let response = stream.next().await.expect("an item").expect("a response");
+        if response.revision >= granted {
+            break;
+        }
+    }
+    let stopping = tokio::spawn(app.stop());
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+    let status = end.expect("ended before the grace").expect("an item").expect_err("a status");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains(&format!("after_revision {granted}")), "{status:?}");
+    let stopped = tokio::time::timeout(Duration::from_secs(10), stopping).await;
+    stopped.expect("stopped in 10 s, not the 30 s grace").expect("server task");
+}

@@ -250,3 +250,100 @@ async fn a_follower_whose_revision_was_pruned_drops_its_cache_and_starts_over() 
     assert_eq!(misses().await, before + 1.0, "bob was dropped with the whole cache");
     assert!(!allowed(&follower, "alice", "acme", "admin", 0).await);
 }
+
+/// A new follower loads the users its upstream answered about lately before it reports
+/// ready: each Check of them is then answered from its cache, where a follower started
+/// cold (`--warm-users 0`) misses each once. `ListActiveUsers` validates its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_follower_warms_its_cache_with_the_upstreams_active_users() {
+    let upstream = spawn(Backend::Sqlite).await;
+    upstream.create_tenant("acme").await;
+    let mut users: Vec<String> = (0..40).map(|i| format!("user{i}")).collect();
+    users.sort();
+    let mut last = 0;
+    for user in &users {
+        last = upstream.grant(user, "acme", &["viewer"]).await;
+    }
+    for user in &users {
+        assert!(allowed(&upstream, user, "acme", "viewer", 0).await, "{user} is cached upstream");
+    }
+
+    let list = |limit: u32| {
+        let mut checks = upstream.checks.clone();
+        async move {
+            let request = pb::ListActiveUsersRequest { limit };
+            checks.list_active_users(request).await.map(|r| r.into_inner().user_ids)
+        }
+    };
+    let mut listed = list(1000).await.expect("ListActiveUsers");
+    listed.sort();
+    assert_eq!(listed, users);
+    assert_eq!(list(5).await.expect("ListActiveUsers").len(), 5);
+    for limit in [0, 100_001] {
+        assert_eq!(list(limit).await.expect_err("bad limit").code(), Code::InvalidArgument);
+    }
+
+    for (warm_users, misses_per_user) in [(10_000, 0.0), (0, 1.0)] {
+        let db = TestDb::Sqlite(tempfile::tempdir().expect("dir"));
+        let mut config = test_config(&db);
+        config.upstream = Some(format!("http://{}", upstream.addr));
+        config.warm_users = warm_users;
+        let follower = start(config, db).await;
+        wait_for(Duration::from_secs(10), "the follower to be ready", || async {
+            let (status, _, _) = crate::helpers::http(follower.http, "GET", "/readyz", &[]).await;
+            (status == 200).then_some(())
+        })
+        .await;
+        let misses = || async {
+            let misses = crate::helpers::metric(&follower, "rolecheck_cache_misses_total").await;
+            misses.expect("metric")
+        };
+        let before = misses().await;
+        for user in &users {
+            assert!(allowed(&follower, user, "acme", "viewer", last).await);
+        }
+        let per_user = (misses().await - before) / users.len() as f64;
+        assert_eq!(per_user, misses_per_user, "cache misses per user, --warm-users {warm_users}");
+    }
+}
+
+/// A follower publishes its upstream's keys and follows them: once the upstream restarts
+/// with a new key listed, the follower's `/.well-known/jwks.json` lists it too (fetched
+/// again when the feed comes back, not at the next periodic refresh 30 s later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_publishes_the_keys_its_upstream_restarted_with() {
+    use rolecheck::token::KeyKind;
+    let (_keys, paths) = crate::tokens::key_files(&[KeyKind::Ed25519, KeyKind::EcP256]);
+    let first = vec![paths[0].clone()];
+    let upstream = crate::helpers::spawn_with(Backend::Sqlite, |c| c.signing_key = first).await;
+    let addr = upstream.addr;
+    let follower = follower_of(&upstream).await;
+    let kids = |jwks: &str| -> Vec<String> {
+        let jwks: serde_json::Value = serde_json::from_str(jwks).expect("JWK Set");
+        let keys = jwks["keys"].as_array().expect("keys").iter();
+        keys.map(|key| key["kid"].as_str().expect("kid").to_owned()).collect()
+    };
+    let published = |app: &TestApp| {
+        let http = app.http;
+        async move {
+            let (_, _, body) =
+                crate::helpers::http(http, "GET", "/.well-known/jwks.json", &[]).await;
+            kids(&body)
+        }
+    };
+    let before = published(&upstream).await;
+    assert_eq!(before.len(), 1);
+    assert_eq!(published(&follower).await, before);
+
+    let db = upstream.stop().await;
+    let mut config = test_config(&db);
+    config.listen = addr.to_string().parse().expect("address");
+    config.signing_key = paths.clone();
+    let upstream = start(config, db).await;
+    let after = published(&upstream).await;
+    assert_eq!(after.len(), 2);
+    wait_for(Duration::from_secs(10), "the follower to publish the new key", || async {
+        (published(&follower).await == after).then_some(())
+    })
+    .await;
+}

@@ -119,6 +119,8 @@ pub struct TestApp {
     pub tenants: TenantsClient<Channel>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<rolecheck::error::Result<()>>>,
+    /// The server a follower follows (see [`through_follower`]); dropped after it.
+    pub upstream: Option<Box<TestApp>>,
     // Declared last: dropped after the server stopped.
     pub db: TestDb,
 }
@@ -141,11 +143,47 @@ pub async fn spawn(backend: Backend) -> TestApp {
     spawn_with(backend, |_| {}).await
 }
 
+tokio::task_local! {
+    /// Set by [`through_followers!`]: `spawn` then gives a follower in front of the server.
+    static THROUGH_FOLLOWER: ();
+}
+
+/// Runs `test` with every `spawn` giving a follower (`--upstream`) in front of the server
+/// it starts: the test talks to the follower only.
+pub async fn through_follower(test: impl std::future::Future<Output = ()>) {
+    THROUGH_FOLLOWER.scope((), test).await;
+}
+
 pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestApp {
     let db = TestDb::create(backend).await;
     let mut config = test_config(&db);
     tweak(&mut config);
-    start(config, db).await
+    let server = start(config.clone(), db).await;
+    match THROUGH_FOLLOWER.try_with(|_| ()) {
+        Ok(()) => in_front_of(server, config).await,
+        Err(_) => server,
+    }
+}
+
+/// A follower of `server` with `config`'s limits and token settings (what only the
+/// upstream may hold, the database and the signing keys, stays the upstream's), ready.
+/// Its `db` is the upstream's Postgres database, so tests can look into it.
+async fn in_front_of(server: TestApp, mut config: Config) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    config.data_dir = dir.path().to_owned();
+    config.database_url = None;
+    config.signing_key.clear();
+    config.upstream = Some(format!("http://{}", server.addr));
+    let db = match &server.db {
+        TestDb::Postgres { url, .. } | TestDb::Replica { url } => {
+            TestDb::Replica { url: url.clone() }
+        }
+        TestDb::Sqlite(_) => TestDb::Sqlite(dir),
+    };
+    let mut follower = start(config, db).await;
+    wait_trusted(&follower, 0).await;
+    follower.upstream = Some(Box::new(server));
+    follower
 }
 
 /// Starts a server with `config` over `db`.
@@ -165,6 +203,7 @@ pub async fn start(config: Config, db: TestDb) -> TestApp {
         tenants: TenantsClient::new(channel),
         shutdown: Some(tx),
         handle: Some(handle),
+        upstream: None,
         db,
     }
 }
@@ -191,16 +230,24 @@ impl TestApp {
 }
 
 impl TestApp {
-    /// A second server over the same Postgres database: another replica.
+    /// A second server over the same Postgres database: another replica. Of a follower:
+    /// a follower of another replica of its upstream.
     pub async fn replica(&self, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let db = TestDb::Replica { url: self.db.url().to_owned() };
         let mut config = test_config(&db);
         tweak(&mut config);
-        start(config, db).await
+        let replica = start(config.clone(), db).await;
+        match &self.upstream {
+            Some(_) => Box::pin(in_front_of(replica, config)).await,
+            None => replica,
+        }
     }
 
-    /// Where the embedded store keeps its generated signing key.
+    /// Where the embedded store keeps its generated signing key (a follower's upstream's).
     pub fn db_path_key(&self) -> std::path::PathBuf {
+        if let Some(upstream) = &self.upstream {
+            return upstream.db_path_key();
+        }
         match &self.db {
             TestDb::Sqlite(dir) => dir.path().join("signing-key.pem"),
             _ => panic!("no generated key on Postgres"),
@@ -233,6 +280,32 @@ macro_rules! both_stores {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::helpers::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Generates, for each named `async fn(Backend)`, one `#[tokio::test]` per store that
+/// runs it against a follower in front of that store (see [`helpers::through_follower`]).
+#[macro_export]
+macro_rules! through_followers {
+    ($($name:ident),* $(,)?) => {
+        mod follower_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let test = super::$name($crate::helpers::Backend::Sqlite);
+                    $crate::helpers::through_follower(test).await;
+                }
+            )*
+        }
+        mod follower_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let test = super::$name($crate::helpers::Backend::Postgres);
+                    $crate::helpers::through_follower(test).await;
                 }
             )*
         }

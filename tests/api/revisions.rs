@@ -5,6 +5,7 @@ use std::time::Instant;
 use crate::{
     both_stores,
     helpers::{Backend, spawn},
+    through_followers,
 };
 
 const WRITERS: usize = 8;
@@ -68,3 +69,5 @@ async fn concurrent_writes_get_distinct_revisions_in_commit_order(backend: Backe
 }
 
 both_stores!(concurrent_writes_get_distinct_revisions_in_commit_order);
+
+through_followers!(concurrent_writes_get_distinct_revisions_in_commit_order,);

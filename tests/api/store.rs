@@ -50,7 +50,7 @@ async fn create_tenant(store: &Store, id: &str) -> u64 {
         name: id.into(),
         created_at_ms: 0,
     };
-    store.writes.create_tenant(&tenant, "store-suite").await.expect("create tenant")
+    store.writes.create_tenant(&tenant, "store-suite").await.expect("create tenant").0
 }
 
 /// Revisions of the history after `after`.

@@ -7,6 +7,7 @@ use tonic::{Code, Status};
 use crate::{
     both_stores,
     helpers::{Backend, TestApp, spawn},
+    through_followers,
 };
 
 fn assert_invalid(result: Result<impl std::fmt::Debug, Status>, field: &str) {
@@ -203,4 +204,10 @@ both_stores!(
     identifiers_at_and_past_their_limits,
     batch_and_page_limits,
     oversized_messages_are_refused
+);
+
+through_followers!(
+    identifiers_at_and_past_their_limits,
+    batch_and_page_limits,
+    oversized_messages_are_refused,
 );

@@ -11,6 +11,7 @@ use tonic::{Code, Request};
 use crate::{
     both_stores,
     helpers::{Backend, TestApp, check_req, metric, spawn_with, wait_for},
+    through_followers,
 };
 
 /// Longer than a caller waits below: the caller is gone before its write is announced.
@@ -87,6 +88,11 @@ async fn a_write_whose_caller_leaves_after_commit_is_still_announced(backend: Ba
 both_stores!(
     a_write_whose_caller_leaves_after_commit_is_still_announced,
     tenant_churn_leaves_other_users_cached
+);
+
+through_followers!(
+    a_write_whose_caller_leaves_after_commit_is_still_announced,
+    tenant_churn_leaves_other_users_cached,
 );
 
 /// A Grant queued behind a write that waits on a held row lock, whose caller's deadline

@@ -491,8 +491,8 @@ impl Writes for PgStore {
         rx.await.map_err(|_| closed())?
     }
 
-    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<Revision> {
-        self.write_tenant(TenantOp::Create(tenant), caller).await
+    async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<(Revision, Tenant)> {
+        Ok((self.write_tenant(TenantOp::Create(tenant), caller).await?, tenant.clone()))
     }
 
     async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
