@@ -18,12 +18,11 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::{
-    both_stores,
+    conformance,
     helpers::{
         Backend, TestApp, TestDb, check_req, spawn, spawn_with, start, test_config, wait_for,
     },
     proxy::Proxy,
-    through_followers,
 };
 
 /// The default `--coherence-lease`, which these tests run with.
@@ -405,13 +404,7 @@ async fn watch_kinds(backend: Backend) {
     );
 }
 
-both_stores!(
-    watch_is_gapless_and_duplicate_free_under_concurrent_writers,
-    watch_reports_tenant_changes_and_pruned_history,
-    watch_kinds,
-);
-
-through_followers!(
+conformance!(
     watch_is_gapless_and_duplicate_free_under_concurrent_writers,
     watch_reports_tenant_changes_and_pruned_history,
     watch_kinds,

@@ -312,6 +312,20 @@ macro_rules! through_followers {
     };
 }
 
+/// The conformance suite's tests: each named `async fn(Backend)` against both stores
+/// ([`both_stores!`]) and through a follower in front of each ([`through_followers!`]);
+/// those after `stores_only:` against the stores alone (say why where they are listed).
+#[macro_export]
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        $crate::conformance!($($name),*; stores_only:);
+    };
+    ($($name:ident),* $(,)? ; stores_only: $($only:ident),* $(,)?) => {
+        $crate::both_stores!($($name,)* $($only),*);
+        $crate::through_followers!($($name),*);
+    };
+}
+
 /// Polls `probe` until it returns `Some`, failing the test after `deadline`.
 pub async fn wait_for<T, F, Fut>(deadline: Duration, what: &str, mut probe: F) -> T
 where

@@ -3,9 +3,8 @@
 use std::time::Instant;
 
 use crate::{
-    both_stores,
+    conformance,
     helpers::{Backend, spawn},
-    through_followers,
 };
 
 const WRITERS: usize = 8;
@@ -68,6 +67,4 @@ async fn concurrent_writes_get_distinct_revisions_in_commit_order(backend: Backe
     }
 }
 
-both_stores!(concurrent_writes_get_distinct_revisions_in_commit_order);
-
-through_followers!(concurrent_writes_get_distinct_revisions_in_commit_order,);
+conformance!(concurrent_writes_get_distinct_revisions_in_commit_order);

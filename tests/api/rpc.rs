@@ -6,9 +6,8 @@ use rolecheck::pb;
 use tonic::Code;
 
 use crate::{
-    both_stores,
+    conformance,
     helpers::{Backend, authz, spawn, spawn_with, wait_for},
-    through_followers,
 };
 
 async fn seed_example_reads_back_through_get_authorization(backend: Backend) {
@@ -483,8 +482,11 @@ async fn data_survives_a_restart(backend: Backend) {
     assert_eq!(w2, written + 1, "revisions continue where they were");
 }
 
-both_stores!(
-    data_survives_a_restart,
+// `data_survives_a_restart` runs against the stores only: a follower keeps no data of its
+// own (it restarts cold and catches up; the process test
+// `a_follower_fails_closed_when_its_upstream_dies_and_resumes_when_it_returns` restarts
+// the upstream under one).
+conformance!(
     seed_example_reads_back_through_get_authorization,
     grant_check_revoke_and_application_tenant,
     grant_and_revoke_are_idempotent,
@@ -499,25 +501,6 @@ both_stores!(
     expiry_uncached,
     check_after_revoke_never_allows,
     reads_report_the_revision_they_reflect,
-);
-
-// Every test above but one, through a follower in front of each store. Not
-// `data_survives_a_restart`: a follower keeps no data of its own (it restarts cold and
-// catches up; `process::a_follower_fails_closed_when_its_upstream_dies_and_resumes_when_it_returns`
-// restarts the upstream under one).
-through_followers!(
-    seed_example_reads_back_through_get_authorization,
-    grant_check_revoke_and_application_tenant,
-    grant_and_revoke_are_idempotent,
-    set_roles_replaces_exactly,
-    check_batch_answers_in_order,
-    concurrent_misses_get_their_own_roles,
-    concurrent_writes_fail_alone,
-    tenants_create_get_and_generate_ids,
-    delete_tenant_removes_every_membership,
-    list_members_pages_across_boundaries,
-    expiry_cached,
-    expiry_uncached,
-    check_after_revoke_never_allows,
-    reads_report_the_revision_they_reflect,
+    ;
+    stores_only: data_survives_a_restart,
 );

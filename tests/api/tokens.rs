@@ -19,9 +19,8 @@ use serde_json::{Value, json};
 use tonic::Code;
 
 use crate::{
-    both_stores,
+    conformance,
     helpers::{Backend, TestApp, TestDb, authz, http_get, spawn_with, start, test_config},
-    through_followers,
 };
 
 /// PEM files for `kinds`, in a directory that lives as long as the returned guard.
@@ -330,17 +329,7 @@ async fn postgres_without_a_key_refuses_issue_only(backend: Backend) {
     assert!(app.check("1", "", "admin").await, "everything else works");
 }
 
-both_stores!(
-    seed_user_token_verifies_with_pyjwt,
-    every_key_type_signs_verifiable_tokens,
-    narrowing_lifetime_and_size,
-    oversized_tokens_are_refused,
-    rotation_keeps_old_tokens_verifiable_while_listed,
-    forged_tokens_fail_verification,
-    postgres_without_a_key_refuses_issue_only,
-);
-
-through_followers!(
+conformance!(
     seed_user_token_verifies_with_pyjwt,
     every_key_type_signs_verifiable_tokens,
     narrowing_lifetime_and_size,

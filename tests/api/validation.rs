@@ -5,9 +5,8 @@ use rolecheck::pb;
 use tonic::{Code, Status};
 
 use crate::{
-    both_stores,
+    conformance,
     helpers::{Backend, TestApp, spawn},
-    through_followers,
 };
 
 fn assert_invalid(result: Result<impl std::fmt::Debug, Status>, field: &str) {
@@ -200,13 +199,7 @@ async fn oversized_messages_are_refused(backend: Backend) {
     assert!(!app.check("u", "", "r").await, "still serving");
 }
 
-both_stores!(
-    identifiers_at_and_past_their_limits,
-    batch_and_page_limits,
-    oversized_messages_are_refused
-);
-
-through_followers!(
+conformance!(
     identifiers_at_and_past_their_limits,
     batch_and_page_limits,
     oversized_messages_are_refused,

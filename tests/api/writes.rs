@@ -9,9 +9,8 @@ use sqlx::{Connection, PgConnection};
 use tonic::{Code, Request};
 
 use crate::{
-    both_stores,
+    conformance,
     helpers::{Backend, TestApp, check_req, metric, spawn_with, wait_for},
-    through_followers,
 };
 
 /// Longer than a caller waits below: the caller is gone before its write is announced.
@@ -85,12 +84,7 @@ async fn a_write_whose_caller_leaves_after_commit_is_still_announced(backend: Ba
     }
 }
 
-both_stores!(
-    a_write_whose_caller_leaves_after_commit_is_still_announced,
-    tenant_churn_leaves_other_users_cached
-);
-
-through_followers!(
+conformance!(
     a_write_whose_caller_leaves_after_commit_is_still_announced,
     tenant_churn_leaves_other_users_cached,
 );
