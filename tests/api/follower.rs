@@ -16,9 +16,18 @@ use crate::{
 
 /// A follower of `upstream`, over loopback, with the default lease.
 async fn follower_of(upstream: &TestApp) -> TestApp {
+    follower_with(upstream, |_| {}).await
+}
+
+/// A follower of `upstream` with `tweak` applied to its settings.
+async fn follower_with(
+    upstream: &TestApp,
+    tweak: impl FnOnce(&mut rolecheck::config::Config),
+) -> TestApp {
     let db = TestDb::Sqlite(tempfile::tempdir().expect("dir"));
     let mut config = test_config(&db);
     config.upstream = Some(format!("http://{}", upstream.addr));
+    tweak(&mut config);
     start(config, db).await
 }
 
@@ -284,11 +293,7 @@ async fn a_new_follower_warms_its_cache_with_the_upstreams_active_users() {
     }
 
     for (warm_users, misses_per_user) in [(10_000, 0.0), (0, 1.0)] {
-        let db = TestDb::Sqlite(tempfile::tempdir().expect("dir"));
-        let mut config = test_config(&db);
-        config.upstream = Some(format!("http://{}", upstream.addr));
-        config.warm_users = warm_users;
-        let follower = start(config, db).await;
+        let follower = follower_with(&upstream, |c| c.warm_users = warm_users).await;
         wait_for(Duration::from_secs(10), "the follower to be ready", || async {
             let (status, _, _) = crate::helpers::http(follower.http, "GET", "/readyz", &[]).await;
             (status == 200).then_some(())
