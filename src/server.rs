@@ -485,8 +485,8 @@ const UPSTREAM_KEYS_REFRESH: Duration = Duration::from_secs(30);
 
 /// Keeps a follower's published keys (`/.well-known/jwks.json`, the proxy verifier's
 /// `"self"`) its upstream's. An upstream's keys change only when it restarts, which
-/// breaks the feed: so the set is fetched again as soon as the feed has been lost (until
-/// a fetch succeeds), and every [`UPSTREAM_KEYS_REFRESH`] in any case (replicas behind one
+/// breaks the feed: so the set is fetched again as soon as the feed is back after a loss
+/// (until a fetch succeeds), and every [`UPSTREAM_KEYS_REFRESH`] in any case (replicas behind one
 /// address may list keys in a different order mid-rollout). A failed fetch keeps the set
 /// held. An upstream publishes a new key before it signs with it (see the README's key
 /// rotation), so a follower knows a key before any token it verifies uses it.
@@ -499,7 +499,9 @@ async fn follow_keys(upstream: UpstreamStore, keys: Arc<KeySet>, coherence: Arc<
         let reconnects = coherence.reconnects();
         owed |= reconnects != seen;
         seen = reconnects;
-        if !owed && fetched.elapsed() < UPSTREAM_KEYS_REFRESH {
+        // After a loss, fetch once the feed is back: the upstream that went away may
+        // still answer while it drains, with the keys it is about to stop using.
+        if owed && !coherence.is_current() || !owed && fetched.elapsed() < UPSTREAM_KEYS_REFRESH {
             continue;
         }
         fetched = tokio::time::Instant::now();
