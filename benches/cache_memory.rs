@@ -7,8 +7,8 @@
 //! membership. Same allocator as the binary (mimalloc).
 //!
 //! With `CACHE_MOKA_ONLY=1`, the same count of entries of a bare `moka` cache (`u64` keys
-//! and values, the cache's builder settings) instead: the floor one moka entry per user
-//! puts under any encoding of the roles.
+//! and values) instead: what one moka entry per user would cost before any role is
+//! stored, the reason the cache groups users into shared entries.
 //!
 //! `cargo bench --bench cache_memory`
 

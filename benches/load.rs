@@ -18,7 +18,10 @@
 //!    and drops `rolecheck_bench_*` databases there), for each size in `BENCH_SIZES`
 //!    (memberships; default `10000,1000000`): a dataset loaded with COPY, then cache-miss
 //!    Check (every user once), resident memory with the dataset cached, cached Check,
-//!    Check spread over the whole dataset, CheckBatch of 100, Grant;
+//!    Check spread over the whole dataset, CheckBatch of 100, Grant. With
+//!    `BENCH_COMPARE_BIN` (the path of another build's `rolecheck`, say the previous
+//!    commit's), each size runs first on that binary, then on this build's, against the
+//!    same no-op: before and after in one run;
 //! 3. proxy authorization (`BENCH_SKIP_AUTHZ` skips it): Envoy ext_authz with header
 //!    identity and with RS256 bearer tokens, and forward-auth through nginx against nginx
 //!    alone (when nginx and h2load are installed);
@@ -452,7 +455,12 @@ fn spawn(mut command: Command) -> Server {
 }
 
 fn rolecheck(data_dir: &Path, envs: &[(&str, String)]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_rolecheck"));
+    rolecheck_from(Path::new(env!("CARGO_BIN_EXE_rolecheck")), data_dir, envs)
+}
+
+/// [`rolecheck`] from the binary at `bin`.
+fn rolecheck_from(bin: &Path, data_dir: &Path, envs: &[(&str, String)]) -> Command {
+    let mut command = Command::new(bin);
     command
         .env("ROLECHECK_LISTEN", "127.0.0.1:0")
         .env("ROLECHECK_HTTP_LISTEN", "127.0.0.1:0")
@@ -746,15 +754,25 @@ async fn run() {
     }
     if let Ok(admin_url) = std::env::var("BENCH_DATABASE_URL") {
         let sizes: String = env_or("BENCH_SIZES", "10000,1000000".to_owned());
+        let mut bins = Vec::new();
+        if let Some(other) = std::env::var_os("BENCH_COMPARE_BIN") {
+            bins.push((std::path::PathBuf::from(other), "before: BENCH_COMPARE_BIN"));
+        }
+        bins.push((env!("CARGO_BIN_EXE_rolecheck").into(), "this build"));
         let mut scaling = Vec::new();
         for size in sizes.split(',').filter_map(|s| s.trim().parse::<u64>().ok()) {
-            scaling.push(postgres_phase(&admin_url, size, concurrency, &baseline).await);
+            for (bin, label) in &bins {
+                let row = postgres_phase(&admin_url, bin, label, size, concurrency, &baseline);
+                scaling.push(row.await);
+            }
         }
         println!("\n### How cost grows with the dataset (Postgres)\n");
         println!(
-            "| memberships | load (COPY) | cache-miss Check calls/s | miss p50 | miss p99 | cached Check calls/s | cached p50 | cached p99 | spread Check calls/s | spread hit ratio | RSS at start | RSS warmed | users cached |"
+            "| memberships | binary | load (COPY) | cache-miss Check calls/s | miss p50 | miss p99 | cached Check calls/s | cached p50 | cached p99 | spread Check calls/s | spread hit ratio | RSS at start | RSS warmed | users cached |"
         );
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        println!(
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
         for row in &scaling {
             println!("{row}");
         }
@@ -880,6 +898,8 @@ async fn sqlite_phase(noop: &Server, health: &Bytes, concurrency: usize, baselin
 /// Dataset `size` in a fresh Postgres database: every scenario, then one scaling row.
 async fn postgres_phase(
     admin_url: &str,
+    bin: &Path,
+    label: &str,
     size: u64,
     concurrency: usize,
     baseline: &Outcome,
@@ -888,11 +908,11 @@ async fn postgres_phase(
     let url = fresh_database(admin_url, &format!("rolecheck_bench_{size}")).await;
     let data = tempfile::tempdir().expect("dir");
     let db = [("ROLECHECK_DATABASE_URL", url.clone())];
-    let status = rolecheck(data.path(), &db).arg("migrate").status().expect("migrate");
+    let status = rolecheck_from(bin, data.path(), &db).arg("migrate").status().expect("migrate");
     assert!(status.success(), "migrate");
     let loaded = generate(&url, dataset).await;
 
-    let server = spawn(rolecheck(data.path(), &db));
+    let server = spawn(rolecheck_from(bin, data.path(), &db));
     let conn = connect(&server.grpc).await;
     let rss_start = rss_mib(server.pid);
     let (hits, misses) = ("rolecheck_cache_hits_total", "rolecheck_cache_misses_total");
@@ -966,7 +986,7 @@ async fn postgres_phase(
     )
     .await;
     let title = format!(
-        "Postgres, {} memberships ({} users, {} tenants; COPY load {:.1} s)",
+        "Postgres ({label}), {} memberships ({} users, {} tenants; COPY load {:.1} s)",
         thousands(size as f64),
         thousands(users as f64),
         thousands(dataset.tenants as f64),
@@ -987,7 +1007,7 @@ async fn postgres_phase(
         .execute(&mut admin)
         .await;
     format!(
-        "| {} | {:.1} s | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.0} MiB | {:.0} MiB | {} |",
+        "| {} | {label} | {:.1} s | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.0} MiB | {:.0} MiB | {} |",
         thousands(size as f64),
         loaded.as_secs_f64(),
         thousands(miss.per_second),

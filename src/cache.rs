@@ -4,10 +4,10 @@
 //! [`CachedStore::user_roles_in_memory`] first.
 //!
 //! Entries are per user (everything the user holds, at one revision), so a `Check` and
-//! the user's `GetAuthorization` always agree. Absent users are cached too (an empty
-//! snapshot). An entry lives at most `--cache-ttl` and never past the earliest expiry of
-//! a role it holds; reads also filter expired roles by the clock, so expiry is exact to
-//! the second whether or not an answer is cached.
+//! the user's `GetAuthorization` always agree; users share moka entries (see
+//! [`CachedStore`]). Absent users are cached too (an empty snapshot). An entry is served
+//! for at most `--cache-ttl`; reads filter expired roles by the clock, so expiry is exact
+//! to the second whether or not an answer is cached.
 //!
 //! Writes through other processes arrive on the store's change feed (see
 //! [`crate::coherence`]); while the feed cannot be trusted, reads bypass the cache.
@@ -22,22 +22,26 @@
 //! when the write committed) is never served after the write returns.
 
 use std::{
+    collections::HashMap,
     hash::{BuildHasher, RandomState},
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
-use futures::FutureExt;
-use moka::{Expiry, future::Cache};
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
+use moka::future::Cache;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
     coherence::{Coherence, Invalidate},
-    domain::{Revision, TenantId, UserId, UserRoles, now_unix},
+    domain::{Revision, TenantId, UserId, UserRoles},
     error::{Error, Result},
     store::{Answer, MembershipWrite, RoleReads, Stale, Store, Tenant, Writes},
 };
@@ -49,29 +53,100 @@ const SHARDS: usize = 4096;
 /// store directly.
 const LOAD_ATTEMPTS: usize = 2;
 
-struct Entry {
-    generation: u64,
-    snapshot: Arc<UserRoles>,
+/// Users per moka entry when the cache is full: a moka entry costs about 300 bytes of
+/// its own (BENCHMARKS.md), more than a user's roles, so users share entries.
+const USERS_PER_BUCKET: u64 = 64;
+
+/// Most users one bucket keeps; past it a load drops the bucket's oldest.
+const BUCKET_LIMIT: usize = 4 * USERS_PER_BUCKET as usize;
+
+/// One cached user.
+#[derive(Clone)]
+struct Slot {
+    roles: Arc<UserRoles>,
+    /// When it was loaded, in milliseconds since the cache was made.
+    loaded_ms: u64,
+    /// Where its id starts in [`Bucket::users`].
+    user: u32,
+    /// The low bits of the user's generation read before the load (a slot lives at most
+    /// `--cache-ttl`, far too short for 2^32 writes to wrap it).
+    generation: u32,
 }
 
-struct EntryExpiry {
-    ttl: Duration,
+/// The users of one moka entry, sorted by id, their ids packed in one string. Replaced
+/// whole (copy on write) when a user is loaded into it.
+#[derive(Default)]
+struct Bucket {
+    users: Box<str>,
+    slots: Box<[Slot]>,
 }
 
-impl Expiry<UserId, Arc<Entry>> for EntryExpiry {
-    fn expire_after_create(
-        &self,
-        _user: &UserId,
-        entry: &Arc<Entry>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        let now = now_unix();
-        let until_role_expiry = entry
-            .snapshot
-            .earliest_expiry(now)
-            .map(|at| Duration::from_secs(at.saturating_sub(now).max(0) as u64));
-        Some(until_role_expiry.map_or(self.ttl, |left| left.min(self.ttl)))
+impl Bucket {
+    fn user(&self, i: usize) -> &str {
+        let end = self.slots.get(i + 1).map_or(self.users.len(), |next| next.user as usize);
+        &self.users[self.slots[i].user as usize..end]
     }
+
+    fn find(&self, user: &str) -> Option<&Slot> {
+        let (mut low, mut high) = (0, self.slots.len());
+        while low < high {
+            let mid = (low + high) / 2;
+            match self.user(mid).cmp(user) {
+                std::cmp::Ordering::Less => low = mid + 1,
+                std::cmp::Ordering::Greater => high = mid,
+                std::cmp::Ordering::Equal => return Some(&self.slots[mid]),
+            }
+        }
+        None
+    }
+
+    /// This bucket with `user`'s `slot` in it, without the slots `keep` rejects, and
+    /// without its oldest slot when it already holds `limit`.
+    fn with(
+        &self,
+        user: &str,
+        slot: Slot,
+        keep: impl Fn(&str, &Slot) -> bool,
+        limit: usize,
+    ) -> Self {
+        let mut kept: Vec<(&str, Slot)> = (0..self.slots.len())
+            .map(|i| (self.user(i), &self.slots[i]))
+            .filter(|&(id, old)| id != user && keep(id, old))
+            .map(|(id, old)| (id, old.clone()))
+            .collect();
+        if kept.len() >= limit.max(1) {
+            let oldest = (0..kept.len()).min_by_key(|&i| kept[i].1.loaded_ms).unwrap_or(0);
+            kept.swap_remove(oldest);
+        }
+        kept.push((user, slot));
+        kept.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut users = String::with_capacity(kept.iter().map(|(id, _)| id.len()).sum());
+        let slots = kept
+            .into_iter()
+            .map(|(id, slot)| {
+                let start = users.len() as u32;
+                users.push_str(id);
+                Slot { user: start, ..slot }
+            })
+            .collect();
+        Self { users: users.into_boxed_str(), slots }
+    }
+}
+
+/// Where a user lives: its bucket and its generation counter.
+struct Place {
+    bucket: u64,
+    shard: usize,
+}
+
+/// A load from the store shared by every read of the user that misses while it runs.
+type Load = Shared<BoxFuture<'static, std::result::Result<Loaded, Arc<Error>>>>;
+
+#[derive(Clone)]
+struct Loaded {
+    /// The user's generation read before the store was.
+    generation: u64,
+    roles: Arc<UserRoles>,
 }
 
 /// Deleted tenants: roles read before the revision that deleted a tenant, naming it, are
@@ -82,7 +157,7 @@ struct Tombstones {
     /// How many are kept: a read looks no further while this is 0.
     count: std::sync::atomic::AtomicUsize,
     /// Tenant -> (revision that deleted it, when it was heard of).
-    deleted: std::sync::RwLock<std::collections::HashMap<Box<str>, (Revision, std::time::Instant)>>,
+    deleted: std::sync::RwLock<HashMap<Box<str>, (Revision, Instant)>>,
 }
 
 impl Tombstones {
@@ -99,7 +174,7 @@ impl Tombstones {
     /// can still be cached).
     fn bury(&self, tenant: &str, revision: Revision, keep: Duration) {
         let Ok(mut deleted) = self.deleted.write() else { return };
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         deleted.retain(|_, (_, heard)| now.duration_since(*heard) < keep);
         let entry = deleted.entry(tenant.into()).or_insert((revision, now));
         *entry = (entry.0.max(revision), now);
@@ -108,15 +183,28 @@ impl Tombstones {
 }
 
 /// Answers `user_roles` from memory.
+///
+/// Users are grouped into moka entries ("buckets", by a hash of the id; about
+/// [`USERS_PER_BUCKET`] each when the cache is full), because a moka entry's own
+/// bookkeeping outweighs a user's roles: moka weighs each bucket by its users, evicts
+/// and idles out whole buckets, and a bucket is replaced whole when a user is loaded
+/// into it. Each user in a bucket carries its own load time (served for at most
+/// `--cache-ttl`) and generation.
 pub struct CachedStore {
     inner: Arc<dyn RoleReads>,
     writes: Arc<dyn Writes>,
     tombstones: Tombstones,
     /// How long a tombstone is kept: past it no entry read before it can remain.
     tombstone_life: Duration,
-    cache: Cache<UserId, Arc<Entry>>,
+    cache: Cache<u64, Arc<Bucket>>,
+    buckets: u64,
+    bucket_limit: usize,
     generations: Box<[AtomicU64]>,
     hasher: RandomState,
+    /// Loads in flight, by user: a miss joins the one running for its user.
+    loading: Mutex<HashMap<Box<str>, Load>>,
+    born: Instant,
+    ttl_ms: u64,
     coherence: Arc<Coherence>,
     min_revision_wait: Duration,
     hits: Counter,
@@ -159,17 +247,25 @@ impl CachedStore {
         options: &CacheOptions,
         coherence: Arc<Coherence>,
     ) -> Self {
-        let (capacity, ttl) = (options.capacity, options.ttl);
-        let cache =
-            Cache::builder().max_capacity(capacity).expire_after(EntryExpiry { ttl }).build();
+        let (capacity, ttl) = (options.capacity.max(1), options.ttl);
+        let cache = Cache::builder()
+            .max_capacity(capacity)
+            .weigher(|_, bucket: &Arc<Bucket>| bucket.slots.len() as u32)
+            .time_to_idle(ttl)
+            .build();
         Self {
             inner,
             writes,
             tombstones: Tombstones::default(),
             tombstone_life: ttl * 2 + Duration::from_secs(60),
             cache,
+            buckets: (capacity / USERS_PER_BUCKET).max(1),
+            bucket_limit: BUCKET_LIMIT.min(capacity as usize),
             generations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             hasher: RandomState::new(),
+            loading: Mutex::default(),
+            born: Instant::now(),
+            ttl_ms: ttl.as_millis() as u64,
             coherence,
             min_revision_wait: options.min_revision_wait,
             hits: options.hits.clone(),
@@ -179,24 +275,108 @@ impl CachedStore {
 
     /// Number of cached users (approximate, for metrics and tests).
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        self.cache.weighted_size()
     }
 
-    fn generation(&self, user: &str) -> &AtomicU64 {
-        let shard = self.hasher.hash_one(user) as usize % SHARDS;
-        &self.generations[shard]
+    fn place(&self, user: &str) -> Place {
+        let hash = self.hasher.hash_one(user);
+        Place { bucket: (hash >> 32) % self.buckets, shard: hash as usize % SHARDS }
     }
 
-    async fn forget(&self, user: &UserId) {
-        self.generation(user.as_str()).fetch_add(1, Ordering::SeqCst);
-        self.cache.invalidate(user).await;
+    fn generation(&self, place: &Place) -> u64 {
+        self.generations[place.shard].load(Ordering::SeqCst)
     }
 
-    async fn forget_all(&self) {
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// Whether `slot` may be served: loaded after every write to its user, within the TTL.
+    fn is_current(&self, slot: &Slot, generation: u64, now_ms: u64) -> bool {
+        slot.generation == generation as u32 && now_ms.saturating_sub(slot.loaded_ms) < self.ttl_ms
+    }
+
+    /// `user`'s answer from `bucket`, if it holds a current one.
+    fn serve(
+        &self,
+        bucket: &Bucket,
+        place: &Place,
+        user: &str,
+        applied: Revision,
+    ) -> Option<Answer> {
+        let slot = bucket.find(user)?;
+        if !self.is_current(slot, self.generation(place), self.now_ms())
+            || self.tombstones.buries(&slot.roles)
+        {
+            return None;
+        }
+        let revision = slot.roles.revision.max(applied);
+        Some(Answer { roles: slot.roles.clone(), revision })
+    }
+
+    fn forget(&self, user: &str) {
+        let place = self.place(user);
+        self.generations[place.shard].fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn forget_all(&self) {
         for generation in self.generations.iter() {
             generation.fetch_add(1, Ordering::SeqCst);
         }
         self.cache.invalidate_all();
+    }
+
+    /// The load running for `user`, or a new one.
+    fn join_load(&self, user: &UserId, place: &Place) -> Load {
+        let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(load) = loading.get(user.as_str()) {
+            return load.clone();
+        }
+        self.misses.inc();
+        // Read before the store is: see the module's comment.
+        let generation = self.generation(place);
+        let (inner, owned) = (self.inner.clone(), user.clone());
+        let load = async move {
+            let answer = inner.user_roles(&owned, 0).await.map_err(Arc::new)?;
+            Ok(Loaded { generation, roles: answer.roles })
+        }
+        .boxed()
+        .shared();
+        loading.insert(user.as_str().into(), load.clone());
+        load
+    }
+
+    /// Removes `load` from the loads in flight; true for the one read that does.
+    fn finish_load(&self, user: &str, load: &Load) -> bool {
+        let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
+        let ours = loading.get(user).is_some_and(|running| running.ptr_eq(load));
+        if ours {
+            loading.remove(user);
+        }
+        ours
+    }
+
+    /// Puts `loaded` into `user`'s bucket, dropping the slots that can no longer be served.
+    async fn insert(&self, place: &Place, user: &str, loaded: &Loaded) {
+        let now_ms = self.now_ms();
+        let slot = Slot {
+            roles: loaded.roles.clone(),
+            loaded_ms: now_ms,
+            user: 0,
+            generation: loaded.generation as u32,
+        };
+        let keep =
+            |id: &str, old: &Slot| self.is_current(old, self.generation(&self.place(id)), now_ms);
+        self.cache
+            .entry(place.bucket)
+            .and_upsert_with(|current| {
+                let bucket = match current {
+                    Some(entry) => entry.into_value().with(user, slot, keep, self.bucket_limit),
+                    None => Bucket::default().with(user, slot, keep, self.bucket_limit),
+                };
+                std::future::ready(Arc::new(bucket))
+            })
+            .await;
     }
 
     /// The answer to `user_roles` when it is in memory and current, without waiting or
@@ -212,22 +392,27 @@ impl CachedStore {
         if min_revision > applied {
             return None;
         }
+        let place = self.place(user);
         // A hit completes on its first poll; moka only waits when its read log needs
         // housekeeping first, and then `user_roles` waits for it.
-        let entry = self.cache.get(user).now_or_never()??;
-        let revision = entry.snapshot.revision.max(applied);
-        if entry.generation != self.generation(user).load(Ordering::SeqCst)
-            || self.tombstones.buries(&entry.snapshot)
-        {
-            return None;
-        }
-        Some(Answer { roles: entry.snapshot.clone(), revision })
+        let bucket = self.cache.get(&place.bucket).now_or_never()??;
+        self.serve(&bucket, &place, user, applied)
     }
 
     /// Up to `limit` users held in memory, in no particular order: those asked about
     /// recently (moka's admission keeps the frequently asked ones).
     pub fn active_users(&self, limit: usize) -> Vec<String> {
-        self.cache.iter().take(limit).map(|(user, _)| user.as_str().to_owned()).collect()
+        let now_ms = self.now_ms();
+        let mut users = Vec::new();
+        for (_, bucket) in self.cache.iter() {
+            let live = (0..bucket.slots.len())
+                .filter(|&i| now_ms.saturating_sub(bucket.slots[i].loaded_ms) < self.ttl_ms);
+            users.extend(live.map(|i| bucket.user(i).to_owned()).take(limit - users.len()));
+            if users.len() >= limit {
+                break;
+            }
+        }
+        users
     }
 
     /// Counts `n` answers from [`user_roles_in_memory`](Self::user_roles_in_memory), once
@@ -303,31 +488,30 @@ impl RoleReads for CachedStore {
         // Read before the generation check: every write at or below `applied` has bumped
         // the generation of the users it touched by now.
         let applied = self.coherence.applied();
-        let generation = self.generation(user.as_str());
-        let loaded = std::sync::atomic::AtomicBool::new(false);
+        let place = self.place(user.as_str());
         for _ in 0..LOAD_ATTEMPTS {
-            let entry = self
-                .cache
-                .try_get_with_by_ref(user, async {
-                    self.misses.inc();
-                    loaded.store(true, Ordering::Relaxed);
-                    let seen = generation.load(Ordering::SeqCst);
-                    let snapshot = self.inner.user_roles(user, 0).await?.roles;
-                    Ok::<_, Error>(Arc::new(Entry { generation: seen, snapshot }))
-                })
-                .await
-                .map_err(Error::unshare)?;
-            let revision = entry.snapshot.revision.max(applied);
-            if entry.generation == generation.load(Ordering::SeqCst)
-                && revision >= min_revision
-                && !self.tombstones.buries(&entry.snapshot)
-            {
-                if !loaded.load(Ordering::Relaxed) {
-                    self.hits.inc();
-                }
-                return Ok(Answer { roles: entry.snapshot.clone(), revision });
+            let bucket = self.cache.get(&place.bucket).await;
+            let cached =
+                bucket.and_then(|bucket| self.serve(&bucket, &place, user.as_str(), applied));
+            if let Some(answer) = cached.filter(|answer| answer.revision >= min_revision) {
+                self.hits.inc();
+                return Ok(answer);
             }
-            self.cache.invalidate(user).await;
+            let load = self.join_load(user, &place);
+            let result = load.clone().await;
+            let first = self.finish_load(user.as_str(), &load);
+            let loaded = result.map_err(Error::unshare)?;
+            let revision = loaded.roles.revision.max(applied);
+            if loaded.generation == self.generation(&place)
+                && revision >= min_revision
+                && !self.tombstones.buries(&loaded.roles)
+            {
+                // One of the reads that shared the load keeps it.
+                if first {
+                    self.insert(&place, user.as_str(), &loaded).await;
+                }
+                return Ok(Answer { roles: loaded.roles, revision });
+            }
         }
         self.inner.user_roles(user, min_revision).await
     }
@@ -338,7 +522,7 @@ impl Writes for CachedStore {
     async fn write_membership(&self, write: &MembershipWrite) -> Result<Revision> {
         // Forget even on error: a failed COMMIT may still have committed.
         let result = self.writes.write_membership(write).await;
-        self.forget(&write.user).await;
+        self.forget(write.user.as_str());
         result
     }
 
@@ -360,13 +544,13 @@ impl Invalidate for CachedStore {
     async fn invalidate(&self, stale: &Stale) {
         match stale {
             Stale::Nobody => {}
-            Stale::User(user) => self.forget(&UserId::trusted(user.clone())).await,
+            Stale::User(user) => self.forget(user),
             Stale::Tenant { tenant, revision } => {
                 // Loads in flight may have read before the deletion: the tombstone catches
                 // what they insert, as it does every entry already cached.
                 self.tombstones.bury(tenant, *revision, self.tombstone_life);
             }
-            Stale::Everyone => self.forget_all().await,
+            Stale::Everyone => self.forget_all(),
         }
     }
 }
@@ -379,7 +563,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        domain::Role,
+        domain::{Role, now_unix},
         store::{ChangeFeed, SqliteStore, StoreOptions, WriteKind},
     };
 

@@ -112,47 +112,65 @@ identifier!(
 /// At most this many roles in one Grant, Revoke or SetRoles.
 pub const MAX_ROLES_PER_WRITE: usize = 32;
 
-/// Where a name lies in [`UserRoles`]' shared string.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Span {
-    start: u32,
-    len: u32,
+/// A (tenant, role) pair in [`UserRoles`]: where each name starts in its shared string.
+type Held = u64;
+
+fn held(tenant: u32, role: u32) -> Held {
+    u64::from(tenant) << 32 | u64::from(role)
 }
 
-/// One role a user holds in a tenant, with its expiry (`None`: never expires).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Held {
-    tenant: Span,
-    role: Span,
-    expires_at: Option<UnixSeconds>,
-}
-
-impl Held {
-    /// Whether the role still allows at `now`.
-    fn is_live(&self, now: UnixSeconds) -> bool {
-        self.expires_at.is_none_or(|at| now < at)
-    }
-}
+/// Stored for "never expires" among expiries.
+const NEVER: UnixSeconds = UnixSeconds::MAX;
 
 /// Everything one user holds, read from the store at one revision.
 ///
 /// Expired roles may be present; every accessor filters them by the time it is given,
 /// so a cached snapshot never allows past an expiry.
 ///
-/// Compact because the cache holds one per user: every tenant and role name lives in one
-/// string, and the (tenant, role, expiry) triples, sorted, in one slice — two allocations
-/// per user however many memberships it has (see BENCHMARKS.md for the memory figures).
+/// Compact because the cache holds one per user (see BENCHMARKS.md for the memory
+/// figures): every tenant and role name lives once in one string, each preceded by a
+/// byte that gives its length (names are validated ids of 1–128 ASCII characters); the
+/// sorted (tenant, role) pairs are one word each, their two names' offsets; expiries
+/// follow the pairs in the same slice only when some role expires. Two allocations per
+/// user besides the snapshot itself, 8 bytes per membership besides its names.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UserRoles {
     /// The revision the snapshot was read at.
     pub revision: Revision,
     names: Box<str>,
-    held: Box<[Held]>,
+    /// `count` pairs, sorted by (tenant, role); then, if any role expires, `count`
+    /// expiries in the same order ([`NEVER`] for a role that does not).
+    cells: Box<[u64]>,
+    count: u32,
 }
 
 impl UserRoles {
-    fn name(&self, span: Span) -> &str {
-        &self.names[span.start as usize..(span.start + span.len) as usize]
+    fn name(&self, start: u32) -> &str {
+        let start = start as usize;
+        let len = usize::from(self.names.as_bytes()[start]) + 1;
+        &self.names[start + 1..start + 1 + len]
+    }
+
+    fn tenant(&self, i: usize) -> &str {
+        self.name((self.cells[i] >> 32) as u32)
+    }
+
+    fn role(&self, i: usize) -> &str {
+        self.name(self.cells[i] as u32)
+    }
+
+    fn expires_at(&self, i: usize) -> Option<UnixSeconds> {
+        let at = *self.cells.get(self.count as usize + i)? as UnixSeconds;
+        (at != NEVER).then_some(at)
+    }
+
+    /// Whether the `i`th role still allows at `now`.
+    fn is_live(&self, i: usize, now: UnixSeconds) -> bool {
+        self.expires_at(i).is_none_or(|at| now < at)
+    }
+
+    fn indices(&self) -> std::ops::Range<usize> {
+        0..self.count as usize
     }
 
     /// Whether the user holds `role` in `tenant` at `now`.
@@ -163,18 +181,20 @@ impl UserRoles {
     /// [`allows`](Self::allows) for already validated text.
     pub fn allows_str(&self, tenant: &str, role: &str, now: UnixSeconds) -> bool {
         let key = (tenant, role);
-        self.held
-            .binary_search_by(|held| (self.name(held.tenant), self.name(held.role)).cmp(&key))
-            .is_ok_and(|i| self.held[i].is_live(now))
+        let pairs = &self.cells[..self.count as usize];
+        pairs
+            .binary_search_by(|&pair| {
+                (self.name((pair >> 32) as u32), self.name(pair as u32)).cmp(&key)
+            })
+            .is_ok_and(|i| self.is_live(i, now))
     }
 
     /// The authorization object at `now`: tenant id -> sorted live roles, only tenants
     /// with at least one live role.
     pub fn authorization(&self, now: UnixSeconds) -> BTreeMap<String, Vec<String>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for held in self.held.iter().filter(|held| held.is_live(now)) {
-            let role = self.name(held.role).to_owned();
-            out.entry(self.name(held.tenant).to_owned()).or_default().push(role);
+        for (tenant, role, _) in self.live(now) {
+            out.entry(tenant.to_owned()).or_default().push(role.to_owned());
         }
         out
     }
@@ -184,10 +204,9 @@ impl UserRoles {
         &self,
         now: UnixSeconds,
     ) -> impl Iterator<Item = (&str, &str, Option<UnixSeconds>)> {
-        self.held
-            .iter()
-            .filter(move |held| held.is_live(now))
-            .map(|held| (self.name(held.tenant), self.name(held.role), held.expires_at))
+        self.indices()
+            .filter(move |&i| self.is_live(i, now))
+            .map(|i| (self.tenant(i), self.role(i), self.expires_at(i)))
     }
 
     /// The live roles in `tenant` at `now`, sorted.
@@ -196,22 +215,22 @@ impl UserRoles {
         tenant: &'a str,
         now: UnixSeconds,
     ) -> impl Iterator<Item = &'a str> {
-        let start = self.held.partition_point(|held| self.name(held.tenant) < tenant);
-        self.held[start..]
-            .iter()
-            .take_while(move |held| self.name(held.tenant) == tenant)
-            .filter(move |held| held.is_live(now))
-            .map(|held| self.name(held.role))
+        let pairs = &self.cells[..self.count as usize];
+        let start = pairs.partition_point(|&pair| self.name((pair >> 32) as u32) < tenant);
+        (start..self.count as usize)
+            .take_while(move |&i| self.tenant(i) == tenant)
+            .filter(move |&i| self.is_live(i, now))
+            .map(|i| self.role(i))
     }
 
     /// Whether any role (live or not) is held in a tenant `tenant` accepts.
     pub fn names_tenant(&self, mut tenant: impl FnMut(&str) -> bool) -> bool {
         let mut last = None;
-        self.held.iter().any(|held| {
-            let name = self.name(held.tenant);
-            let fresh = last != Some(name);
-            last = Some(name);
-            fresh && tenant(name)
+        self.indices().any(|i| {
+            let start = self.cells[i] >> 32;
+            let fresh = last != Some(start);
+            last = Some(start);
+            fresh && tenant(self.tenant(i))
         })
     }
 
@@ -226,40 +245,52 @@ impl UserRoles {
         now: UnixSeconds,
         include: impl Fn(&str) -> bool,
     ) -> Option<UnixSeconds> {
-        self.held
-            .iter()
-            .filter(|held| held.is_live(now) && include(self.name(held.tenant)))
-            .filter_map(|held| held.expires_at)
+        self.indices()
+            .filter(|&i| self.is_live(i, now) && include(self.tenant(i)))
+            .filter_map(|i| self.expires_at(i))
             .min()
     }
 
     /// Builds a snapshot from `(tenant, role, expires_at)` rows (any order; a repeated
-    /// tenant and role keeps its first row).
+    /// tenant and role keeps its first row). Rows whose names are empty or longer than
+    /// 128 bytes, which the store never holds, are left out (they allow nothing).
     pub fn from_rows(
         revision: Revision,
         rows: impl IntoIterator<Item = (String, String, Option<UnixSeconds>)>,
     ) -> Self {
-        let mut rows: Vec<_> = rows.into_iter().collect();
+        let fits = |name: &str| (1..=128).contains(&name.len());
+        let mut rows: Vec<_> =
+            rows.into_iter().filter(|(tenant, role, _)| fits(tenant) && fits(role)).collect();
         rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         rows.dedup_by(|b, a| (&a.0, &a.1) == (&b.0, &b.1));
-        let mut names = String::with_capacity(rows.iter().map(|r| r.0.len() + r.1.len()).sum());
+        let mut names = String::with_capacity(rows.iter().map(|r| r.0.len() + r.1.len() + 2).sum());
         let mut push = |name: &str| {
-            let span = Span { start: names.len() as u32, len: name.len() as u32 };
+            let start = names.len() as u32;
+            names.push(char::from(name.len() as u8 - 1));
             names.push_str(name);
-            span
+            start
         };
-        let mut held = Vec::with_capacity(rows.len());
-        let mut last_tenant: Option<(&str, Span)> = None;
-        for (tenant, role, expires_at) in &rows {
+        let expiring = rows.iter().any(|row| row.2.is_some());
+        let mut cells = Vec::with_capacity(rows.len() * if expiring { 2 } else { 1 });
+        let mut last_tenant: Option<(&str, u32)> = None;
+        for (tenant, role, _) in &rows {
             // A tenant's rows are adjacent: store its name once.
-            let tenant_span = match last_tenant {
-                Some((name, span)) if name == tenant => span,
+            let tenant_start = match last_tenant {
+                Some((name, start)) if name == tenant => start,
                 _ => push(tenant),
             };
-            last_tenant = Some((tenant, tenant_span));
-            held.push(Held { tenant: tenant_span, role: push(role), expires_at: *expires_at });
+            last_tenant = Some((tenant, tenant_start));
+            cells.push(held(tenant_start, push(role)));
         }
-        Self { revision, names: names.into_boxed_str(), held: held.into_boxed_slice() }
+        if expiring {
+            cells.extend(rows.iter().map(|row| row.2.unwrap_or(NEVER) as u64));
+        }
+        Self {
+            revision,
+            names: names.into_boxed_str(),
+            cells: cells.into_boxed_slice(),
+            count: rows.len() as u32,
+        }
     }
 }
 
@@ -302,5 +333,48 @@ mod tests {
         assert!(snap.allows(&t, &r, 99));
         assert!(!snap.allows(&t, &r, 100));
         assert!(snap.authorization(100).is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_what_it_was_built_from() {
+        let rows = [
+            ("beta", "viewer", None),
+            ("alpha", "editor", Some(50)),
+            ("beta", "admin", None),
+            ("alpha", "billing:read", None),
+            ("beta", "viewer", Some(10)),
+            ("", "ghost", None),
+        ];
+        let snap = UserRoles::from_rows(7, rows.map(|(t, r, e)| (t.to_owned(), r.to_owned(), e)));
+        let live: Vec<_> = snap.live(20).collect();
+        assert_eq!(
+            live,
+            [
+                ("alpha", "billing:read", None),
+                ("alpha", "editor", Some(50)),
+                ("beta", "admin", None),
+                ("beta", "viewer", None),
+            ]
+        );
+        assert_eq!(snap.live(60).count(), 3, "the editor role expired at 50");
+        assert!(snap.allows_str("alpha", "editor", 49));
+        assert!(!snap.allows_str("alpha", "editor", 50));
+        assert!(!snap.allows_str("alpha", "viewer", 0));
+        assert!(!snap.allows_str("", "ghost", 0), "an empty tenant name is left out");
+        assert_eq!(snap.roles_in("beta", 0).collect::<Vec<_>>(), ["admin", "viewer"]);
+        assert_eq!(snap.roles_in("gamma", 0).count(), 0);
+        assert_eq!(snap.earliest_expiry(20), Some(50));
+        assert_eq!(snap.earliest_expiry_in(20, |t| t == "beta"), None);
+        let mut named = Vec::new();
+        assert!(!snap.names_tenant(|t| {
+            named.push(t.to_owned());
+            false
+        }));
+        assert_eq!(named, ["alpha", "beta"], "each tenant once");
+        assert_eq!(snap.authorization(60).len(), 2);
+        let long = "r".repeat(128);
+        let snap = UserRoles::from_rows(1, [("t".to_owned(), long.clone(), None)]);
+        assert!(snap.allows_str("t", &long, 0));
+        assert_eq!(UserRoles::from_rows(1, []).live(0).count(), 0);
     }
 }
