@@ -36,7 +36,7 @@ use futures::{
     FutureExt,
     future::{BoxFuture, Shared},
 };
-use moka::future::Cache;
+use moka::{Expiry, sync::Cache};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
@@ -66,77 +66,85 @@ struct Slot {
     roles: Arc<UserRoles>,
     /// When it was loaded, in milliseconds since the cache was made.
     loaded_ms: u64,
-    /// Where its id starts in [`Bucket::users`].
-    user: u32,
+    /// The low 32 bits of the user's hash.
+    fingerprint: u32,
     /// The low bits of the user's generation read before the load (a slot lives at most
     /// `--cache-ttl`, far too short for 2^32 writes to wrap it).
     generation: u32,
 }
 
-/// The users of one moka entry, sorted by id, their ids packed in one string. Replaced
-/// whole (copy on write) when a user is loaded into it.
-#[derive(Default)]
-struct Bucket {
-    users: Box<str>,
-    slots: Box<[Slot]>,
+/// The users of one moka entry, in one allocation with its reference count, in the order
+/// of their fingerprints (ties by id): a lookup searches the fingerprints and compares
+/// one id (the snapshot's own, [`UserRoles::user`]). Replaced whole (copy on write) when
+/// a user is loaded into it.
+///
+/// moka expires a bucket when its oldest slot has been held `--cache-ttl`, so a read
+/// never meets an older slot. A user loaded later is dropped with the bucket and loaded
+/// again, early: at most twice the loads of a deadline per user, and the users of a busy
+/// bucket fall into step.
+type Bucket = Arc<[Slot]>;
+
+/// Expires each bucket when its oldest slot reaches the TTL.
+struct BucketExpiry {
+    born: Instant,
+    ttl_ms: u64,
 }
 
-impl Bucket {
-    fn user(&self, i: usize) -> &str {
-        let end = self.slots.get(i + 1).map_or(self.users.len(), |next| next.user as usize);
-        &self.users[self.slots[i].user as usize..end]
+impl BucketExpiry {
+    fn left(&self, bucket: &[Slot]) -> Option<Duration> {
+        let now_ms = self.born.elapsed().as_millis() as u64;
+        let oldest = bucket.iter().map(|slot| slot.loaded_ms).min().unwrap_or(0);
+        Some(Duration::from_millis((oldest + self.ttl_ms).saturating_sub(now_ms)))
+    }
+}
+
+impl Expiry<u64, Bucket> for BucketExpiry {
+    fn expire_after_create(&self, _: &u64, bucket: &Bucket, _: Instant) -> Option<Duration> {
+        self.left(bucket)
     }
 
-    fn find(&self, user: &str) -> Option<&Slot> {
-        let (mut low, mut high) = (0, self.slots.len());
-        while low < high {
-            let mid = (low + high) / 2;
-            match self.user(mid).cmp(user) {
-                std::cmp::Ordering::Less => low = mid + 1,
-                std::cmp::Ordering::Greater => high = mid,
-                std::cmp::Ordering::Equal => return Some(&self.slots[mid]),
-            }
-        }
-        None
-    }
-
-    /// This bucket with `user`'s `slot` in it, without the slots `keep` rejects, and
-    /// without its oldest slot when it already holds `limit`.
-    fn with(
+    fn expire_after_update(
         &self,
-        user: &str,
-        slot: Slot,
-        keep: impl Fn(&str, &Slot) -> bool,
-        limit: usize,
-    ) -> Self {
-        let mut kept: Vec<(&str, Slot)> = (0..self.slots.len())
-            .map(|i| (self.user(i), &self.slots[i]))
-            .filter(|&(id, old)| id != user && keep(id, old))
-            .map(|(id, old)| (id, old.clone()))
-            .collect();
-        if kept.len() >= limit.max(1) {
-            let oldest = (0..kept.len()).min_by_key(|&i| kept[i].1.loaded_ms).unwrap_or(0);
-            kept.swap_remove(oldest);
-        }
-        kept.push((user, slot));
-        kept.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut users = String::with_capacity(kept.iter().map(|(id, _)| id.len()).sum());
-        let slots = kept
-            .into_iter()
-            .map(|(id, slot)| {
-                let start = users.len() as u32;
-                users.push_str(id);
-                Slot { user: start, ..slot }
-            })
-            .collect();
-        Self { users: users.into_boxed_str(), slots }
+        _: &u64,
+        bucket: &Bucket,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        self.left(bucket)
     }
 }
 
-/// Where a user lives: its bucket and its generation counter.
+/// `user`'s slot in `bucket`, if any.
+fn find<'a>(bucket: &'a [Slot], user: &str, fingerprint: u32) -> Option<&'a Slot> {
+    let first = bucket.partition_point(|slot| slot.fingerprint < fingerprint);
+    bucket[first..]
+        .iter()
+        .take_while(|slot| slot.fingerprint == fingerprint)
+        .find(|slot| slot.roles.user() == user)
+}
+
+/// `bucket` with `slot` in it (replacing its user's), without the slots `keep` rejects,
+/// and without its oldest slot when it already holds `limit`.
+fn with(bucket: &[Slot], slot: Slot, keep: impl Fn(&Slot) -> bool, limit: usize) -> Bucket {
+    let user = slot.roles.user();
+    let mut kept: Vec<Slot> =
+        bucket.iter().filter(|old| old.roles.user() != user && keep(old)).cloned().collect();
+    if kept.len() >= limit.max(1) {
+        let oldest = (0..kept.len()).min_by_key(|&i| kept[i].loaded_ms).unwrap_or(0);
+        kept.swap_remove(oldest);
+    }
+    kept.push(slot);
+    kept.sort_unstable_by(|a, b| {
+        (a.fingerprint, a.roles.user()).cmp(&(b.fingerprint, b.roles.user()))
+    });
+    kept.into()
+}
+
+/// Where a user lives: its bucket, and its fingerprint there (whose low bits also pick
+/// its generation counter).
 struct Place {
     bucket: u64,
-    shard: usize,
+    fingerprint: u32,
 }
 
 /// A load from the store shared by every read of the user that misses while it runs.
@@ -196,7 +204,7 @@ pub struct CachedStore {
     tombstones: Tombstones,
     /// How long a tombstone is kept: past it no entry read before it can remain.
     tombstone_life: Duration,
-    cache: Cache<u64, Arc<Bucket>>,
+    cache: Cache<u64, Bucket>,
     buckets: u64,
     bucket_limit: usize,
     generations: Box<[AtomicU64]>,
@@ -247,11 +255,11 @@ impl CachedStore {
         options: &CacheOptions,
         coherence: Arc<Coherence>,
     ) -> Self {
-        let (capacity, ttl) = (options.capacity.max(1), options.ttl);
+        let (capacity, ttl, born) = (options.capacity.max(1), options.ttl, Instant::now());
         let cache = Cache::builder()
             .max_capacity(capacity)
-            .weigher(|_, bucket: &Arc<Bucket>| bucket.slots.len() as u32)
-            .time_to_idle(ttl)
+            .weigher(|_, bucket: &Bucket| bucket.len() as u32)
+            .expire_after(BucketExpiry { born, ttl_ms: ttl.as_millis() as u64 })
             .build();
         Self {
             inner,
@@ -264,7 +272,7 @@ impl CachedStore {
             generations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             hasher: RandomState::new(),
             loading: Mutex::default(),
-            born: Instant::now(),
+            born,
             ttl_ms: ttl.as_millis() as u64,
             coherence,
             min_revision_wait: options.min_revision_wait,
@@ -280,34 +288,38 @@ impl CachedStore {
 
     fn place(&self, user: &str) -> Place {
         let hash = self.hasher.hash_one(user);
-        Place { bucket: (hash >> 32) % self.buckets, shard: hash as usize % SHARDS }
+        Place { bucket: (hash >> 32) % self.buckets, fingerprint: hash as u32 }
     }
 
     fn generation(&self, place: &Place) -> u64 {
-        self.generations[place.shard].load(Ordering::SeqCst)
+        self.generation_of(place.fingerprint)
+    }
+
+    /// The generation of the users with this fingerprint (its low bits pick the counter).
+    fn generation_of(&self, fingerprint: u32) -> u64 {
+        self.generations[fingerprint as usize % SHARDS].load(Ordering::SeqCst)
     }
 
     fn now_ms(&self) -> u64 {
         self.born.elapsed().as_millis() as u64
     }
 
-    /// Whether `slot` may be served: loaded after every write to its user, within the TTL.
+    /// Whether `slot` may be kept: loaded after every write to its user, within the TTL.
     fn is_current(&self, slot: &Slot, generation: u64, now_ms: u64) -> bool {
         slot.generation == generation as u32 && now_ms.saturating_sub(slot.loaded_ms) < self.ttl_ms
     }
 
-    /// `user`'s answer from `bucket`, if it holds a current one.
+    /// `user`'s answer from `bucket`, if it holds a current one. moka does not hand out a
+    /// bucket past its deadline, so no slot read here is older than the TTL.
     fn serve(
         &self,
-        bucket: &Bucket,
+        bucket: &[Slot],
         place: &Place,
         user: &str,
         applied: Revision,
     ) -> Option<Answer> {
-        let slot = bucket.find(user)?;
-        if !self.is_current(slot, self.generation(place), self.now_ms())
-            || self.tombstones.buries(&slot.roles)
-        {
+        let slot = find(bucket, user, place.fingerprint)?;
+        if slot.generation != self.generation(place) as u32 || self.tombstones.buries(&slot.roles) {
             return None;
         }
         let revision = slot.roles.revision.max(applied);
@@ -316,7 +328,7 @@ impl CachedStore {
 
     fn forget(&self, user: &str) {
         let place = self.place(user);
-        self.generations[place.shard].fetch_add(1, Ordering::SeqCst);
+        self.generations[place.fingerprint as usize % SHARDS].fetch_add(1, Ordering::SeqCst);
     }
 
     fn forget_all(&self) {
@@ -356,27 +368,20 @@ impl CachedStore {
         ours
     }
 
-    /// Puts `loaded` into `user`'s bucket, dropping the slots that can no longer be served.
-    async fn insert(&self, place: &Place, user: &str, loaded: &Loaded) {
+    /// Puts `loaded` into its user's bucket, dropping the slots that can no longer be served.
+    fn insert(&self, place: &Place, loaded: &Loaded) {
         let now_ms = self.now_ms();
         let slot = Slot {
             roles: loaded.roles.clone(),
             loaded_ms: now_ms,
-            user: 0,
+            fingerprint: place.fingerprint,
             generation: loaded.generation as u32,
         };
-        let keep =
-            |id: &str, old: &Slot| self.is_current(old, self.generation(&self.place(id)), now_ms);
-        self.cache
-            .entry(place.bucket)
-            .and_upsert_with(|current| {
-                let bucket = match current {
-                    Some(entry) => entry.into_value().with(user, slot, keep, self.bucket_limit),
-                    None => Bucket::default().with(user, slot, keep, self.bucket_limit),
-                };
-                std::future::ready(Arc::new(bucket))
-            })
-            .await;
+        let keep = |old: &Slot| self.is_current(old, self.generation_of(old.fingerprint), now_ms);
+        self.cache.entry(place.bucket).and_upsert_with(|current| {
+            let current = current.map(|entry| entry.into_value());
+            with(current.as_deref().unwrap_or_default(), slot, keep, self.bucket_limit)
+        });
     }
 
     /// The answer to `user_roles` when it is in memory and current, without waiting or
@@ -393,9 +398,7 @@ impl CachedStore {
             return None;
         }
         let place = self.place(user);
-        // A hit completes on its first poll; moka only waits when its read log needs
-        // housekeeping first, and then `user_roles` waits for it.
-        let bucket = self.cache.get(&place.bucket).now_or_never()??;
+        let bucket = self.cache.get(&place.bucket)?;
         self.serve(&bucket, &place, user, applied)
     }
 
@@ -405,9 +408,9 @@ impl CachedStore {
         let now_ms = self.now_ms();
         let mut users = Vec::new();
         for (_, bucket) in self.cache.iter() {
-            let live = (0..bucket.slots.len())
-                .filter(|&i| now_ms.saturating_sub(bucket.slots[i].loaded_ms) < self.ttl_ms);
-            users.extend(live.map(|i| bucket.user(i).to_owned()).take(limit - users.len()));
+            let live =
+                bucket.iter().filter(|slot| now_ms.saturating_sub(slot.loaded_ms) < self.ttl_ms);
+            users.extend(live.map(|slot| slot.roles.user().to_owned()).take(limit - users.len()));
             if users.len() >= limit {
                 break;
             }
@@ -490,7 +493,7 @@ impl RoleReads for CachedStore {
         let applied = self.coherence.applied();
         let place = self.place(user.as_str());
         for _ in 0..LOAD_ATTEMPTS {
-            let bucket = self.cache.get(&place.bucket).await;
+            let bucket = self.cache.get(&place.bucket);
             let cached =
                 bucket.and_then(|bucket| self.serve(&bucket, &place, user.as_str(), applied));
             if let Some(answer) = cached.filter(|answer| answer.revision >= min_revision) {
@@ -508,7 +511,7 @@ impl RoleReads for CachedStore {
             {
                 // One of the reads that shared the load keeps it.
                 if first {
-                    self.insert(&place, user.as_str(), &loaded).await;
+                    self.insert(&place, &loaded);
                 }
                 return Ok(Answer { roles: loaded.roles, revision });
             }
@@ -589,6 +592,14 @@ mod tests {
     }
 
     async fn fixture(dir: &tempfile::TempDir, capacity: u64) -> (Arc<Counting>, Arc<CachedStore>) {
+        fixture_with_ttl(dir, capacity, Duration::from_secs(60)).await
+    }
+
+    async fn fixture_with_ttl(
+        dir: &tempfile::TempDir,
+        capacity: u64,
+        ttl: Duration,
+    ) -> (Arc<Counting>, Arc<CachedStore>) {
         let app = TenantId::parse("app", "app").expect("id");
         let options = StoreOptions::new(4, Duration::from_secs(5));
         let inner =
@@ -605,7 +616,7 @@ mod tests {
         let coherence = Coherence::new(Duration::from_secs(1));
         let options = CacheOptions {
             capacity,
-            ttl: Duration::from_secs(60),
+            ttl,
             min_revision_wait: Duration::from_millis(100),
             hits: Counter::default(),
             misses: Counter::default(),
@@ -663,6 +674,26 @@ mod tests {
         assert_eq!(counting.loads.load(Ordering::SeqCst), 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_is_served_for_at_most_the_ttl() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ttl = Duration::from_millis(300);
+        let (counting, cached) = fixture_with_ttl(&dir, 100, ttl).await;
+        let loaded = Instant::now();
+        cached.user_roles(&user("u1"), 0).await.expect("load");
+        let served = cached.user_roles_in_memory("u1", 0).is_some();
+        assert!(loaded.elapsed() < ttl, "too slow to tell");
+        assert!(served, "served while younger than the TTL");
+        // Another user loaded into the same bucket later does not extend u1's life.
+        tokio::time::sleep(ttl / 2).await;
+        cached.user_roles(&user("u2"), 0).await.expect("load");
+        tokio::time::sleep(ttl.saturating_sub(loaded.elapsed()) + Duration::from_millis(20)).await;
+        assert!(cached.user_roles_in_memory("u1", 0).is_none(), "not served past the TTL");
+        let loads = counting.loads.load(Ordering::SeqCst);
+        cached.user_roles(&user("u1"), 0).await.expect("load");
+        assert_eq!(counting.loads.load(Ordering::SeqCst), loads + 1, "loaded again");
+    }
+
     #[tokio::test]
     async fn capacity_bounds_the_entries() {
         let dir = tempfile::tempdir().expect("dir");
@@ -670,7 +701,7 @@ mod tests {
         for i in 0..100 {
             cached.user_roles(&user(&format!("u{i}")), 0).await.expect("load");
         }
-        cached.cache.run_pending_tasks().await;
+        cached.cache.run_pending_tasks();
         assert!(cached.entry_count() <= 10, "{} entries", cached.entry_count());
     }
 

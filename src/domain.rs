@@ -128,8 +128,9 @@ const NEVER: UnixSeconds = UnixSeconds::MAX;
 /// so a cached snapshot never allows past an expiry.
 ///
 /// Compact because the cache holds one per user (see BENCHMARKS.md for the memory
-/// figures): every tenant and role name lives once in one string, each preceded by a
-/// byte that gives its length (names are validated ids of 1–128 ASCII characters); the
+/// figures): the user's id, then every tenant and role name once, live in one string,
+/// each name preceded by a byte that gives its length (names are validated ids of 1–128
+/// ASCII characters); the
 /// sorted (tenant, role) pairs are one word each, their two names' offsets; expiries
 /// follow the pairs in the same slice only when some role expires. Two allocations per
 /// user besides the snapshot itself, 8 bytes per membership besides its names.
@@ -142,9 +143,16 @@ pub struct UserRoles {
     /// expiries in the same order ([`NEVER`] for a role that does not).
     cells: Box<[u64]>,
     count: u32,
+    /// How long the user's id at the start of `names` is.
+    user_len: u8,
 }
 
 impl UserRoles {
+    /// The user whose roles these are.
+    pub fn user(&self) -> &str {
+        &self.names[..usize::from(self.user_len)]
+    }
+
     fn name(&self, start: u32) -> &str {
         let start = start as usize;
         let len = usize::from(self.names.as_bytes()[start]) + 1;
@@ -251,10 +259,12 @@ impl UserRoles {
             .min()
     }
 
-    /// Builds a snapshot from `(tenant, role, expires_at)` rows (any order; a repeated
-    /// tenant and role keeps its first row). Rows whose names are empty or longer than
-    /// 128 bytes, which the store never holds, are left out (they allow nothing).
+    /// Builds `user`'s snapshot from `(tenant, role, expires_at)` rows (any order; a
+    /// repeated tenant and role keeps its first row). Rows whose names are empty or longer
+    /// than 128 bytes, which the store never holds, are left out (they allow nothing); so
+    /// is a user id longer than 128 bytes (the snapshot names no user then).
     pub fn from_rows(
+        user: &str,
         revision: Revision,
         rows: impl IntoIterator<Item = (String, String, Option<UnixSeconds>)>,
     ) -> Self {
@@ -263,7 +273,11 @@ impl UserRoles {
             rows.into_iter().filter(|(tenant, role, _)| fits(tenant) && fits(role)).collect();
         rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         rows.dedup_by(|b, a| (&a.0, &a.1) == (&b.0, &b.1));
-        let mut names = String::with_capacity(rows.iter().map(|r| r.0.len() + r.1.len() + 2).sum());
+        let user = if fits(user) { user } else { "" };
+        let mut names = String::with_capacity(
+            user.len() + rows.iter().map(|r| r.0.len() + r.1.len() + 2).sum::<usize>(),
+        );
+        names.push_str(user);
         let mut push = |name: &str| {
             let start = names.len() as u32;
             names.push(char::from(name.len() as u8 - 1));
@@ -290,6 +304,7 @@ impl UserRoles {
             names: names.into_boxed_str(),
             cells: cells.into_boxed_slice(),
             count: rows.len() as u32,
+            user_len: user.len() as u8,
         }
     }
 }
@@ -328,7 +343,7 @@ mod tests {
 
     #[test]
     fn expiry_is_exclusive_to_the_second() {
-        let snap = UserRoles::from_rows(1, [("t".into(), "r".into(), Some(100))]);
+        let snap = UserRoles::from_rows("u", 1, [("t".into(), "r".into(), Some(100))]);
         let (t, r) = (TenantId::parse("t", "t").unwrap(), Role::parse("r", "r").unwrap());
         assert!(snap.allows(&t, &r, 99));
         assert!(!snap.allows(&t, &r, 100));
@@ -345,7 +360,11 @@ mod tests {
             ("beta", "viewer", Some(10)),
             ("", "ghost", None),
         ];
-        let snap = UserRoles::from_rows(7, rows.map(|(t, r, e)| (t.to_owned(), r.to_owned(), e)));
+        let snap = UserRoles::from_rows(
+            "user-7",
+            7,
+            rows.map(|(t, r, e)| (t.to_owned(), r.to_owned(), e)),
+        );
         let live: Vec<_> = snap.live(20).collect();
         assert_eq!(
             live,
@@ -372,9 +391,11 @@ mod tests {
         }));
         assert_eq!(named, ["alpha", "beta"], "each tenant once");
         assert_eq!(snap.authorization(60).len(), 2);
+        assert_eq!(snap.user(), "user-7");
         let long = "r".repeat(128);
-        let snap = UserRoles::from_rows(1, [("t".to_owned(), long.clone(), None)]);
+        let snap = UserRoles::from_rows(&long, 1, [("t".to_owned(), long.clone(), None)]);
         assert!(snap.allows_str("t", &long, 0));
-        assert_eq!(UserRoles::from_rows(1, []).live(0).count(), 0);
+        assert_eq!(snap.user(), long);
+        assert_eq!(UserRoles::from_rows("u", 1, []).live(0).count(), 0);
     }
 }

@@ -170,10 +170,11 @@ pub fn history_from(rows: Vec<ChangeRow>) -> crate::store::History {
 /// A row of [`USER_ROLES`].
 pub type UserRoleRow = (i64, Option<String>, Option<String>, Option<i64>);
 
-/// Folds [`USER_ROLES`] rows into a snapshot.
-pub fn user_roles_from(rows: Vec<UserRoleRow>) -> UserRoles {
+/// Folds [`USER_ROLES`] rows into `user`'s snapshot.
+pub fn user_roles_from(user: &str, rows: Vec<UserRoleRow>) -> UserRoles {
     let revision = rows.first().map_or(0, |row| row.0 as Revision);
     UserRoles::from_rows(
+        user,
         revision,
         rows.into_iter().filter_map(|(_, tenant, role, expires)| Some((tenant?, role?, expires))),
     )

@@ -199,7 +199,7 @@ impl RoleReads for SqliteStore {
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
         let rows: Vec<sql::UserRoleRow> =
             sqlx::query_as(sql::USER_ROLES).bind(user.as_str()).fetch_all(&self.read).await?;
-        let snapshot = sql::user_roles_from(rows);
+        let snapshot = sql::user_roles_from(user.as_str(), rows);
         check_min_revision(snapshot.revision, min_revision)?;
         Ok(Answer::new(Arc::new(snapshot)))
     }

@@ -283,7 +283,7 @@ impl RoleReads for UpstreamStore {
             .held
             .into_iter()
             .map(|held| (held.tenant_id, held.role, held.expires_at.map(|t| t.seconds)));
-        Ok(Answer::new(Arc::new(UserRoles::from_rows(response.revision, rows))))
+        Ok(Answer::new(Arc::new(UserRoles::from_rows(user.as_str(), response.revision, rows))))
     }
 }
 

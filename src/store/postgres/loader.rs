@@ -92,6 +92,6 @@ async fn load_batch(
     }
     for (user, reply) in batch {
         let rows = held.get(user.as_str()).cloned().unwrap_or_default();
-        let _ = reply.send(Ok(UserRoles::from_rows(revision, rows)));
+        let _ = reply.send(Ok(UserRoles::from_rows(&user, revision, rows)));
     }
 }
