@@ -112,13 +112,6 @@ identifier!(
 /// At most this many roles in one Grant, Revoke or SetRoles.
 pub const MAX_ROLES_PER_WRITE: usize = 32;
 
-/// A (tenant, role) pair in [`UserRoles`]: where each name starts in its shared string.
-type Held = u64;
-
-fn held(tenant: u32, role: u32) -> Held {
-    u64::from(tenant) << 32 | u64::from(role)
-}
-
 /// Stored for "never expires" among expiries.
 const NEVER: UnixSeconds = UnixSeconds::MAX;
 
@@ -128,23 +121,27 @@ const NEVER: UnixSeconds = UnixSeconds::MAX;
 /// so a cached snapshot never allows past an expiry.
 ///
 /// Compact because the cache holds one per user (see BENCHMARKS.md for the memory
-/// figures): the user's id, then every tenant and role name once, live in one string,
-/// each name preceded by a byte that gives its length (names are validated ids of 1–128
-/// ASCII characters); the
-/// sorted (tenant, role) pairs are one word each, their two names' offsets; expiries
-/// follow the pairs in the same slice only when some role expires. Two allocations per
-/// user besides the snapshot itself, 8 bytes per membership besides its names.
+/// figures). The user's id, then each distinct tenant and role name once, live in one
+/// string, each name preceded by a byte that gives its length (names are validated ids
+/// of 1–128 ASCII characters). The (tenant, role) pairs, sorted, are the two names'
+/// offsets: one `u32` per pair (two 16-bit offsets) while the names fit in 64 KiB, two
+/// otherwise. Expiries follow the pairs in the same slice only when some role expires.
+/// Two allocations per user besides the snapshot itself: 4 bytes per membership besides
+/// the names it does not share.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UserRoles {
     /// The revision the snapshot was read at.
     pub revision: Revision,
     names: Box<str>,
     /// `count` pairs, sorted by (tenant, role); then, if any role expires, `count`
-    /// expiries in the same order ([`NEVER`] for a role that does not).
-    cells: Box<[u64]>,
+    /// expiries in the same order, each as two words, high first ([`NEVER`] for a role
+    /// that does not).
+    cells: Box<[u32]>,
     count: u32,
     /// How long the user's id at the start of `names` is.
     user_len: u8,
+    /// Whether a pair takes two words (names past 64 KiB).
+    wide: bool,
 }
 
 impl UserRoles {
@@ -159,16 +156,27 @@ impl UserRoles {
         &self.names[start + 1..start + 1 + len]
     }
 
+    /// Where the `i`th pair's tenant and role names start.
+    fn pair(&self, i: usize) -> (u32, u32) {
+        if self.wide {
+            (self.cells[2 * i], self.cells[2 * i + 1])
+        } else {
+            (self.cells[i] >> 16, self.cells[i] & 0xffff)
+        }
+    }
+
     fn tenant(&self, i: usize) -> &str {
-        self.name((self.cells[i] >> 32) as u32)
+        self.name(self.pair(i).0)
     }
 
     fn role(&self, i: usize) -> &str {
-        self.name(self.cells[i] as u32)
+        self.name(self.pair(i).1)
     }
 
     fn expires_at(&self, i: usize) -> Option<UnixSeconds> {
-        let at = *self.cells.get(self.count as usize + i)? as UnixSeconds;
+        let at = self.count as usize * if self.wide { 2 } else { 1 } + 2 * i;
+        let (high, low) = (*self.cells.get(at)?, self.cells[at + 1]);
+        let at = (u64::from(high) << 32 | u64::from(low)) as UnixSeconds;
         (at != NEVER).then_some(at)
     }
 
@@ -181,6 +189,20 @@ impl UserRoles {
         0..self.count as usize
     }
 
+    /// The index of the first pair not below (`tenant`, `role`).
+    fn lower_bound(&self, tenant: &str, role: &str) -> usize {
+        let (mut low, mut high) = (0, self.count as usize);
+        while low < high {
+            let mid = (low + high) / 2;
+            if (self.tenant(mid), self.role(mid)) < (tenant, role) {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        low
+    }
+
     /// Whether the user holds `role` in `tenant` at `now`.
     pub fn allows(&self, tenant: &TenantId, role: &Role, now: UnixSeconds) -> bool {
         self.allows_str(tenant.as_str(), role.as_str(), now)
@@ -188,13 +210,10 @@ impl UserRoles {
 
     /// [`allows`](Self::allows) for already validated text.
     pub fn allows_str(&self, tenant: &str, role: &str, now: UnixSeconds) -> bool {
-        let key = (tenant, role);
-        let pairs = &self.cells[..self.count as usize];
-        pairs
-            .binary_search_by(|&pair| {
-                (self.name((pair >> 32) as u32), self.name(pair as u32)).cmp(&key)
-            })
-            .is_ok_and(|i| self.is_live(i, now))
+        let i = self.lower_bound(tenant, role);
+        i < self.count as usize
+            && (self.tenant(i), self.role(i)) == (tenant, role)
+            && self.is_live(i, now)
     }
 
     /// The authorization object at `now`: tenant id -> sorted live roles, only tenants
@@ -223,9 +242,8 @@ impl UserRoles {
         tenant: &'a str,
         now: UnixSeconds,
     ) -> impl Iterator<Item = &'a str> {
-        let pairs = &self.cells[..self.count as usize];
-        let start = pairs.partition_point(|&pair| self.name((pair >> 32) as u32) < tenant);
-        (start..self.count as usize)
+        // Roles are never empty: ("tenant", "") sorts before the tenant's first pair.
+        (self.lower_bound(tenant, "")..self.count as usize)
             .take_while(move |&i| self.tenant(i) == tenant)
             .filter(move |&i| self.is_live(i, now))
             .map(|i| self.role(i))
@@ -235,7 +253,7 @@ impl UserRoles {
     pub fn names_tenant(&self, mut tenant: impl FnMut(&str) -> bool) -> bool {
         let mut last = None;
         self.indices().any(|i| {
-            let start = self.cells[i] >> 32;
+            let start = self.pair(i).0;
             let fresh = last != Some(start);
             last = Some(start);
             fresh && tenant(self.tenant(i))
@@ -278,33 +296,45 @@ impl UserRoles {
             user.len() + rows.iter().map(|r| r.0.len() + r.1.len() + 2).sum::<usize>(),
         );
         names.push_str(user);
-        let mut push = |name: &str| {
-            let start = names.len() as u32;
-            names.push(char::from(name.len() as u8 - 1));
-            names.push_str(name);
-            start
+        // Each distinct name once (a role held in several tenants, a tenant with several
+        // roles): the offset of its first copy.
+        let mut stored: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+        let mut push = |name| {
+            *stored.entry(name).or_insert_with(|| {
+                let start = names.len() as u32;
+                names.push(char::from(name.len() as u8 - 1));
+                names.push_str(name);
+                start
+            })
         };
+        let pairs: Vec<(u32, u32)> =
+            rows.iter().map(|(tenant, role, _)| (push(tenant), push(role))).collect();
+        let wide = names.len() > 1 << 16;
         let expiring = rows.iter().any(|row| row.2.is_some());
-        let mut cells = Vec::with_capacity(rows.len() * if expiring { 2 } else { 1 });
-        let mut last_tenant: Option<(&str, u32)> = None;
-        for (tenant, role, _) in &rows {
-            // A tenant's rows are adjacent: store its name once.
-            let tenant_start = match last_tenant {
-                Some((name, start)) if name == tenant => start,
-                _ => push(tenant),
-            };
-            last_tenant = Some((tenant, tenant_start));
-            cells.push(held(tenant_start, push(role)));
+        let words = if wide { 2 } else { 1 } + if expiring { 2 } else { 0 };
+        let mut cells = Vec::with_capacity(rows.len() * words);
+        for &(tenant, role) in &pairs {
+            if wide {
+                cells.extend([tenant, role]);
+            } else {
+                cells.push(tenant << 16 | role);
+            }
         }
         if expiring {
-            cells.extend(rows.iter().map(|row| row.2.unwrap_or(NEVER) as u64));
+            for row in &rows {
+                let at = row.2.unwrap_or(NEVER) as u64;
+                cells.extend([(at >> 32) as u32, at as u32]);
+            }
         }
         Self {
             revision,
-            names: names.into_boxed_str(),
+            // A copy of exactly its length: mimalloc shrinks a block in place, so
+            // `into_boxed_str` would keep the capacity's size class.
+            names: Box::from(names.as_str()),
             cells: cells.into_boxed_slice(),
             count: rows.len() as u32,
             user_len: user.len() as u8,
+            wide,
         }
     }
 }
@@ -397,5 +427,21 @@ mod tests {
         assert!(snap.allows_str("t", &long, 0));
         assert_eq!(snap.user(), long);
         assert_eq!(UserRoles::from_rows("u", 1, []).live(0).count(), 0);
+    }
+
+    #[test]
+    fn names_past_64_kib_take_the_wide_encoding() {
+        let tenant = |i: usize| format!("{i:04}{}", "t".repeat(100));
+        let rows = (0..700).map(|i| (tenant(i), "viewer".to_owned(), (i == 699).then_some(50)));
+        let snap = UserRoles::from_rows("u", 1, rows);
+        assert!(snap.wide, "{} bytes of names", snap.names.len());
+        assert!(snap.allows_str(&tenant(0), "viewer", 0));
+        assert!(snap.allows_str(&tenant(698), "viewer", 100));
+        assert!(snap.allows_str(&tenant(699), "viewer", 49));
+        assert!(!snap.allows_str(&tenant(699), "viewer", 50));
+        assert!(!snap.allows_str(&tenant(699), "editor", 0));
+        assert_eq!(snap.roles_in(&tenant(350), 0).collect::<Vec<_>>(), ["viewer"]);
+        assert_eq!(snap.live(60).count(), 699);
+        assert_eq!(snap.earliest_expiry(0), Some(50));
     }
 }
