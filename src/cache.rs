@@ -194,10 +194,11 @@ impl Tombstones {
 ///
 /// Users are grouped into moka entries ("buckets", by a hash of the id; about
 /// [`USERS_PER_BUCKET`] each when the cache is full), because a moka entry's own
-/// bookkeeping outweighs a user's roles: moka weighs each bucket by its users, evicts
-/// and idles out whole buckets, and a bucket is replaced whole when a user is loaded
-/// into it. Each user in a bucket carries its own load time (served for at most
-/// `--cache-ttl`) and generation.
+/// bookkeeping (about 300 bytes) outweighs a user's roles: moka weighs each bucket by
+/// its users, evicts and expires whole buckets (see [`Bucket`]), and a bucket is replaced
+/// whole when a user is loaded into it. Each user in a bucket carries its own
+/// generation. The cache is moka's synchronous one: nothing here waits on moka (a miss
+/// waits on the load it shares with the other misses of its user, see `join_load`).
 pub struct CachedStore {
     inner: Arc<dyn RoleReads>,
     writes: Arc<dyn Writes>,
@@ -295,9 +296,14 @@ impl CachedStore {
         self.generation_of(place.fingerprint)
     }
 
-    /// The generation of the users with this fingerprint (its low bits pick the counter).
+    /// The generation of the users with this fingerprint.
     fn generation_of(&self, fingerprint: u32) -> u64 {
-        self.generations[fingerprint as usize % SHARDS].load(Ordering::SeqCst)
+        self.counter(fingerprint).load(Ordering::SeqCst)
+    }
+
+    /// The generation counter of the users with this fingerprint (its low bits pick it).
+    fn counter(&self, fingerprint: u32) -> &AtomicU64 {
+        &self.generations[fingerprint as usize % SHARDS]
     }
 
     fn now_ms(&self) -> u64 {
@@ -327,8 +333,7 @@ impl CachedStore {
     }
 
     fn forget(&self, user: &str) {
-        let place = self.place(user);
-        self.generations[place.fingerprint as usize % SHARDS].fetch_add(1, Ordering::SeqCst);
+        self.counter(self.place(user).fingerprint).fetch_add(1, Ordering::SeqCst);
     }
 
     fn forget_all(&self) {
@@ -338,7 +343,10 @@ impl CachedStore {
         self.cache.invalidate_all();
     }
 
-    /// The load running for `user`, or a new one.
+    /// The load running for `user`, or a new one. A load whose every reader went away (a
+    /// deadline) stays here, not polled, until the next read of its user resumes it: at
+    /// most one per such user, and never served stale (its generation was read before
+    /// its store read ran, however late that is).
     fn join_load(&self, user: &UserId, place: &Place) -> Load {
         let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(load) = loading.get(user.as_str()) {
