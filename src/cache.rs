@@ -366,14 +366,18 @@ impl CachedStore {
         load
     }
 
-    /// Removes `load` from the loads in flight; true for the one read that does.
-    fn finish_load(&self, user: &str, load: &Load) -> bool {
+    /// Whether `load` is still the load in flight for `user`.
+    fn is_loading(&self, user: &str, load: &Load) -> bool {
+        let loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
+        loading.get(user).is_some_and(|running| running.ptr_eq(load))
+    }
+
+    /// Removes `load` from the loads in flight (if no other read sharing it has).
+    fn finish_load(&self, user: &str, load: &Load) {
         let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
-        let ours = loading.get(user).is_some_and(|running| running.ptr_eq(load));
-        if ours {
+        if loading.get(user).is_some_and(|running| running.ptr_eq(load)) {
             loading.remove(user);
         }
-        ours
     }
 
     /// Puts `loaded` into its user's bucket, dropping the slots that can no longer be served.
@@ -510,17 +514,21 @@ impl RoleReads for CachedStore {
             }
             let load = self.join_load(user, &place);
             let result = load.clone().await;
-            let first = self.finish_load(user.as_str(), &load);
+            let current = result.as_ref().is_ok_and(|loaded| {
+                loaded.generation == self.generation(&place)
+                    && !self.tombstones.buries(&loaded.roles)
+            });
+            // Into the bucket before out of the loads in flight: a read in between finds
+            // one or the other, never neither (it would start a second load).
+            if self.is_loading(user.as_str(), &load) {
+                if let (true, Ok(loaded)) = (current, &result) {
+                    self.insert(&place, loaded);
+                }
+                self.finish_load(user.as_str(), &load);
+            }
             let loaded = result.map_err(Error::unshare)?;
             let revision = loaded.roles.revision.max(applied);
-            if loaded.generation == self.generation(&place)
-                && revision >= min_revision
-                && !self.tombstones.buries(&loaded.roles)
-            {
-                // One of the reads that shared the load keeps it.
-                if first {
-                    self.insert(&place, &loaded);
-                }
+            if current && revision >= min_revision {
                 return Ok(Answer { roles: loaded.roles, revision });
             }
         }
@@ -677,7 +685,9 @@ mod tests {
         }
         counting.release.add_permits(1);
         for caller in callers {
-            caller.await.expect("task").expect("load");
+            // A second load would wait for a permit that never comes.
+            let done = tokio::time::timeout(Duration::from_secs(5), caller).await;
+            done.expect("every caller answered by the one load").expect("task").expect("load");
         }
         assert_eq!(counting.loads.load(Ordering::SeqCst), 1);
     }
