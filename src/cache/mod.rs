@@ -21,6 +21,8 @@
 //! an entry whose store read may have preceded a write (including a load still in flight
 //! when the write committed) is never served after the write returns.
 
+mod bucket;
+
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
@@ -36,9 +38,10 @@ use futures::{
     FutureExt,
     future::{BoxFuture, Shared},
 };
-use moka::{Expiry, sync::Cache};
+use moka::sync::Cache;
 use prometheus_client::metrics::counter::Counter;
 
+use self::bucket::{BUCKET_LIMIT, Bucket, Lifetime, Slot, USERS_PER_BUCKET, find, with};
 use crate::{
     coherence::{Coherence, Invalidate},
     domain::{Revision, TenantId, UserId, UserRoles},
@@ -52,93 +55,6 @@ const SHARDS: usize = 4096;
 /// How often a read retries a load invalidated by concurrent writes before it reads the
 /// store directly.
 const LOAD_ATTEMPTS: usize = 2;
-
-/// Users per moka entry when the cache is full: a moka entry costs about 300 bytes of
-/// its own (BENCHMARKS.md), more than a user's roles, so users share entries.
-const USERS_PER_BUCKET: u64 = 64;
-
-/// Most users one bucket keeps; past it a load drops the bucket's oldest.
-const BUCKET_LIMIT: usize = 4 * USERS_PER_BUCKET as usize;
-
-/// One cached user.
-#[derive(Clone)]
-struct Slot {
-    roles: Arc<UserRoles>,
-    /// When it was loaded, in milliseconds since the cache was made.
-    loaded_ms: u64,
-    /// The low 32 bits of the user's hash.
-    fingerprint: u32,
-    /// The low bits of the user's generation read before the load (a slot lives at most
-    /// `--cache-ttl`, far too short for 2^32 writes to wrap it).
-    generation: u32,
-}
-
-/// The users of one moka entry, in one allocation with its reference count, in the order
-/// of their fingerprints (ties by id): a lookup searches the fingerprints and compares
-/// one id (the snapshot's own, [`UserRoles::user`]). Replaced whole (copy on write) when
-/// a user is loaded into it.
-///
-/// moka expires a bucket when its oldest slot has been held `--cache-ttl`, so a read
-/// never meets an older slot. A user loaded later is dropped with the bucket and loaded
-/// again, early: at most twice the loads of a deadline per user, and the users of a busy
-/// bucket fall into step.
-type Bucket = Arc<[Slot]>;
-
-/// Expires each bucket when its oldest slot reaches the TTL.
-struct BucketExpiry {
-    born: Instant,
-    ttl_ms: u64,
-}
-
-impl BucketExpiry {
-    fn left(&self, bucket: &[Slot]) -> Option<Duration> {
-        let now_ms = self.born.elapsed().as_millis() as u64;
-        let oldest = bucket.iter().map(|slot| slot.loaded_ms).min().unwrap_or(0);
-        Some(Duration::from_millis((oldest + self.ttl_ms).saturating_sub(now_ms)))
-    }
-}
-
-impl Expiry<u64, Bucket> for BucketExpiry {
-    fn expire_after_create(&self, _: &u64, bucket: &Bucket, _: Instant) -> Option<Duration> {
-        self.left(bucket)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &u64,
-        bucket: &Bucket,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        self.left(bucket)
-    }
-}
-
-/// `user`'s slot in `bucket`, if any.
-fn find<'a>(bucket: &'a [Slot], user: &str, fingerprint: u32) -> Option<&'a Slot> {
-    let first = bucket.partition_point(|slot| slot.fingerprint < fingerprint);
-    bucket[first..]
-        .iter()
-        .take_while(|slot| slot.fingerprint == fingerprint)
-        .find(|slot| slot.roles.user() == user)
-}
-
-/// `bucket` with `slot` in it (replacing its user's), without the slots `keep` rejects,
-/// and without its oldest slot when it already holds `limit`.
-fn with(bucket: &[Slot], slot: Slot, keep: impl Fn(&Slot) -> bool, limit: usize) -> Bucket {
-    let user = slot.roles.user();
-    let mut kept: Vec<Slot> =
-        bucket.iter().filter(|old| old.roles.user() != user && keep(old)).cloned().collect();
-    if kept.len() >= limit.max(1) {
-        let oldest = (0..kept.len()).min_by_key(|&i| kept[i].loaded_ms).unwrap_or(0);
-        kept.swap_remove(oldest);
-    }
-    kept.push(slot);
-    kept.sort_unstable_by(|a, b| {
-        (a.fingerprint, a.roles.user()).cmp(&(b.fingerprint, b.roles.user()))
-    });
-    kept.into()
-}
 
 /// Where a user lives: its bucket, and its fingerprint there (whose low bits also pick
 /// its generation counter).
@@ -212,8 +128,7 @@ pub struct CachedStore {
     hasher: RandomState,
     /// Loads in flight, by user: a miss joins the one running for its user.
     loading: Mutex<HashMap<Box<str>, Load>>,
-    born: Instant,
-    ttl_ms: u64,
+    lifetime: Lifetime,
     coherence: Arc<Coherence>,
     min_revision_wait: Duration,
     hits: Counter,
@@ -256,11 +171,12 @@ impl CachedStore {
         options: &CacheOptions,
         coherence: Arc<Coherence>,
     ) -> Self {
-        let (capacity, ttl, born) = (options.capacity.max(1), options.ttl, Instant::now());
+        let (capacity, ttl) = (options.capacity.max(1), options.ttl);
+        let lifetime = Lifetime::new(ttl);
         let cache = Cache::builder()
             .max_capacity(capacity)
             .weigher(|_, bucket: &Bucket| bucket.len() as u32)
-            .expire_after(BucketExpiry { born, ttl_ms: ttl.as_millis() as u64 })
+            .expire_after(lifetime)
             .build();
         Self {
             inner,
@@ -273,8 +189,7 @@ impl CachedStore {
             generations: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             hasher: RandomState::new(),
             loading: Mutex::default(),
-            born,
-            ttl_ms: ttl.as_millis() as u64,
+            lifetime,
             coherence,
             min_revision_wait: options.min_revision_wait,
             hits: options.hits.clone(),
@@ -292,10 +207,6 @@ impl CachedStore {
         Place { bucket: (hash >> 32) % self.buckets, fingerprint: hash as u32 }
     }
 
-    fn generation(&self, place: &Place) -> u64 {
-        self.generation_of(place.fingerprint)
-    }
-
     /// The generation of the users with this fingerprint.
     fn generation_of(&self, fingerprint: u32) -> u64 {
         self.counter(fingerprint).load(Ordering::SeqCst)
@@ -306,13 +217,9 @@ impl CachedStore {
         &self.generations[fingerprint as usize % SHARDS]
     }
 
-    fn now_ms(&self) -> u64 {
-        self.born.elapsed().as_millis() as u64
-    }
-
     /// Whether `slot` may be kept: loaded after every write to its user, within the TTL.
     fn is_current(&self, slot: &Slot, generation: u64, now_ms: u64) -> bool {
-        slot.generation == generation as u32 && now_ms.saturating_sub(slot.loaded_ms) < self.ttl_ms
+        slot.generation == generation as u32 && self.lifetime.holds(slot, now_ms)
     }
 
     /// `user`'s answer from `bucket`, if it holds a current one. moka does not hand out a
@@ -325,7 +232,9 @@ impl CachedStore {
         applied: Revision,
     ) -> Option<Answer> {
         let slot = find(bucket, user, place.fingerprint)?;
-        if slot.generation != self.generation(place) as u32 || self.tombstones.buries(&slot.roles) {
+        if slot.generation != self.generation_of(place.fingerprint) as u32
+            || self.tombstones.buries(&slot.roles)
+        {
             return None;
         }
         let revision = slot.roles.revision.max(applied);
@@ -354,7 +263,7 @@ impl CachedStore {
         }
         self.misses.inc();
         // Read before the store is: see the module's comment.
-        let generation = self.generation(place);
+        let generation = self.generation_of(place.fingerprint);
         let (inner, owned) = (self.inner.clone(), user.clone());
         let load = async move {
             let answer = inner.user_roles(&owned, 0).await.map_err(Arc::new)?;
@@ -382,7 +291,7 @@ impl CachedStore {
 
     /// Puts `loaded` into its user's bucket, dropping the slots that can no longer be served.
     fn insert(&self, place: &Place, loaded: &Loaded) {
-        let now_ms = self.now_ms();
+        let now_ms = self.lifetime.now_ms();
         let slot = Slot {
             roles: loaded.roles.clone(),
             loaded_ms: now_ms,
@@ -417,11 +326,10 @@ impl CachedStore {
     /// Up to `limit` users held in memory, in no particular order: those asked about
     /// recently (moka's admission keeps the frequently asked ones).
     pub fn active_users(&self, limit: usize) -> Vec<String> {
-        let now_ms = self.now_ms();
+        let now_ms = self.lifetime.now_ms();
         let mut users = Vec::new();
         for (_, bucket) in self.cache.iter() {
-            let live =
-                bucket.iter().filter(|slot| now_ms.saturating_sub(slot.loaded_ms) < self.ttl_ms);
+            let live = bucket.iter().filter(|slot| self.lifetime.holds(slot, now_ms));
             users.extend(live.map(|slot| slot.roles.user().to_owned()).take(limit - users.len()));
             if users.len() >= limit {
                 break;
@@ -515,7 +423,7 @@ impl RoleReads for CachedStore {
             let load = self.join_load(user, &place);
             let result = load.clone().await;
             let current = result.as_ref().is_ok_and(|loaded| {
-                loaded.generation == self.generation(&place)
+                loaded.generation == self.generation_of(place.fingerprint)
                     && !self.tombstones.buries(&loaded.roles)
             });
             // Into the bucket before out of the loads in flight: a read in between finds
