@@ -102,13 +102,13 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_WARM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub warm_timeout: Duration,
 
-    /// Let `envoy.service.auth.v3.Authorization/Check` be called without an API key
-    /// (Istio's `envoyExtAuthzGrpc` provider cannot send one). Decided at start. The
-    /// answers then tell any caller who reaches the port whether the identity a request
-    /// carries holds a route's role, so restrict the port to the mesh's proxies, and
-    /// prefer JWT identity to a trusted header.
-    #[arg(long, env = "ROLECHECK_AUTHZ_ENVOY_WITHOUT_KEY")]
-    pub authz_envoy_without_key: bool,
+    /// Declare the listeners private to the proxy: forward-auth and ext_authz answer
+    /// without a key (for a mesh whose proxy cannot send one, like Istio's
+    /// `envoyExtAuthzGrpc`). Accepted only when --listen is loopback or a unix socket and
+    /// --http-listen is loopback: only what runs beside rolecheck can reach them. Decided
+    /// at start. (`--authz-envoy-without-key` is its older name.)
+    #[arg(long, env = "ROLECHECK_AUTHZ_PRIVATE_LISTENER", alias = "authz-envoy-without-key")]
+    pub authz_private_listener: bool,
 
     /// PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key). Re-read
     /// when the file changes.

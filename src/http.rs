@@ -95,6 +95,18 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// The client certificate a connection presented, once verified.
+pub trait ClientCertificate {
+    /// Its identity; `None` on plain TCP.
+    fn client_certificate(&self) -> Option<crate::auth::PeerIdentity>;
+}
+
+impl ClientCertificate for tokio::net::TcpStream {
+    fn client_certificate(&self) -> Option<crate::auth::PeerIdentity> {
+        None
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then lets open requests
 /// finish for up to `grace`.
 pub async fn serve<L>(
@@ -104,6 +116,7 @@ pub async fn serve<L>(
     grace: Duration,
 ) where
     L: axum::serve::Listener,
+    L::Io: ClientCertificate,
 {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
@@ -117,10 +130,16 @@ pub async fn serve<L>(
             tracing::debug!(limit = MAX_CONNECTIONS, "HTTP connection refused: at the limit");
             continue;
         };
+        // A verified client certificate reaches the handlers as an extension (forward-auth
+        // accepts the proxy's, see `crate::authz::trust`).
+        let service = match io.client_certificate() {
+            Some(peer) => router.clone().layer(axum::Extension(peer)),
+            None => router.clone(),
+        };
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(router.clone()));
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;

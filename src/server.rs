@@ -10,6 +10,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{RoleCheckApi, TenantsApi},
     auth::{AuthLayer, Keys},
+    authz::trust::{Exposure, ProxyTrust},
     authz::{
         Authz,
         envoy::{AuthorizationServer, EnvoyAuthz},
@@ -160,6 +161,16 @@ impl Server {
             Some(path) => Some(Authz::load(
                 path,
                 tokens.keys().clone(),
+                (
+                    ProxyTrust::new(callers.clone(), config.authz_private_listener),
+                    Exposure {
+                        keys: callers.enabled(),
+                        private: config.authz_private_listener,
+                        grpc_local: config.listen.is_local_only(),
+                        http_local: config.http_listen.ip().is_loopback(),
+                        insecure: config.insecure_no_auth,
+                    },
+                ),
                 RoleLookup::new(store.roles.clone(), cache.clone()),
                 application_id.clone(),
                 &metrics,
@@ -334,7 +345,7 @@ impl Server {
             .layer(FramingFaultLayer { max_message_bytes: self.config.max_message_bytes })
             .layer(
                 AuthLayer::new(self.keys.clone(), rate)
-                    .envoy_without_key(self.config.authz_envoy_without_key),
+                    .private_authz(self.config.authz_private_listener),
             )
             .add_service(health_service)
             .add_service(reflection_v1)

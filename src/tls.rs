@@ -324,6 +324,12 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+impl crate::http::ClientCertificate for TlsConn {
+    fn client_certificate(&self) -> Option<PeerIdentity> {
+        Some(self.peer.clone()).filter(|peer| !peer.is_empty())
+    }
+}
+
 impl tonic::transport::server::Connected for TlsConn {
     type ConnectInfo = PeerIdentity;
 

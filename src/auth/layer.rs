@@ -29,6 +29,7 @@ const CHECK: Access = Access::Needs(&[Scope::Check]);
 const WRITE: Access = Access::Needs(&[Scope::Write]);
 const ISSUE: Access = Access::Needs(&[Scope::Issue]);
 const AUDIT_OR_FOLLOW: Access = Access::Needs(&[Scope::Audit, Scope::Follow]);
+const PROXY: Access = Access::Needs(&[Scope::Proxy]);
 
 /// Envoy's external authorization call.
 pub const ENVOY_CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
@@ -59,9 +60,10 @@ pub const RULES: &[(&str, Access)] = &[
     ("/rolecheck.v1.Tenants/GetTenant", CHECK),
     ("/rolecheck.v1.Tenants/ListTenants", CHECK),
     ("/rolecheck.v1.Tenants/DeleteTenant", WRITE),
-    // Proxy authorization (with --authz-policy): a proxy asking about its requests. Open
-    // instead when started with --authz-envoy-without-key.
-    (ENVOY_CHECK, CHECK),
+    // Proxy authorization (with --authz-policy): only the proxy may ask, since the answer
+    // tells who holds which role. Open instead on a listener declared private
+    // (--authz-private-listener, loopback or a unix socket only).
+    (ENVOY_CHECK, PROXY),
 ];
 
 /// The rule for a gRPC method path, with the path as `RULES` spells it (a bounded set of
@@ -99,7 +101,7 @@ impl PeerIdentity {
 pub struct AuthLayer {
     keys: Keys,
     limiter: Option<Arc<DefaultKeyedRateLimiter<String>>>,
-    envoy_without_key: bool,
+    private_authz: bool,
 }
 
 impl AuthLayer {
@@ -107,12 +109,13 @@ impl AuthLayer {
     pub fn new(keys: Keys, rate_per_second: Option<NonZeroU32>) -> Self {
         let limiter =
             rate_per_second.map(|rate| Arc::new(RateLimiter::keyed(Quota::per_second(rate))));
-        Self { keys, limiter, envoy_without_key: false }
+        Self { keys, limiter, private_authz: false }
     }
 
-    /// Lets [`ENVOY_CHECK`] through without credentials (`--authz-envoy-without-key`).
-    pub fn envoy_without_key(mut self, open: bool) -> Self {
-        self.envoy_without_key = open;
+    /// Lets [`ENVOY_CHECK`] through without credentials: the listener is declared
+    /// private (`--authz-private-listener`; the server refuses it on a shared address).
+    pub fn private_authz(mut self, open: bool) -> Self {
+        self.private_authz = open;
         self
     }
 
@@ -120,8 +123,7 @@ impl AuthLayer {
         let Some(access) = required_scope(request.uri().path()) else {
             return Err(Status::unimplemented("no such method"));
         };
-        if access == Access::Open || (self.envoy_without_key && request.uri().path() == ENVOY_CHECK)
-        {
+        if access == Access::Open || (self.private_authz && request.uri().path() == ENVOY_CHECK) {
             return Ok(());
         }
         let caller = if !self.keys.enabled() {

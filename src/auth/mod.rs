@@ -53,6 +53,8 @@ pub enum Scope {
     Audit,
     /// Watch, for a follower (and relaying its callers).
     Follow,
+    /// Forward-auth and ext_authz decisions: the proxy in front of an app.
+    Proxy,
 }
 
 /// Who is calling, as the auth layer established it; in request extensions.
@@ -69,7 +71,14 @@ impl Caller {
     pub fn anonymous() -> Self {
         Self {
             name: "anonymous".into(),
-            scopes: vec![Scope::Check, Scope::Write, Scope::Issue, Scope::Audit, Scope::Follow],
+            scopes: vec![
+                Scope::Check,
+                Scope::Write,
+                Scope::Issue,
+                Scope::Audit,
+                Scope::Follow,
+                Scope::Proxy,
+            ],
         }
     }
 

@@ -2,9 +2,10 @@
 //! authorization), served on the gRPC listener with the protos of the `envoy-types` crate
 //! (pre-generated for our tonic and prost, so no Envoy proto tree is built here).
 //!
+//! The request is read from `attributes.request.http` (`method`, `path`, `host`) only.
 //! Allowed: status OK, `ok_response` setting the `x-rolecheck-*` headers (overwriting the
 //! client's) or, for a public route, removing them. Denied: status `PERMISSION_DENIED`
-//! and `denied_response` 403; no identity: `UNAUTHENTICATED` and 401 with
+//! and `denied_response` 403 with the reason in `x-rolecheck-reason`; no identity: `UNAUTHENTICATED` and 401 with
 //! `www-authenticate: Bearer`. A store that cannot answer fails the call with
 //! `UNAVAILABLE`, which Envoy turns into its `status_on_error` (configure 503) and never
 //! lets through (`failure_mode_allow: false`).
@@ -17,7 +18,7 @@ use envoy_types::ext_authz::v3::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Authz, Decision, Incoming, ROLES_HEADER, TENANT_HEADER, USER_HEADER};
+use super::{Authz, Decision, Incoming, REASON_HEADER, ROLES_HEADER, TENANT_HEADER, USER_HEADER};
 
 pub use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
@@ -47,23 +48,19 @@ impl Authorization for EnvoyAuthz {
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref())
             .ok_or_else(|| Status::invalid_argument("attributes.request.http is required"))?;
-        // Envoy sends `:path` with the query; `path` is the same, and `host` the
-        // `:authority`.
-        let target = if http.path.is_empty() {
-            http.headers.get(":path").map_or("", String::as_str)
-        } else {
-            &http.path
-        };
-        let host = if http.host.is_empty() {
-            http.headers.get(":authority").map(String::as_str)
-        } else {
-            Some(http.host.as_str())
-        };
-        let method = if http.method.is_empty() {
-            http.headers.get(":method").map_or("", String::as_str)
-        } else {
-            &http.method
-        };
+        // The request is read from the attributes Envoy fills, never from the headers it
+        // copies (`:path` and the like): one source. `path` holds the query too.
+        let missing = [
+            (&http.method, "no attributes.request.http.method"),
+            (&http.path, "no attributes.request.http.path"),
+        ]
+        .into_iter()
+        .find(|(value, _)| value.is_empty());
+        if let Some((_, why)) = missing {
+            return Ok(Response::new(denied(why)));
+        }
+        let (method, target) = (http.method.as_str(), http.path.as_str());
+        let host = (!http.host.is_empty()).then_some(http.host.as_str());
         let incoming = Incoming { method, host, target, headers: &http.headers };
         let mut response = CheckResponse::default();
         match self.authz.decide(&incoming).await {
@@ -93,13 +90,7 @@ impl Authorization for EnvoyAuthz {
                     .set_status(Status::unauthenticated("no valid identity"))
                     .set_http_response(denied.build());
             }
-            Decision::Denied => {
-                let mut denied = DeniedHttpResponseBuilder::new();
-                denied.set_http_status(HttpStatusCode::Forbidden);
-                response
-                    .set_status(Status::permission_denied("denied"))
-                    .set_http_response(denied.build());
-            }
+            Decision::Denied(why) => response = denied(why),
             Decision::Unavailable => {
                 return Err(Status::unavailable(
                     "roles unavailable: the answer cannot be known now",
@@ -108,4 +99,14 @@ impl Authorization for EnvoyAuthz {
         }
         Ok(Response::new(response))
     }
+}
+
+/// A 403 with the reason, in the status message and the `x-rolecheck-reason` header.
+fn denied(why: &'static str) -> CheckResponse {
+    let mut denied = DeniedHttpResponseBuilder::new();
+    denied.set_http_status(HttpStatusCode::Forbidden);
+    denied.add_header(REASON_HEADER, why, None, false);
+    let mut response = CheckResponse::default();
+    response.set_status(Status::permission_denied(why)).set_http_response(denied.build());
+    response
 }

@@ -12,8 +12,12 @@
 //!   the keys held.
 //! - rolecheck's own keys (`"self"`) are looked at again when a token names a `kid`
 //!   they lack: a follower's set follows its upstream's (see `crate::token::KeySet`).
+//! - `exp` is required; `exp` and `nbf` are checked with [`LEEWAY`] of clock skew.
+//! - A JWK Set is fetched within [`FETCH_TIMEOUT`] and at most [`MAX_JWKS_BYTES`]; over
+//!   `https`, or plain `http` only to loopback or when the policy says `allow_http`.
 //! - HMAC algorithms are refused (a JWK Set publishes public keys), and the algorithm
-//!   must belong to the key's family, so a public key is never used as an HMAC secret.
+//!   is the key's (its `alg`, else its family's), never chosen by the token's header,
+//!   so a public key is never used as an HMAC secret.
 
 use std::{
     collections::HashMap,
@@ -37,6 +41,8 @@ pub const JWKS_REFRESH: Duration = Duration::from_secs(300);
 pub const REFETCH_EVERY: Duration = Duration::from_secs(30);
 /// Longest a JWK Set fetch may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The clock skew allowed either side of a token's `nbf` and `exp`.
+pub const LEEWAY: Duration = Duration::from_secs(30);
 /// Largest JWK Set accepted.
 pub const MAX_JWKS_BYTES: usize = 256 * 1024;
 
@@ -168,8 +174,14 @@ impl Verifier {
         if !algorithms.contains(&header.alg) {
             return Err(Rejected::Invalid);
         }
+        // RFC 8725: the algorithms are the key's (the header's `alg` must be one of them,
+        // checked above and again by `decode`), and `exp` and `nbf` both count.
         let mut validation = Validation::new(header.alg);
+        validation.algorithms = algorithms.clone();
         validation.set_required_spec_claims(&["exp"]);
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY.as_secs();
         if let Some(issuer) = &self.config.issuer {
             validation.set_issuer(&[issuer]);
         }

@@ -2,10 +2,14 @@
 //! request may pass, by Envoy's external authorization API on the gRPC listener
 //! ([`envoy`]) or by forward-auth at `/authz` on the HTTP listener ([`forward`]).
 //!
-//! One decision for both ([`Authz::decide`]):
-//! 1. The path and host are normalized ([`path`]); a path that cannot be is denied (403).
-//! 2. The first route of the [`policy`] that matches the method, host and path decides;
-//!    none is a denial (403). A public route allows anyone.
+//! Only the proxy may ask ([`trust`]). Forward-auth reads the original request from the
+//! headers of the proxy the policy names ([`proxies`]); Envoy's from its attributes.
+//! Then one decision for both ([`Authz::decide`]):
+//! 1. The method, path and host are put in canonical form ([`canonical`]); a spelling
+//!    that two parsers could read two ways is refused (403 with the reason), whatever
+//!    route it would match.
+//! 2. The first of the [`routes`] that matches the method, host and path decides; none
+//!    is a denial (403). A public route allows anyone.
 //! 3. The user comes from the policy's trusted header when it is present, else from a
 //!    bearer JWT ([`jwt`]); neither, or an invalid one, is 401.
 //! 4. The tenant comes from the route's `{tenant}` (host or path), else the application
@@ -20,12 +24,15 @@
 //! that fails keeps the policy in force, logs the line and the reason, and counts
 //! `rolecheck_authz_policy_reload_failures_total`.
 
+pub mod canonical;
 pub mod envoy;
 mod fetch;
 pub mod forward;
 pub mod jwt;
-pub mod path;
 pub mod policy;
+pub mod proxies;
+pub mod routes;
+pub mod trust;
 
 use std::{
     path::{Path, PathBuf},
@@ -35,8 +42,11 @@ use std::{
 use prometheus_client::metrics::counter::Counter;
 
 use self::{
+    canonical::Refused,
     jwt::Verifier,
-    policy::{Matched, Policy, Target},
+    policy::Policy,
+    routes::{Matched, Target},
+    trust::{Exposure, ProxyTrust},
 };
 use crate::token::KeySet;
 use crate::{
@@ -52,16 +62,29 @@ pub const USER_HEADER: &str = "x-rolecheck-user";
 pub const TENANT_HEADER: &str = "x-rolecheck-tenant";
 /// See [`USER_HEADER`].
 pub const ROLES_HEADER: &str = "x-rolecheck-roles";
+/// Why a request was denied, on a 403 to the proxy (never on an answer to a caller that
+/// is not the proxy).
+pub const REASON_HEADER: &str = "x-rolecheck-reason";
 
 /// A request's headers, by lower-case name.
 pub trait Headers {
     /// The value of header `name` (lower-case), if present.
     fn get(&self, name: &str) -> Option<&str>;
+
+    /// Whether header `name` is sent more than once (which one would count is
+    /// ambiguous).
+    fn repeated(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 impl Headers for http::HeaderMap {
     fn get(&self, name: &str) -> Option<&str> {
         http::HeaderMap::get(self, name).and_then(|value| value.to_str().ok())
+    }
+
+    fn repeated(&self, name: &str) -> bool {
+        self.get_all(name).iter().nth(1).is_some()
     }
 }
 
@@ -76,7 +99,7 @@ impl Headers for std::collections::HashMap<String, String> {
 pub struct Incoming<'a, H: Headers + ?Sized> {
     /// Its method.
     pub method: &'a str,
-    /// Its host (`Host`, `:authority`, `X-Forwarded-Host`), when known.
+    /// Its host (the proxy's host header, `:authority`), when known.
     pub host: Option<&'a str>,
     /// Its target: the path with any query, or an absolute URL.
     pub target: &'a str,
@@ -98,8 +121,9 @@ pub enum Decision {
     },
     /// No identity, or an invalid one: 401.
     Unauthenticated,
-    /// No route, a route the user lacks the role for, or a path refused: 403.
-    Denied,
+    /// No route, a route the user lacks the role for, or a request refused: 403, and
+    /// why.
+    Denied(&'static str),
     /// The answer cannot be known now (the store): 503 / UNAVAILABLE.
     Unavailable,
 }
@@ -117,6 +141,8 @@ pub struct Authz {
     path: PathBuf,
     stamp: Option<crate::reload::Stamp>,
     own_keys: Arc<KeySet>,
+    trust: ProxyTrust,
+    exposure: Exposure,
     roles: RoleLookup,
     application_id: TenantId,
     reload_failures: Counter,
@@ -130,17 +156,23 @@ impl std::fmt::Debug for Authz {
 }
 
 impl Authz {
-    /// Loads the policy at `path`; a policy that cannot be read or is invalid is refused.
-    /// `own_keys` are rolecheck's keys (for `jwks_url = "self"`).
+    /// Loads the policy at `path`; a policy that cannot be read, is invalid, or would
+    /// answer who may not ask ([`trust::start_check`]) is refused. `own_keys` are
+    /// rolecheck's keys (for `jwks_url = "self"`); `trust` tells the proxy from others.
     pub fn load(
         path: &Path,
         own_keys: Arc<KeySet>,
+        (trust, exposure): (ProxyTrust, Exposure),
         roles: RoleLookup,
         application_id: TenantId,
         metrics: &Metrics,
     ) -> Result<Arc<Self>> {
         let stamp = crate::reload::stamp(path);
         let policy = Policy::load(path)?;
+        trust::start_check(exposure, policy.identity.header.is_some())?;
+        if policy.proxy.is_none() {
+            tracing::warn!(path = %path.display(), "the policy names no [proxy]: forward-auth at /authz refuses every request (ext_authz is unaffected)");
+        }
         let verifier =
             policy.identity.jwt.clone().map(|jwt| Arc::new(Verifier::new(jwt, own_keys.clone())));
         tracing::info!(path = %path.display(), routes = policy.len(), "authorization policy loaded");
@@ -151,6 +183,8 @@ impl Authz {
             path: path.to_owned(),
             stamp,
             own_keys,
+            trust,
+            exposure,
             roles,
             application_id,
             reload_failures: metrics.policy_reload_failures.clone(),
@@ -176,9 +210,25 @@ impl Authz {
         }
     }
 
-    /// Re-reads the policy; on failure keeps the one in force and logs why.
+    /// Who may ask, for forward-auth.
+    pub fn trust(&self) -> &ProxyTrust {
+        &self.trust
+    }
+
+    /// The proxy forward-auth requests come from, per the policy in force.
+    pub fn proxy(&self) -> Option<proxies::Proxy> {
+        self.current().policy.proxy.clone()
+    }
+
+    /// Re-reads the policy; on failure keeps the one in force and logs why. A policy
+    /// that would loosen who may name a user (a trusted header with anonymous callers on
+    /// a shared port) is a failure like any other.
     pub fn reload(&self) {
-        match Policy::load(&self.path) {
+        let checked = Policy::load(&self.path).and_then(|policy| {
+            trust::header_identity_check(self.exposure, policy.identity.header.is_some())?;
+            Ok(policy)
+        });
+        match checked {
             Ok(policy) => {
                 let old = self.current();
                 let (verifier, fresh) = match (&policy.identity.jwt, &old.verifier) {
@@ -219,7 +269,7 @@ impl Authz {
         let index = match decision {
             Decision::Allow { .. } => 0,
             Decision::Unauthenticated => 1,
-            Decision::Denied => 2,
+            Decision::Denied(_) => 2,
             Decision::Unavailable => 3,
         };
         self.outcomes[index].inc();
@@ -227,24 +277,23 @@ impl Authz {
     }
 
     async fn decide_uncounted<H: Headers + ?Sized>(&self, request: &Incoming<'_, H>) -> Decision {
-        let segments = match path::segments(request.target) {
-            Ok(segments) => segments,
-            Err(path::Refused(why)) => {
-                tracing::debug!(why, "proxy request path refused");
-                return Decision::Denied;
-            }
-        };
-        let host = match request.host.map(path::host).transpose() {
-            Ok(host) => host,
-            Err(path::Refused(why)) => {
-                tracing::debug!(why, "proxy request host refused");
-                return Decision::Denied;
+        let canonical = (|| {
+            let method = canonical::method(request.method)?;
+            let path = canonical::path(request.target)?;
+            let host = request.host.map(canonical::host).transpose()?;
+            Ok::<_, Refused>((method, path, host))
+        })();
+        let (method, path, host) = match canonical {
+            Ok(parts) => parts,
+            Err(Refused(why)) => {
+                tracing::debug!(why, "proxy request refused");
+                return Decision::Denied(why);
             }
         };
         let loaded = self.current();
-        let target = Target { method: request.method, host: host.as_deref(), path: &segments };
-        let (tenant, roles) = match loaded.policy.decide(&target) {
-            None => return Decision::Denied,
+        let target = Target { method, host: host.as_deref(), path: &path };
+        let (tenant, roles) = match loaded.policy.routes.decide(&target) {
+            None => return Decision::Denied("no route matches"),
             Some(Matched::Public) => {
                 return Decision::Allow {
                     user: String::new(),
@@ -259,9 +308,9 @@ impl Authz {
         };
         let tenant = match tenant {
             None => self.application_id.clone(),
-            Some(tenant) => match TenantId::parse("tenant", &tenant) {
+            Some(tenant) => match TenantId::parse("tenant", tenant) {
                 Ok(id) => id,
-                Err(_) => return Decision::Denied,
+                Err(_) => return Decision::Denied("the route's tenant is not a tenant id"),
             },
         };
         let answer = match self.roles.answer(user.as_str(), 0).await {
@@ -273,7 +322,7 @@ impl Authz {
         };
         let now = now_unix();
         if !roles.iter().any(|role| answer.roles.allows(&tenant, role, now)) {
-            return Decision::Denied;
+            return Decision::Denied("the user holds none of the route's roles there");
         }
         let held = answer.roles.roles_in(tenant.as_str(), now).collect::<Vec<_>>().join(",");
         Decision::Allow {
@@ -285,12 +334,18 @@ impl Authz {
 
     /// The user the request names: the trusted header when present, else a bearer JWT.
     async fn user<H: Headers + ?Sized>(&self, loaded: &Loaded, headers: &H) -> Option<UserId> {
-        if let Some(value) =
-            loaded.policy.identity.header.as_deref().and_then(|name| headers.get(name))
-        {
-            return UserId::parse("user", value.trim()).ok();
+        if let Some(name) = loaded.policy.identity.header.as_deref() {
+            if headers.repeated(name) {
+                return None;
+            }
+            if let Some(value) = headers.get(name) {
+                return UserId::parse("user", value.trim()).ok();
+            }
         }
         let verifier = loaded.verifier.as_ref()?;
+        if headers.repeated("authorization") {
+            return None;
+        }
         let token = bearer(headers.get("authorization")?)?;
         match verifier.user(token).await {
             Ok(user) => UserId::parse("user", &user).ok(),

@@ -1,24 +1,31 @@
-//! The policy file (`--authz-policy`): where the user id comes from, and which role each
-//! route needs in which tenant. Parsed and checked whole, or refused with the line and
-//! the reason; see `../shared/CONTRACT.md` ("Proxy authorization") for the format.
+//! The policy file (`--authz-policy`): the proxy in front, where the user id comes from,
+//! and which role each route needs in which tenant. Parsed and checked whole, or refused
+//! with the line and the reason; see `../shared/CONTRACT.md` ("Proxy authorization").
 
 use std::path::Path;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::path::Refused;
+use super::{
+    proxies::Proxy,
+    routes::{RouteSpec, Routes},
+};
 use crate::{
-    domain::{Role, TenantId},
+    domain::Role,
     error::{Error, Result},
 };
 
 /// A policy, checked and ready to match requests.
 #[derive(Debug)]
 pub struct Policy {
+    /// The proxy forward-auth requests come from; `None`: forward-auth refuses them all
+    /// (an Envoy-only policy).
+    pub proxy: Option<Proxy>,
     /// Where the user id comes from.
     pub identity: Identity,
-    routes: Vec<Route>,
+    /// The routes, compiled.
+    pub routes: Routes,
 }
 
 /// Where the user id comes from.
@@ -48,66 +55,31 @@ pub struct JwtIdentity {
 pub enum JwksSource {
     /// rolecheck's own signing keys.
     Own,
-    /// A JWK Set fetched from this `http` or `https` URL.
+    /// A JWK Set fetched from this URL: `https`, or `http` to loopback or when the
+    /// policy says `allow_http = true`.
     Url(http::Uri),
-}
-
-/// One route: the first that matches a request decides it.
-#[derive(Debug)]
-struct Route {
-    host: Option<Vec<Part>>,
-    path: Vec<Part>,
-    /// Upper-case; empty means every method.
-    methods: Vec<String>,
-    /// Any one of these, in the route's tenant; empty when public.
-    roles: Vec<Role>,
-    public: bool,
-}
-
-/// One segment of a host or path pattern.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(String),
-    /// `*`: any one segment.
-    Any,
-    /// `**`: any rest, even none (last in a path only).
-    Rest,
-    /// `{tenant}`: any one segment, which names the tenant.
-    Tenant,
-}
-
-/// What a request asks to reach.
-#[derive(Debug)]
-pub struct Target<'a> {
-    /// The method, as sent.
-    pub method: &'a str,
-    /// The normalized host, when known.
-    pub host: Option<&'a str>,
-    /// The normalized path segments.
-    pub path: &'a [String],
-}
-
-/// The route a request matched.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Matched<'p> {
-    /// Anyone may pass.
-    Public,
-    /// The user must hold one of `roles` in `tenant` (`None`: the application tenant).
-    Roles {
-        /// The tenant named by the request, unchecked.
-        tenant: Option<String>,
-        /// Any one of them.
-        roles: &'p [Role],
-    },
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
     #[serde(default)]
+    proxy: Option<Spanned<ProxyFile>>,
+    #[serde(default)]
     identity: Option<IdentityFile>,
     #[serde(default)]
     route: Vec<Spanned<RouteFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxyFile {
+    kind: Option<String>,
+    #[serde(default)]
+    case_insensitive: bool,
+    method_header: Option<String>,
+    uri_header: Option<String>,
+    host_header: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -124,6 +96,8 @@ struct JwtFile {
     issuer: Option<String>,
     audience: Option<String>,
     user_claim: Option<String>,
+    #[serde(default)]
+    allow_http: bool,
 }
 
 #[derive(Deserialize)]
@@ -160,13 +134,20 @@ impl Policy {
         let at = |start: usize, reason: String| {
             Error::FailedPrecondition(format!("line {}: {reason}", line_of(text, start)))
         };
+        let (proxy, case_insensitive) = match file.proxy {
+            None => (None, false),
+            Some(proxy) => {
+                let start = proxy.span().start;
+                let proxy = proxy.into_inner();
+                let case_insensitive = proxy.case_insensitive;
+                (Some(proxy_source(proxy).map_err(|reason| at(start, reason))?), case_insensitive)
+            }
+        };
         let identity = match file.identity {
             None => Identity::default(),
             Some(identity) => Identity {
                 header: match identity.header {
-                    Some(header)
-                        if http::HeaderName::try_from(header.get_ref().as_str()).is_err() =>
-                    {
+                    Some(header) if !header_name(header.get_ref()) => {
                         return Err(at(
                             header.span().start,
                             "`header` is not a header name".into(),
@@ -180,7 +161,7 @@ impl Policy {
                     .map(|jwt| {
                         let start = jwt.span().start;
                         let jwt = jwt.into_inner();
-                        let keys = jwks_source(jwt.jwks_url.get_ref())
+                        let keys = jwks_source(jwt.jwks_url.get_ref(), jwt.allow_http)
                             .map_err(|reason| at(jwt.jwks_url.span().start.max(start), reason))?;
                         Ok::<_, Error>(JwtIdentity {
                             keys,
@@ -192,16 +173,20 @@ impl Policy {
                     .transpose()?,
             },
         };
-        let mut routes = Vec::with_capacity(file.route.len());
+        let mut starts = Vec::with_capacity(file.route.len());
+        let mut specs = Vec::with_capacity(file.route.len());
         for route in file.route {
             let start = route.span().start;
-            let route = compile(route.into_inner()).map_err(|reason| at(start, reason))?;
-            if !route.public && identity.header.is_none() && identity.jwt.is_none() {
+            let spec = spec(route.into_inner()).map_err(|reason| at(start, reason))?;
+            if !spec.public && identity.header.is_none() && identity.jwt.is_none() {
                 return Err(at(start, "a route needs roles but [identity] names no source".into()));
             }
-            routes.push(route);
+            starts.push(start);
+            specs.push(spec);
         }
-        Ok(Self { identity, routes })
+        let routes = Routes::compile(specs, case_insensitive)
+            .map_err(|(i, reason)| at(starts[i], reason))?;
+        Ok(Self { proxy, identity, routes })
     }
 
     /// The number of routes.
@@ -213,150 +198,94 @@ impl Policy {
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }
-
-    /// The first route that matches `target`; `None` denies.
-    pub fn decide<'p>(&'p self, target: &Target<'_>) -> Option<Matched<'p>> {
-        self.routes.iter().find_map(|route| route.matches(target))
-    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
-fn jwks_source(url: &str) -> std::result::Result<JwksSource, String> {
+fn header_name(name: &str) -> bool {
+    http::HeaderName::try_from(name).is_ok()
+}
+
+fn proxy_source(file: ProxyFile) -> std::result::Result<Proxy, String> {
+    let explicit = [&file.method_header, &file.uri_header, &file.host_header];
+    match (&file.kind, explicit) {
+        (Some(kind), [None, None, None]) => Proxy::kind(kind).ok_or_else(|| {
+            format!("[proxy] kind {kind:?} is not nginx, ingress-nginx, traefik or caddy")
+        }),
+        (None, [Some(method), Some(uri), Some(host)]) => {
+            if let Some(bad) = [method, uri, host].into_iter().find(|name| !header_name(name)) {
+                return Err(format!("[proxy] {bad:?} is not a header name"));
+            }
+            let names = [method, uri, host].map(|name| name.to_ascii_lowercase());
+            if names[0] == names[1] || names[1] == names[2] || names[0] == names[2] {
+                return Err("[proxy] names one header for two parts of the request".into());
+            }
+            let [method, uri, host] = names;
+            Ok(Proxy::Explicit { method, uri, host })
+        }
+        _ => Err("[proxy] needs `kind`, or all of `method_header`, `uri_header` and \
+                  `host_header` (not both)"
+            .into()),
+    }
+}
+
+fn jwks_source(url: &str, allow_http: bool) -> std::result::Result<JwksSource, String> {
     if url == "self" {
         return Ok(JwksSource::Own);
     }
     let uri: http::Uri =
         url.parse().map_err(|_| format!("`jwks_url` {url:?} is not \"self\" or a URL"))?;
-    match (uri.scheme_str(), uri.host()) {
-        (Some("http" | "https"), Some(host)) if !host.is_empty() => Ok(JwksSource::Url(uri)),
+    let host = uri.host().filter(|host| !host.is_empty());
+    match (uri.scheme_str(), host) {
+        (Some("https"), Some(_)) => Ok(JwksSource::Url(uri)),
+        (Some("http"), Some(host)) if allow_http || loopback(host) => Ok(JwksSource::Url(uri)),
+        (Some("http"), Some(_)) => Err(format!(
+            "`jwks_url` {url:?}: keys fetched over plain http can be swapped on the way; \
+             use https, a loopback address, or say `allow_http = true`"
+        )),
         _ => Err(format!("`jwks_url` {url:?} is not \"self\" or an http(s) URL")),
     }
 }
 
-fn compile(file: RouteFile) -> std::result::Result<Route, String> {
-    let path = pattern(&file.path, '/')?;
-    if path.iter().rev().skip(1).any(|part| *part == Part::Rest) {
-        return Err("`**` may only end a path".into());
-    }
-    let host = file
-        .host
-        .as_deref()
-        .map(|host| {
-            let parts = pattern(&host.to_ascii_lowercase(), '.')?;
-            if parts.contains(&Part::Rest) {
-                return Err("`**` is for paths, not hosts".to_owned());
-            }
-            Ok(parts)
-        })
-        .transpose()?;
-    let tenants = path.iter().chain(host.iter().flatten()).filter(|p| **p == Part::Tenant).count();
-    if tenants > 1 {
-        return Err("`{tenant}` appears more than once".into());
-    }
-    let methods = file.methods.unwrap_or_default();
-    if let Some(bad) =
-        methods.iter().find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()))
-    {
-        return Err(format!("method {bad:?} is not a method name"));
-    }
-    let methods = methods.iter().map(|m| m.to_ascii_uppercase()).collect();
-    let public = file.public.unwrap_or(false);
-    let roles = file.roles.unwrap_or_default();
-    match (public, roles.is_empty()) {
-        (true, false) => return Err("a route is either `public = true` or has `roles`".into()),
-        (false, true) => {
-            return Err("a route needs `roles` (any one of them) or `public = true`".into());
-        }
-        _ => {}
-    }
-    let roles = roles
+/// Whether `host` (from a URL) is a loopback address or `localhost`.
+fn loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn spec(file: RouteFile) -> std::result::Result<RouteSpec, String> {
+    let roles = file
+        .roles
+        .unwrap_or_default()
         .iter()
         .map(|role| Role::parse("roles", role).map_err(|err| format!("role {role:?}: {err}")))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok(Route { host, path, methods, roles, public })
-}
-
-/// A host (split on `.`) or path (split on `/`, leading `/` required) pattern.
-fn pattern(text: &str, separator: char) -> std::result::Result<Vec<Part>, String> {
-    let body = if separator == '/' {
-        text.strip_prefix('/').ok_or_else(|| format!("path {text:?} must start with /"))?
-    } else {
-        text
-    };
-    if separator == '/' {
-        // A pattern is spelled as the requests it matches are: normalized.
-        let normal =
-            super::path::segments(text).map_err(|Refused(why)| format!("path {text:?}: {why}"))?;
-        let raw: Vec<&str> = body.split('/').filter(|s| !s.is_empty()).collect();
-        if normal.len() != raw.len() || normal.iter().zip(&raw).any(|(a, b)| a != b) {
-            return Err(format!(
-                "path {text:?} is not in normal form (no `.`, `..`, `//` or escapes of plain characters)"
-            ));
-        }
-    }
-    body.split(separator)
-        .filter(|segment| !segment.is_empty())
-        .map(|segment| match segment {
-            "*" => Ok(Part::Any),
-            "**" => Ok(Part::Rest),
-            "{tenant}" => Ok(Part::Tenant),
-            s if s.contains(['{', '}', '*']) => Err(format!("segment {s:?}: only `*`, `**` and `{{tenant}}` are special, and only as a whole segment")),
-            s => Ok(Part::Literal(s.to_owned())),
-        })
-        .collect()
-}
-
-impl Route {
-    fn matches<'p>(&'p self, target: &Target<'_>) -> Option<Matched<'p>> {
-        if !self.methods.is_empty()
-            && !self.methods.iter().any(|m| m.eq_ignore_ascii_case(target.method))
-        {
-            return None;
-        }
-        let mut tenant = None;
-        if let Some(host) = &self.host {
-            let name = target.host?;
-            let labels: Vec<&str> = name.split('.').collect();
-            tenant = match_parts(host, &labels)?.or(tenant);
-        }
-        let segments: Vec<&str> = target.path.iter().map(String::as_str).collect();
-        tenant = match_parts(&self.path, &segments)?.or(tenant);
-        Some(if self.public {
-            Matched::Public
-        } else {
-            Matched::Roles { tenant: tenant.map(str::to_owned), roles: &self.roles }
-        })
-    }
-}
-
-/// Whether `parts` match `segments` whole: `Some` with the `{tenant}` segment if any.
-fn match_parts<'s>(parts: &[Part], segments: &[&'s str]) -> Option<Option<&'s str>> {
-    let mut tenant = None;
-    for (i, part) in parts.iter().enumerate() {
-        match part {
-            Part::Rest => return Some(tenant),
-            _ if i >= segments.len() => return None,
-            Part::Literal(text) if text != segments[i] => return None,
-            Part::Literal(_) | Part::Any => {}
-            Part::Tenant => tenant = Some(segments[i]),
-        }
-    }
-    (parts.len() == segments.len()).then_some(tenant)
-}
-
-/// Whether `tenant` (from a request) is a valid tenant id; else the request is denied.
-pub fn tenant_id(tenant: &str) -> Option<TenantId> {
-    TenantId::parse("tenant", tenant).ok()
+    Ok(RouteSpec {
+        path: file.path,
+        host: file.host,
+        methods: file.methods.unwrap_or_default().iter().map(|m| m.to_ascii_uppercase()).collect(),
+        roles,
+        public: file.public.unwrap_or(false),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authz::{
+        canonical,
+        routes::{Matched, Target},
+    };
 
     const SEED: &str = r#"
+[proxy]
+kind = "nginx"
+
 [identity]
 header = "X-User-Id"
 [identity.jwt]
@@ -365,62 +294,32 @@ issuer = "rolecheck"
 
 [[route]]
 path = "/tenants/{tenant}/invoices/**"
-methods = ["GET", "HEAD"]
+methods = ["get", "HEAD"]
 roles = ["billing", "admin"]
-
-[[route]]
-host = "{tenant}.shop.example"
-path = "/settings/**"
-roles = ["admin"]
-
-[[route]]
-path = "/admin/**"
-roles = ["support-agent"]
 
 [[route]]
 path = "/healthz"
 public = true
 "#;
 
-    fn decide<'p>(
-        policy: &'p Policy,
-        method: &str,
-        host: Option<&str>,
-        path: &str,
-    ) -> Option<Matched<'p>> {
-        let segments = super::super::path::segments(path).expect("path");
-        policy.decide(&Target { method, host, path: &segments })
-    }
-
     #[test]
-    fn the_first_matching_route_decides() {
+    fn the_seed_policy_loads() {
         let policy = Policy::parse(SEED).expect("policy");
+        assert_eq!(policy.proxy, Some(Proxy::Nginx));
         assert_eq!(policy.identity.header.as_deref(), Some("x-user-id"));
-        let invoices = decide(&policy, "GET", None, "/tenants/acme/invoices/7");
-        assert!(
-            matches!(invoices, Some(Matched::Roles { tenant: Some(ref t), roles }) if t == "acme" && roles.len() == 2)
-        );
-        assert!(matches!(
-            decide(&policy, "GET", None, "/tenants/acme/invoices"),
-            Some(Matched::Roles { .. })
-        ));
+        assert_eq!(policy.len(), 2);
+        let path = canonical::path("/tenants/acme/invoices/7").expect("path");
+        let matched = policy.routes.decide(&Target { method: "GET", host: None, path: &path });
+        assert!(matches!(matched, Some(Matched::Roles { tenant: Some("acme"), .. })));
+        let explicit = Policy::parse(
+            "[proxy]\nmethod_header = \"X-M\"\nuri_header = \"x-u\"\nhost_header = \"x-h\"\n",
+        )
+        .expect("explicit");
         assert_eq!(
-            decide(&policy, "POST", None, "/tenants/acme/invoices/7"),
-            None,
-            "method not listed"
+            explicit.proxy,
+            Some(Proxy::Explicit { method: "x-m".into(), uri: "x-u".into(), host: "x-h".into() })
         );
-        let settings = decide(&policy, "POST", Some("acme.shop.example"), "/settings/x");
-        assert!(
-            matches!(settings, Some(Matched::Roles { tenant: Some(ref t), .. }) if t == "acme")
-        );
-        assert_eq!(decide(&policy, "GET", Some("shop.example"), "/settings/x"), None);
-        assert!(matches!(
-            decide(&policy, "GET", None, "/admin"),
-            Some(Matched::Roles { tenant: None, .. })
-        ));
-        assert_eq!(decide(&policy, "GET", None, "/healthz"), Some(Matched::Public));
-        assert_eq!(decide(&policy, "GET", None, "/healthz/x"), None, "no route: denied");
-        assert_eq!(decide(&policy, "GET", None, "/"), None);
+        assert_eq!(Policy::parse("").expect("empty").proxy, None);
     }
 
     fn refused(text: &str) -> String {
@@ -460,19 +359,44 @@ public = true
                 "either",
             ),
             (format!("{head}[[route]]\npath = \"/**/a\"\nroles = [\"a\"]\n"), 3, "only end"),
-            (format!("{head}[[route]]\npath = \"/a/../b\"\nroles = [\"a\"]\n"), 3, "normal form"),
+            (format!("{head}[[route]]\npath = \"/a/../b\"\nroles = [\"a\"]\n"), 3, "dot segment"),
             (format!("{head}[[route]]\npath = \"a\"\nroles = [\"a\"]\n"), 3, "start with /"),
+            (format!("{head}[[route]]\npath = \"/a\"\nmethods = [\"G T\"]\npublic = true\n"), 3, "method"),
             (
                 "[identity.jwt]\njwks_url = \"ftp://x\"\n".to_owned(),
                 2,
                 "not \"self\" or an http(s) URL",
             ),
             ("[identity.jwt]\njwks_url = \"::not a url\"\n".to_owned(), 2, "jwks_url"),
+            ("[identity.jwt]\njwks_url = \"http://idp.example/jwks\"\n".to_owned(), 2, "plain http"),
             ("[[route]]\npath = \"/a\"\nroles = [\"a\"]\n".to_owned(), 1, "names no source"),
+            ("[proxy]\nkind = \"apache\"\n".to_owned(), 1, "is not nginx"),
+            ("[proxy]\ncase_insensitive = true\n".to_owned(), 1, "needs `kind`"),
+            ("[proxy]\nkind = \"nginx\"\nuri_header = \"x-u\"\n".to_owned(), 1, "not both"),
+            (
+                "[proxy]\nmethod_header = \"x\"\nuri_header = \"x\"\nhost_header = \"h\"\n".to_owned(),
+                1,
+                "two parts",
+            ),
+            (
+                "[proxy]\nkind = \"nginx\"\ncase_insensitive = true\n[[route]]\npath = \"/caf\u{e9}\"\npublic = true\n".to_owned(),
+                4,
+                "ASCII",
+            ),
         ] {
             let reason_got = refused(&text);
             assert!(reason_got.starts_with(&format!("line {line}:")), "{text}\n=> {reason_got}");
             assert!(reason_got.contains(reason), "{text}\n=> {reason_got}");
         }
+    }
+
+    #[test]
+    fn plain_http_keys_only_from_loopback_or_when_allowed() {
+        for url in ["http://127.0.0.1:9/jwks", "http://localhost/jwks", "http://[::1]/jwks"] {
+            let text = format!("[identity.jwt]\njwks_url = \"{url}\"\n");
+            assert!(Policy::parse(&text).is_ok(), "{url}");
+        }
+        let allowed = "[identity.jwt]\njwks_url = \"http://idp.example/jwks\"\nallow_http = true\n";
+        assert!(Policy::parse(allowed).is_ok());
     }
 }

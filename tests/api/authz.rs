@@ -1,12 +1,12 @@
-//! Proxy authorization (`--authz-policy`): a real nginx (`auth_request`) in front of a
-//! small upstream, forward-auth asked directly with every spelling of a path, Envoy's
-//! ext_authz driven by its own protos, and policy files refused with the line and reason.
+//! Proxy authorization (`--authz-policy`) asked directly: forward-auth with every
+//! spelling of a path and every way to ask without being the proxy, Envoy's ext_authz
+//! driven by its own protos, bearer JWTs as RFC 8725 wants them, and policy files
+//! refused with the line and reason. Real proxies in front: `gateways`.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -25,6 +25,9 @@ use crate::{
 };
 
 const POLICY: &str = r#"
+[proxy]
+kind = "nginx"
+
 [identity]
 header = "x-user-id"
 [identity.jwt]
@@ -59,7 +62,11 @@ fn write_policy(dir: &Path, text: &str) -> PathBuf {
 /// A server with the seed policy, `alice` a biller in `acme`, `bob` in no role.
 async fn app_with_policy(backend: Backend, dir: &Path) -> TestApp {
     let policy = write_policy(dir, POLICY);
-    let app = spawn_with(backend, |c| c.authz_policy = Some(policy)).await;
+    let app = spawn_with(backend, |c| {
+        c.authz_policy = Some(policy);
+        c.authz_private_listener = true;
+    })
+    .await;
     app.create_tenant("acme").await;
     app.grant("alice", "acme", &["billing"]).await;
     app
@@ -73,119 +80,17 @@ async fn forward(
     headers: &[(&str, &str)],
 ) -> (u16, String) {
     let mut all = vec![("x-original-method", method), ("x-original-uri", uri)];
+    if !headers.iter().any(|(name, _)| *name == "x-original-host") {
+        all.push(("x-original-host", "shop.example"));
+    }
     all.extend_from_slice(headers);
     let (status, head, _) = http(app.http, "GET", "/authz", &all).await;
     (status, head.to_ascii_lowercase())
 }
 
-/// The upstream app: answers every request with the `x-rolecheck-*` headers it received.
-async fn upstream() -> SocketAddr {
-    use axum::{http::HeaderMap, routing::any};
-    let app = axum::Router::new().fallback(any(|headers: HeaderMap| async move {
-        ["x-rolecheck-user", "x-rolecheck-tenant", "x-rolecheck-roles"]
-            .iter()
-            .map(|name| {
-                let value = headers.get(*name).and_then(|v| v.to_str().ok()).unwrap_or("-");
-                format!("{name}={value}\n")
-            })
-            .collect::<String>()
-    }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
-}
-
-/// nginx from Debian's packages, on loopback, in front of `upstream`, asking `authz`.
-struct Nginx {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Nginx {
-    async fn start(authz: SocketAddr, upstream: SocketAddr) -> Self {
-        let dir = tempfile::tempdir().expect("dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("free port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let d = dir.path().display();
-        let user = if running_as_root() { "user root;" } else { "" };
-        let conf = format!(
-            r#"{user}
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen {addr};
-    location = /_rolecheck {{
-      internal;
-      proxy_pass http://{authz}/authz;
-      proxy_pass_request_body off;
-      proxy_set_header Content-Length "";
-      proxy_set_header X-Original-URI $request_uri;
-      proxy_set_header X-Original-Method $request_method;
-      proxy_set_header X-Forwarded-Host $host;
-    }}
-    location / {{
-      auth_request /_rolecheck;
-      auth_request_set $rc_user $upstream_http_x_rolecheck_user;
-      auth_request_set $rc_tenant $upstream_http_x_rolecheck_tenant;
-      auth_request_set $rc_roles $upstream_http_x_rolecheck_roles;
-      proxy_set_header x-rolecheck-user $rc_user;
-      proxy_set_header x-rolecheck-tenant $rc_tenant;
-      proxy_set_header x-rolecheck-roles $rc_roles;
-      proxy_pass http://{upstream};
-    }}
-  }}
-}}
-"#
-        );
-        let conf_path = dir.path().join("nginx.conf");
-        std::fs::write(&conf_path, conf).expect("write nginx.conf");
-        let child = Command::new(nginx_binary())
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf_path)
-            .args(["-g", "daemon off;"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("nginx starts (.ci/run installs Debian's nginx-light)");
-        wait_for(Duration::from_secs(10), "nginx listening", || async {
-            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
-        })
-        .await;
-        Self { child, addr, _dir: dir }
-    }
-}
-
-fn nginx_binary() -> &'static str {
-    if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" }
-}
-
-/// nginx's workers drop to `nobody` when started as root; the test's files are root's.
-fn running_as_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|out| out.stdout.trim_ascii() == b"0")
+/// The reason header of a forward-auth answer head.
+fn reason(head: &str) -> Option<&str> {
+    head.lines().find_map(|line| line.strip_prefix("x-rolecheck-reason: "))
 }
 
 async fn issue(app: &TestApp, user: &str) -> String {
@@ -193,110 +98,81 @@ async fn issue(app: &TestApp, user: &str) -> String {
     app.checks.clone().issue(request).await.expect("Issue").into_inner().access_token
 }
 
-fn seen(body: &str) -> HashMap<String, String> {
-    body.lines()
-        .filter_map(|line| line.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nginx_auth_request_lets_through_only_users_with_the_role() {
-    let dir = tempfile::tempdir().expect("dir");
-    let app = app_with_policy(Backend::Sqlite, dir.path()).await;
-    let nginx = Nginx::start(app.http, upstream().await).await;
-    let page = "/tenants/acme/invoices/7";
-
-    // A user with the role gets the page; the upstream sees who, where and which roles,
-    // never the client's own copy of them.
-    let forged =
-        [("x-user-id", "alice"), ("x-rolecheck-roles", "admin"), ("x-rolecheck-user", "root")];
-    let (status, _, body) = http(nginx.addr, "GET", page, &forged).await;
-    assert_eq!(status, 200, "{body}");
-    let headers = seen(&body);
-    assert_eq!(headers["x-rolecheck-user"], "alice");
-    assert_eq!(headers["x-rolecheck-tenant"], "acme");
-    assert_eq!(headers["x-rolecheck-roles"], "billing");
-
-    // The same with a bearer token rolecheck issued.
-    let token = issue(&app, "alice").await;
-    let bearer = format!("Bearer {token}");
-    let (status, _, body) = http(nginx.addr, "GET", page, &[("authorization", &bearer)]).await;
-    assert_eq!((status, seen(&body)["x-rolecheck-user"].as_str()), (200, "alice"));
-
-    // Without the role: 403; without a credential, or with a bad one: 401.
-    assert_eq!(http(nginx.addr, "GET", page, &[("x-user-id", "bob")]).await.0, 403);
-    assert_eq!(http(nginx.addr, "GET", page, &[]).await.0, 401);
-    let tampered = format!("Bearer {}x", token);
-    assert_eq!(http(nginx.addr, "GET", page, &[("authorization", &tampered)]).await.0, 401);
-    // A method the route does not list, and a path no route names: 403.
-    assert_eq!(http(nginx.addr, "POST", page, &[("x-user-id", "alice")]).await.0, 403);
-    assert_eq!(http(nginx.addr, "GET", "/elsewhere", &[("x-user-id", "alice")]).await.0, 403);
-
-    // A public route lets anyone through and strips the client's x-rolecheck-* headers.
-    let (status, _, body) = http(nginx.addr, "GET", "/healthz", &forged[1..]).await;
-    assert_eq!(status, 200);
-    assert_eq!(seen(&body)["x-rolecheck-roles"], "-", "a forged header never reaches the app");
-    assert_eq!(seen(&body)["x-rolecheck-user"], "-");
-
-    // A spelling that leaves the public route is decided as what it normalizes to.
-    let sneaky = "/healthz/../tenants/acme/invoices/7";
-    assert_eq!(http(nginx.addr, "GET", sneaky, &[("x-user-id", "bob")]).await.0, 403);
-
-    // Revoke: the very next request is 403 (the bearer token still lists nothing: roles
-    // are read live).
-    app.revoke("alice", "acme", &["billing"]).await;
-    assert_eq!(http(nginx.addr, "GET", page, &[("x-user-id", "alice")]).await.0, 403);
-    assert_eq!(http(nginx.addr, "GET", page, &[("authorization", &bearer)]).await.0, 403);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_spelling_of_a_path_slips_past_a_route() {
+async fn ambiguous_spellings_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().expect("dir");
     let app = app_with_policy(Backend::Sqlite, dir.path()).await;
     app.grant("carol", "acme", &["admin"]).await;
     let alice = [("x-user-id", "alice")];
-    for (uri, want) in [
-        ("/tenants/acme/invoices/7", 200),
-        ("/tenants/acme/invoices/7/", 200),
-        ("//tenants//acme///invoices/7", 200),
-        ("/tenants/./acme/invoices/./7", 200),
-        ("/healthz/../tenants/acme/invoices/7", 200),
-        ("/tenants/%61cme/invoices/7", 200),
-        ("/tenants/acme/invoices/7?next=/admin/x", 200),
-        ("/admin/../tenants/acme/invoices", 200),
-        // Escapes that could turn into separators, and broken ones, are refused.
-        ("/tenants/acme%2Finvoices/7", 403),
-        ("/tenants/acme/invoices%2f7", 403),
-        ("/tenants/acme/invoices%5C7", 403),
-        ("/tenants/acme/invoices/%zz", 403),
-        // A query that looks like a path is only a query.
-        ("/healthz?/tenants/acme/invoices/7", 200),
-        ("/nothing?/healthz", 403),
-        // Leaving a route by dot segments lands where they lead.
-        ("/tenants/acme/invoices/../../../admin/x", 403),
-        ("/tenants/acme/invoices/%2e%2e/%2e%2e/%2e%2e/admin", 403),
+    for uri in [
+        "/tenants/acme/invoices/7",
+        "/tenants/acme/invoices",
+        "/tenants/acme/invoices/7?next=/admin/x",
+        "/tenants/acme/invoices/7#/../../admin",
     ] {
-        assert_eq!(forward(&app, "GET", uri, &alice).await.0, want, "{uri}");
+        assert_eq!(forward(&app, "GET", uri, &alice).await.0, 200, "{uri}");
+    }
+    for (uri, why) in [
+        ("/tenants/acme/invoices/7/", "empty path segment"),
+        ("//tenants/acme/invoices/7", "empty path segment"),
+        ("/tenants/./acme/invoices/7", "dot segment"),
+        ("/healthz/../tenants/acme/invoices/7", "dot segment"),
+        ("/tenants/acme/invoices/%2e%2e/7", "encoded ."),
+        ("/tenants/%61cme/invoices/7", "escape of a plain character"),
+        ("/tenants/acme%2Finvoices/7", "encoded /"),
+        ("/tenants/acme/invoices%5C7", "encoded \\"),
+        ("/tenants/acme/invoices/%zz", "malformed percent-escape"),
+        ("/tenants/acme;v=1/invoices/7", "; in the path"),
+        ("/tenants/acme/invoices/7%00", "encoded control character"),
+        ("/tenants/acme/invoices/%FF", "not utf-8"),
+        ("tenants/acme/invoices/7", "does not start with /"),
+    ] {
+        let (status, head) = forward(&app, "GET", uri, &alice).await;
+        assert_eq!(status, 403, "{uri}");
+        assert!(reason(&head).is_some_and(|r| r.contains(why)), "{uri}: {head}");
     }
     let long = format!("/tenants/acme/invoices/{}", "a".repeat(5000));
-    assert_eq!(forward(&app, "GET", &long, &alice).await.0, 403, "an over-long path is refused");
-    // The host names the tenant, whatever its case and port.
-    let carol = [("x-user-id", "carol"), ("x-forwarded-host", "ACME.Shop.Example:8443")];
+    let (status, head) = forward(&app, "GET", &long, &alice).await;
+    assert_eq!((status, reason(&head)), (403, Some("path too long")));
+    // Matching is case-sensitive: another casing is no route.
+    let (status, head) = forward(&app, "GET", "/Tenants/acme/invoices/7", &alice).await;
+    assert_eq!((status, reason(&head)), (403, Some("no route matches")));
+    // Methods are upper-case tokens.
+    let (status, head) = forward(&app, "get", "/tenants/acme/invoices/7", &alice).await;
+    assert_eq!((status, reason(&head)), (403, Some("method is not an upper-case token")));
+    // The host names the tenant, whatever its case and port; a trailing dot is refused.
+    let carol = [("x-user-id", "carol"), ("x-original-host", "ACME.Shop.Example:8443")];
     let (status, head) = forward(&app, "PUT", "/settings/profile", &carol).await;
     assert_eq!(status, 200);
     assert!(head.contains("x-rolecheck-tenant: acme"), "{head}");
-    let alice_host = [("x-user-id", "alice"), ("x-forwarded-host", "acme.shop.example")];
+    let dotted = [("x-user-id", "carol"), ("x-original-host", "acme.shop.example.")];
+    assert_eq!(forward(&app, "PUT", "/settings/profile", &dotted).await.0, 403);
+    let alice_host = [("x-user-id", "alice"), ("x-original-host", "acme.shop.example")];
     assert_eq!(forward(&app, "PUT", "/settings/profile", &alice_host).await.0, 403);
-    // Traefik and Caddy spell the original request X-Forwarded-*.
+    // Another family's headers never stand in for nginx's: missing ones are a denial.
     let traefik = [
         ("x-forwarded-method", "GET"),
         ("x-forwarded-uri", "/tenants/acme/invoices/1"),
+        ("x-forwarded-host", "shop.example"),
         ("x-user-id", "alice"),
     ];
-    assert_eq!(http(app.http, "GET", "/authz", &traefik).await.0, 200);
-    // No original URI: nothing to decide.
-    assert_eq!(http(app.http, "GET", "/authz", &alice).await.0, 403);
+    let (status, head, _) = http(app.http, "GET", "/authz", &traefik).await;
+    assert_eq!(
+        (status, reason(&head.to_ascii_lowercase())),
+        (403, Some("missing x-original-method"))
+    );
+    // A header sent twice is ambiguous.
+    let twice = [("x-original-uri", "/healthz"), ("x-user-id", "alice")];
+    let (status, head) = forward(&app, "GET", "/tenants/acme/invoices/1", &twice).await;
+    assert_eq!((status, reason(&head)), (403, Some("original-request header sent more than once")));
+    let (status, _) = forward(
+        &app,
+        "GET",
+        "/tenants/acme/invoices/1",
+        &[("x-user-id", "alice"), ("x-user-id", "bob")],
+    )
+    .await;
+    assert_eq!(status, 401, "two identities name nobody");
     // A 401 says how to authenticate.
     let (status, head) = forward(&app, "GET", "/tenants/acme/invoices/7", &[]).await;
     assert_eq!(status, 401);
@@ -351,6 +227,7 @@ async fn envoy_ext_authz_decides_as_envoy_asks() {
     let mut config = test_config(&db);
     config.database_url = Some(rolecheck::config::DatabaseUrl(proxy.url_through(db.url())));
     config.authz_policy = Some(policy);
+    config.authz_private_listener = true;
     config.db_query_timeout = Duration::from_secs(1);
     let app = start(config, db).await;
     app.create_tenant("acme").await;
@@ -415,6 +292,56 @@ async fn envoy_ext_authz_decides_as_envoy_asks() {
     let mut removed = ok.headers_to_remove.clone();
     removed.sort();
     assert_eq!(removed, ["x-rolecheck-roles", "x-rolecheck-tenant", "x-rolecheck-user"]);
+
+    // Every ambiguous spelling the proxies are attacked with, sent as Envoy sends a
+    // path, is denied with the reason, though alice may see the page it resolves to.
+    for path in crate::gateways::AMBIGUOUS {
+        let request = envoy_request("GET", path, "shop.example", &[("x-user-id", "alice")]);
+        let answer = envoy.check(request).await.expect("Check").into_inner();
+        assert_eq!(
+            answer.status.as_ref().map(|s| s.code),
+            Some(Code::PermissionDenied as i32),
+            "{path}"
+        );
+        let Some(HttpResponse::DeniedResponse(denied)) = answer.http_response else {
+            panic!("denied: {path}")
+        };
+        assert_eq!(denied.status.map(|s| s.code), Some(403), "{path}");
+        assert!(
+            denied
+                .headers
+                .iter()
+                .filter_map(|h| h.header.as_ref())
+                .any(|h| h.key == "x-rolecheck-reason" && !h.value.is_empty()),
+            "{path}: a reason"
+        );
+    }
+    // The request is read from the attributes only: a `:path` header stands in for
+    // nothing, and a path in the attributes wins over any header.
+    let mut headless =
+        envoy_request("GET", "/tenants/acme/invoices/7", "shop.example", &[("x-user-id", "alice")]);
+    if let Some(http) =
+        headless.attributes.as_mut().and_then(|a| a.request.as_mut()).and_then(|r| r.http.as_mut())
+    {
+        http.path.clear();
+    }
+    let answer = envoy.check(headless).await.expect("Check").into_inner();
+    assert_eq!(
+        answer.status.map(|s| s.code),
+        Some(Code::PermissionDenied as i32),
+        "no attributes path"
+    );
+    let steered = envoy_request(
+        "GET",
+        "/tenants/acme/invoices/7",
+        "shop.example",
+        &[("x-user-id", "alice"), (":path", "/healthz")],
+    );
+    let answer = envoy.check(steered).await.expect("Check").into_inner();
+    assert!(
+        matches!(answer.http_response, Some(HttpResponse::OkResponse(ref ok)) if ok.headers.iter().any(|h| h.header.as_ref().is_some_and(|h| h.key == "x-rolecheck-user" && h.value == "alice"))),
+        "decided on the attributes' path"
+    );
 
     // The store down: a user the cache cannot answer for is UNAVAILABLE, never allowed.
     proxy.cut();
@@ -552,38 +479,153 @@ fn forge_kid(token: &str, kid: &str) -> String {
     format!("{}.{rest}", URL_SAFE_NO_PAD.encode(json.to_string()))
 }
 
-/// With API keys, ext_authz is a `check`-scoped call; `--authz-envoy-without-key` (for
-/// Istio, whose provider sends no key) opens that one method and nothing else.
+/// Only the proxy may ask: forward-auth wants a key with the `proxy` scope in
+/// `x-rolecheck-key`, ext_authz the same key as bearer metadata; anyone else is 401 /
+/// UNAUTHENTICATED (a key without the scope 403 / PERMISSION_DENIED) and learns nothing
+/// about any user. `--authz-private-listener` opens both, on loopback only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ext_authz_needs_the_check_scope_unless_opened_at_start() {
+async fn only_the_proxy_may_ask() {
+    use crate::gateways::{Guarded, PROXY_SECRET, policy};
+    let guarded = Guarded::start(&policy("nginx", false)).await;
+    let app = &guarded.app;
+    let page = [
+        ("x-original-method", "GET"),
+        ("x-original-uri", "/tenants/acme/invoices/1"),
+        ("x-original-host", "shop.example"),
+        ("x-user-id", "alice"),
+    ];
+    let with = |key: Option<&'static str>| {
+        let mut headers = page.to_vec();
+        headers.extend(key.map(|key| ("x-rolecheck-key", key)));
+        headers
+    };
+    // The oracle: with no key, alice's roles are not for anyone to read.
+    for (key, want) in [(None, 401), (Some("guess"), 401), (Some("reader-secret"), 403)] {
+        let (status, head, _) = http(app.http, "GET", "/authz", &with(key)).await;
+        assert_eq!(status, want, "{key:?}");
+        assert!(!head.to_ascii_lowercase().contains("x-rolecheck-"), "{key:?}: {head}");
+    }
+    let (status, head, _) = http(app.http, "GET", "/authz", &with(Some(PROXY_SECRET))).await;
+    assert_eq!(status, 200, "{head}");
+    assert!(head.to_ascii_lowercase().contains("x-rolecheck-roles: billing"), "{head}");
+    let mut keyed = page.to_vec();
+    keyed.push(("x-rolecheck-key", PROXY_SECRET));
+    keyed.push(("x-rolecheck-key", "guess"));
+    assert_eq!(http(app.http, "GET", "/authz", &keyed).await.0, 401, "two keys are no key");
+
+    // ext_authz: bearer metadata with the proxy scope.
+    let ask = |addr: SocketAddr, key: Option<&'static str>| async move {
+        let mut envoy = AuthorizationClient::new(connect(addr).await);
+        let mut request = tonic::Request::new(envoy_request(
+            "GET",
+            "/tenants/acme/invoices/1",
+            "shop.example",
+            &[("x-user-id", "alice")],
+        ));
+        if let Some(key) = key {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {key}").parse().expect("metadata"));
+        }
+        envoy
+            .check(request)
+            .await
+            .map(|r| r.into_inner().status.map(|s| s.code))
+            .map_err(|s| s.code())
+    };
+    assert_eq!(ask(app.addr, None).await, Err(Code::Unauthenticated));
+    assert_eq!(ask(app.addr, Some("reader-secret")).await, Err(Code::PermissionDenied));
+    assert_eq!(ask(app.addr, Some(PROXY_SECRET)).await, Ok(Some(Code::Ok as i32)));
+
+    // Declared private (loopback): both answer without a key; every other method still
+    // needs its key.
+    let dir = tempfile::tempdir().expect("dir");
+    let policy_path = write_policy(dir.path(), POLICY);
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        crate::callers::keys_toml(&[("reader", "reader-secret", &["check"])], &[]),
+    )
+    .expect("keys");
+    let private = spawn_with(Backend::Sqlite, |c| {
+        c.authz_policy = Some(policy_path.clone());
+        c.api_keys_file = Some(keys.clone());
+        c.authz_private_listener = true;
+    })
+    .await;
+    assert_eq!(
+        ask(private.addr, None).await,
+        Ok(Some(Code::PermissionDenied as i32)),
+        "answered: alice holds nothing here"
+    );
+    let (status, _, _) = http(private.http, "GET", "/authz", &page).await;
+    assert_eq!(status, 403, "answered without a key");
+    let check = private.checks.clone().check(crate::helpers::check_req("u", "app", "r", 0)).await;
+    assert_eq!(check.map(|_| ()).map_err(|s| s.code()), Err(Code::Unauthenticated));
+}
+
+/// The start-up refusals: a trusted-header identity with anonymous callers on a shared
+/// port, a private listener that is not loopback, forward-auth open on a shared port;
+/// and a reload cannot bring the first back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposures_that_would_answer_anyone_are_refused() {
     let dir = tempfile::tempdir().expect("dir");
     let policy = write_policy(dir.path(), POLICY);
-    let keys = dir.path().join("keys.toml");
-    let reader = [("reader", "reader-secret", &["check"][..])];
-    std::fs::write(&keys, crate::callers::keys_toml(&reader, &[])).expect("keys");
-    let ask = |app: &TestApp| {
-        let addr = app.addr;
+    let refused = |tweak: Box<dyn FnOnce(&mut rolecheck::config::Config)>| {
+        let policy = policy.clone();
         async move {
-            let mut envoy = AuthorizationClient::new(connect(addr).await);
-            let request = envoy_request("GET", "/healthz", "shop.example", &[]);
-            envoy.check(request).await.map(|_| ())
+            let db = TestDb::create(Backend::Sqlite).await;
+            let mut config = test_config(&db);
+            config.authz_policy = Some(policy);
+            tweak(&mut config);
+            rolecheck::server::Server::bind(config)
+                .await
+                .err()
+                .expect("refused at start")
+                .to_string()
         }
     };
-    for open in [false, true] {
-        let (policy, keys) = (policy.clone(), keys.clone());
-        let app = spawn_with(Backend::Sqlite, move |c| {
-            c.authz_policy = Some(policy);
-            c.api_keys_file = Some(keys);
-            c.authz_envoy_without_key = open;
-        })
-        .await;
-        let without_key = ask(&app).await;
-        match open {
-            false => assert_eq!(without_key.map_err(|s| s.code()), Err(Code::Unauthenticated)),
-            true => assert_eq!(without_key.map_err(|s| s.code()), Ok(())),
-        }
-        // Every other method still needs its key.
-        let check = app.checks.clone().check(crate::helpers::check_req("u", "app", "r", 0)).await;
-        assert_eq!(check.map(|_| ()).map_err(|s| s.code()), Err(Code::Unauthenticated));
-    }
+    let message = refused(Box::new(|_| {})).await;
+    assert!(
+        message.contains("[identity] header") && message.contains("--authz-private-listener"),
+        "{message}"
+    );
+    let message = refused(Box::new(|c| {
+        c.authz_private_listener = true;
+        c.http_listen = "0.0.0.0:0".parse().expect("addr");
+    }))
+    .await;
+    assert!(message.contains("loopback"), "{message}");
+    let jwt_only = write_policy(dir.path(), &POLICY.replace("header = \"x-user-id\"\n", ""));
+    let message = refused(Box::new(move |c| {
+        c.authz_policy = Some(jwt_only);
+        c.http_listen = "0.0.0.0:0".parse().expect("addr");
+    }))
+    .await;
+    assert!(message.contains("non-loopback --http-listen"), "{message}");
+
+    // A JWT-only policy starts keyless on loopback; a reload that adds a header identity
+    // is refused, counted, and the policy in force kept.
+    let app =
+        spawn_with(Backend::Sqlite, |c| c.authz_policy = Some(dir.path().join("policy.toml")))
+            .await;
+    app.create_tenant("acme").await;
+    app.grant("alice", "acme", &["billing"]).await;
+    let alice = [("x-user-id", "alice")];
+    assert_eq!(
+        forward(&app, "GET", "/tenants/acme/invoices/1", &alice).await.0,
+        401,
+        "no header identity"
+    );
+    write_policy(dir.path(), POLICY);
+    wait_for(Duration::from_secs(10), "the reload refused", || async {
+        let failures = metric(&app, "rolecheck_authz_policy_reload_failures_total").await?;
+        (failures >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        forward(&app, "GET", "/tenants/acme/invoices/1", &alice).await.0,
+        401,
+        "still no header identity"
+    );
 }

@@ -6,6 +6,7 @@ mod callers;
 mod coherence;
 mod edges;
 mod follower;
+mod gateways;
 mod helpers;
 mod model;
 mod operations;
