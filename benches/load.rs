@@ -95,14 +95,20 @@ fn frame(message: &impl Message) -> Bytes {
     buf.freeze()
 }
 
+/// The `authorization` every call sends while a phase runs against a server with keys.
+static BEARER: std::sync::RwLock<Option<http::HeaderValue>> = std::sync::RwLock::new(None);
+
 /// One gRPC unary call; the response message's bytes when `grpc-status` is 0.
 async fn unary(conn: &SendRequest<Bytes>, uri: &http::Uri, body: Bytes) -> Result<Bytes, String> {
     let mut send = conn.clone().ready().await.map_err(|e| e.to_string())?;
-    let request = http::Request::post(uri.clone())
+    let mut request = http::Request::post(uri.clone())
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
         .body(())
         .expect("request");
+    if let Some(bearer) = BEARER.read().ok().and_then(|b| b.clone()) {
+        request.headers_mut().insert(http::header::AUTHORIZATION, bearer);
+    }
     let (response, mut stream) = send.send_request(request, false).map_err(|e| e.to_string())?;
     stream.send_data(body, true).map_err(|e| e.to_string())?;
     let response = response.await.map_err(|e| e.to_string())?;
@@ -1083,13 +1089,53 @@ fn envoy_allowed(bytes: &[u8]) -> Result<(), String> {
 /// Phase 3: proxy authorization against the no-op. ext_authz with header identity, and
 /// with RS256 bearer tokens (1000 distinct ones, each verified once and then answered
 /// from the verified-token cache); then forward-auth through nginx against nginx serving
-/// the same page with no `auth_request`, both driven by `h2load --h1`.
+/// the same page with no `auth_request`, both driven by `h2load --h1`. With
+/// `BENCH_COMPARE_BIN`, that build first, then this one, in the same run: this build asks
+/// as a proxy must (a key with the `proxy` scope, as gRPC metadata and in nginx's
+/// `x-rolecheck-key`), the other as it could (no key).
 async fn authz_phase(concurrency: usize, baseline: &Outcome) {
+    let mut builds = Vec::new();
+    if let Some(other) = std::env::var_os("BENCH_COMPARE_BIN") {
+        builds.push((std::path::PathBuf::from(other), "before: BENCH_COMPARE_BIN", false));
+    }
+    builds.push((std::path::PathBuf::from(env!("CARGO_BIN_EXE_rolecheck")), "this build", true));
+    for (bin, label, current) in builds {
+        authz_build(&bin, label, current, concurrency, baseline).await;
+    }
+}
+
+/// The bench's one key: every scope the phase uses.
+const BENCH_KEY: &str = "bench-proxy-key";
+
+async fn authz_build(
+    bin: &Path,
+    label: &str,
+    current: bool,
+    concurrency: usize,
+    baseline: &Outcome,
+) {
     let data = tempfile::tempdir().expect("dir");
     let policy = data.path().join("policy.toml");
-    std::fs::write(&policy, AUTHZ_POLICY).expect("write policy");
-    let server =
-        spawn(rolecheck(data.path(), &[("ROLECHECK_AUTHZ_POLICY", policy.display().to_string())]));
+    let text = if current {
+        format!("[proxy]\nkind = \"nginx\"\n{AUTHZ_POLICY}")
+    } else {
+        AUTHZ_POLICY.to_owned()
+    };
+    std::fs::write(&policy, text).expect("write policy");
+    let mut envs = vec![("ROLECHECK_AUTHZ_POLICY", policy.display().to_string())];
+    if current {
+        let keys = data.path().join("keys.toml");
+        let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, BENCH_KEY.as_bytes());
+        let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let file = format!(
+            "[[key]]\nname = \"bench\"\nsha256 = \"{hex}\"\nscopes = [\"check\", \"write\", \"issue\", \"proxy\"]\n"
+        );
+        std::fs::write(&keys, file).expect("write keys");
+        envs.push(("ROLECHECK_API_KEYS_FILE", keys.display().to_string()));
+        *BEARER.write().expect("bearer") =
+            Some(format!("Bearer {BENCH_KEY}").parse().expect("header value"));
+    }
+    let server = spawn(rolecheck_from(bin, data.path(), &envs));
     let conn = connect(&server.grpc).await;
     seed_small(&conn).await;
     setup_calls(&conn, 1000, concurrency, CHECK, |i| frame(&hot_check(i))).await;
@@ -1117,7 +1163,12 @@ async fn authz_phase(concurrency: usize, baseline: &Outcome) {
             move |i| bodies[(i % 1000) as usize].clone()
         });
     outcomes.push(load(&conn, server.pid, concurrency, scenario).await);
-    table("Proxy authorization: Envoy ext_authz (gRPC), against the no-op", baseline, &outcomes);
+    *BEARER.write().expect("bearer") = None;
+    table(
+        &format!("Proxy authorization ({label}): Envoy ext_authz (gRPC), against the no-op"),
+        baseline,
+        &outcomes,
+    );
 
     let nginx = ["/usr/sbin/nginx", "nginx"]
         .into_iter()
@@ -1128,9 +1179,11 @@ async fn authz_phase(concurrency: usize, baseline: &Outcome) {
         return;
     };
     let rows = forward_auth_through_nginx(nginx, &server.http, concurrency, server.pid);
-    println!("\n### Proxy authorization: forward-auth through nginx, against nginx alone\n");
     println!(
-        "one nginx worker, {concurrency} HTTP/1.1 connections (h2load --h1), the same static page; identity from x-user-id\n"
+        "\n### Proxy authorization ({label}): forward-auth through nginx, against nginx alone\n"
+    );
+    println!(
+        "one nginx process (no workers), {concurrency} HTTP/1.1 connections (h2load --h1), the same static page; identity from x-user-id\n"
     );
     println!("| setup | requests/s | 2xx | × nginx alone | rolecheck CPU/request |");
     println!("| --- | --- | --- | --- | --- |");
@@ -1161,10 +1214,9 @@ fn forward_auth_through_nginx(
         std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
     };
     let (alone, guarded) = (port(0), port(1));
-    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    // One process, no workers: killing it leaves nothing behind.
     let conf = format!(
-        r#"{user}
-worker_processes 1;
+        r#"master_process off;
 pid {d}/nginx.pid;
 error_log {d}/error.log error;
 events {{ worker_connections 1024; }}
@@ -1190,8 +1242,10 @@ http {{
       proxy_set_header Connection "";
       proxy_pass_request_body off;
       proxy_set_header Content-Length "";
+      proxy_set_header X-Rolecheck-Key "{BENCH_KEY}";
       proxy_set_header X-Original-URI $request_uri;
       proxy_set_header X-Original-Method $request_method;
+      proxy_set_header X-Original-Host $host;
     }}
     location / {{
       auth_request /_rolecheck;
@@ -1200,8 +1254,7 @@ http {{
     }}
   }}
 }}
-"#,
-        user = if root { "user root;" } else { "" },
+"#
     );
     let conf_path = dir.path().join("nginx.conf");
     std::fs::write(&conf_path, conf).expect("nginx.conf");
