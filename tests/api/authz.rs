@@ -629,3 +629,142 @@ async fn exposures_that_would_answer_anyone_are_refused() {
         "still no header identity"
     );
 }
+
+/// A JWK Set server whose `/big.json` is `jwks` padded past the size rolecheck accepts;
+/// `/keys.json` is `jwks` itself.
+async fn awkward_jwks_server(jwks: String) -> SocketAddr {
+    let mut big: serde_json::Value = serde_json::from_str(&jwks).expect("jwks json");
+    big["padding"] = "x".repeat(rolecheck::authz::jwt::MAX_JWKS_BYTES).into();
+    let big = big.to_string();
+    let app = axum::Router::new()
+        .route("/keys.json", axum::routing::get(move || std::future::ready(jwks.clone())))
+        .route("/big.json", axum::routing::get(move || std::future::ready(big.clone())));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// RFC 8725: `exp` and `nbf` checked with the stated leeway, the algorithm the key's
+/// (an HMAC over the public key, or `none`, is refused), and a JWK Set fetch bounded in
+/// size and in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_are_checked_as_rfc_8725_asks() {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use rolecheck::authz::jwt::{FETCH_TIMEOUT, LEEWAY};
+    let (_keys, paths) = crate::tokens::key_files(&[rolecheck::token::KeyKind::EcP256]);
+    let pem = std::fs::read(&paths[0]).expect("pem");
+    let issuer = spawn_with(Backend::Sqlite, |c| {
+        c.signing_key = paths.clone();
+        c.issuer = "https://id.example".into();
+    })
+    .await;
+    let (_, jwks) = crate::helpers::http_get(&issuer, "/.well-known/jwks.json").await;
+    let kid = serde_json::from_str::<serde_json::Value>(&jwks).expect("json")["keys"][0]["kid"]
+        .as_str()
+        .expect("kid")
+        .to_owned();
+    let server = awkward_jwks_server(jwks.clone()).await;
+    // A JWK Set server that takes the connection and never answers: how long the fetch
+    // holds it is how long rolecheck waits.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let (held_tx, held) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let (mut conn, _) = silent.accept().await.expect("accept");
+        let accepted = std::time::Instant::now();
+        let mut sink = Vec::new();
+        let _ = conn.read_to_end(&mut sink).await;
+        let _ = held_tx.send(accepted.elapsed());
+    });
+    let guarded = |url: String| {
+        let dir = tempfile::tempdir().expect("dir");
+        let policy = POLICY
+            .replace("header = \"x-user-id\"\n", "")
+            .replace("jwks_url = \"self\"", &format!("jwks_url = \"{url}\""))
+            .replace("issuer = \"rolecheck\"", "issuer = \"https://id.example\"");
+        let policy = write_policy(dir.path(), &policy);
+        async move {
+            let app = spawn_with(Backend::Sqlite, |c| c.authz_policy = Some(policy)).await;
+            app.create_tenant("acme").await;
+            app.grant("alice", "acme", &["billing"]).await;
+            (app, dir)
+        }
+    };
+    let (app, _dir) = guarded(format!("http://{server}/keys.json")).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let leeway = LEEWAY.as_secs() as i64;
+    let sign = |claims: serde_json::Value| {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(kid.clone());
+        let key = EncodingKey::from_ec_pem(&pem).expect("key");
+        jsonwebtoken::encode(&header, &claims, &key).expect("sign")
+    };
+    let claims = |extra: serde_json::Value| {
+        let mut base =
+            serde_json::json!({"sub": "alice", "iss": "https://id.example", "exp": now + 300});
+        for (k, v) in extra.as_object().expect("object") {
+            match v {
+                serde_json::Value::Null => base.as_object_mut().expect("object").remove(k),
+                v => base.as_object_mut().expect("object").insert(k.clone(), v.clone()),
+            };
+        }
+        base
+    };
+    let page = "/tenants/acme/invoices/1";
+    let status = |token: String| {
+        let app = &app;
+        async move {
+            let bearer = format!("Bearer {token}");
+            forward(app, "GET", page, &[("authorization", &bearer)]).await.0
+        }
+    };
+    assert_eq!(status(sign(claims(serde_json::json!({})))).await, 200, "a valid token");
+    for (extra, want, what) in [
+        (serde_json::json!({"nbf": now + leeway + 60}), 401, "not yet valid"),
+        (serde_json::json!({"nbf": now + leeway / 3}), 200, "nbf within the leeway"),
+        (serde_json::json!({"exp": now - leeway / 3}), 200, "exp within the leeway"),
+        (serde_json::json!({"exp": now - leeway - 60}), 401, "expired"),
+        (serde_json::json!({"exp": null}), 401, "no exp"),
+        (serde_json::json!({"iss": "https://other.example"}), 401, "another issuer"),
+    ] {
+        assert_eq!(status(sign(claims(extra))).await, want, "{what}");
+    }
+    // The header cannot choose the algorithm: HS256 keyed with the public JWK Set, and
+    // `none`, are both refused.
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some(kid.clone());
+    let confused = jsonwebtoken::encode(
+        &header,
+        &claims(serde_json::json!({})),
+        &EncodingKey::from_secret(jwks.as_bytes()),
+    )
+    .expect("hs256");
+    assert_eq!(status(confused).await, 401, "HS256 over the public key");
+    let none_header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","kid":"{kid}"}}"#));
+    let payload = URL_SAFE_NO_PAD.encode(claims(serde_json::json!({})).to_string());
+    assert_eq!(status(format!("{none_header}.{payload}.")).await, 401, "alg none");
+
+    // A JWK Set past the size limit is not read: its keys never verify anything.
+    let (big, _big_dir) = guarded(format!("http://{server}/big.json")).await;
+    let bearer = format!("Bearer {}", sign(claims(serde_json::json!({}))));
+    assert_eq!(forward(&big, "GET", page, &[("authorization", &bearer)]).await.0, 401);
+
+    // A JWK Set server that never answers holds no request: a token is 401 at once,
+    // well inside the fetch timeout the start-up fetch is still waiting out.
+    let (slow, _slow_dir) = guarded(format!("http://{silent_addr}/keys.json")).await;
+    let started = std::time::Instant::now();
+    assert_eq!(forward(&slow, "GET", page, &[("authorization", &bearer)]).await.0, 401);
+    assert!(started.elapsed() < FETCH_TIMEOUT / 2, "answered in {:?}", started.elapsed());
+    // And the fetch gives up at its timeout, not before and not much after.
+    let held = tokio::time::timeout(FETCH_TIMEOUT * 2, held)
+        .await
+        .expect("the fetch let go within twice its timeout")
+        .expect("held");
+    assert!(held >= FETCH_TIMEOUT - Duration::from_millis(500), "let go after {held:?}");
+}
