@@ -230,6 +230,34 @@ async fn embedded_store_survives_a_restart() {
     assert!(check(second.channel().await, "7", "", "owner").await, "the grant survived");
 }
 
+/// One process per embedded store: a second rolecheck on the same data directory is
+/// refused at once, naming the store and the holder's pid, and the first serves on; a
+/// holder killed without any cleanup leaves no lock behind.
+#[tokio::test]
+async fn a_second_process_on_one_embedded_store_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().expect("utf-8 path");
+    let env = [("ROLECHECK_DATA_DIR", data_dir)];
+    let mut first = Proc::spawn(&env);
+    grant(first.channel().await, "7", "", "owner").await.expect("grant");
+
+    let started = Instant::now();
+    let out = rolecheck(&["serve"], &env).output().expect("run a second serve");
+    assert!(!out.status.success(), "a second process on one embedded store must not start");
+    assert!(started.elapsed() < Duration::from_secs(10), "refused in {:?}", started.elapsed());
+    let log = String::from_utf8_lossy(&out.stderr);
+    let pid = first.child.id().to_string();
+    assert!(log.contains(&format!("pid {pid}")), "{log}");
+    assert!(log.contains(data_dir) && log.contains("Postgres"), "{log}");
+
+    assert!(check(first.channel().await, "7", "", "owner").await, "the first serves on");
+    first.child.kill().expect("kill -9 the holder");
+    first.child.wait().expect("reaped");
+    let third = Proc::spawn(&env);
+    assert!(check(third.channel().await, "7", "", "owner").await, "the lock died with it");
+}
+
 #[tokio::test]
 async fn migrate_is_idempotent_and_serve_can_skip_it() {
     let db = Db::create("migrate").await;

@@ -14,6 +14,7 @@
 //! The store-level conformance suite every backend runs is `tests/api/store.rs`.
 
 mod measured;
+mod owner;
 mod postgres;
 mod sql;
 mod sqlite;

@@ -45,6 +45,8 @@ pub struct SqliteStore {
     fault_after_commit: Option<Duration>,
     feed_tx: UnboundedSender<FeedEvent>,
     feed_rx: std::sync::Mutex<Option<UnboundedReceiver<FeedEvent>>>,
+    /// The file is this process's while the store lives (see `super::owner`).
+    _owner: super::owner::Owner,
 }
 
 /// The file path in a `sqlite:` URL (`sqlite://path/to/file.db` or `sqlite:file.db`).
@@ -79,6 +81,8 @@ impl SqliteStore {
                 Error::FailedPrecondition(format!("cannot create {}: {err}", dir.display()))
             })?;
         }
+        let owner = super::owner::Owner::take(path)?;
+        tracing::debug!(lock = %owner.path().display(), "embedded store locked");
         let connect = SqliteConnectOptions::from_str("sqlite:")
             .map_err(|err| Error::Internal(Box::new(err)))?
             .filename(path)
@@ -107,6 +111,7 @@ impl SqliteStore {
             fault_after_commit: options.fault_after_commit,
             feed_tx,
             feed_rx: std::sync::Mutex::new(Some(feed_rx)),
+            _owner: owner,
         })
     }
 
