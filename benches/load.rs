@@ -926,7 +926,8 @@ async fn postgres_phase(
     // Every user once, in an order that jumps around the key space.
     let step = 7_919 * 104_729; // a product of primes: coprime with the user count below
     let users = dataset.users;
-    let stride = if users % 7_919 == 0 || users % 104_729 == 0 { 1 } else { step % users };
+    let stride =
+        if users.is_multiple_of(7_919) || users.is_multiple_of(104_729) { 1 } else { step % users };
     let mut miss = Scenario::new("Check, cache miss (every user new)", CHECK, allowed, move |i| {
         frame(&dataset.allowed_check((i * stride) % users))
     });

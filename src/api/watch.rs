@@ -91,12 +91,12 @@ pub struct WatchPermit {
 
 impl Drop for WatchPermit {
     fn drop(&mut self) {
-        if let Ok(mut counts) = self.per_caller.lock() {
-            if let Some(n) = counts.get_mut(&self.caller) {
-                *n -= 1;
-                if *n == 0 {
-                    counts.remove(&self.caller);
-                }
+        if let Ok(mut counts) = self.per_caller.lock()
+            && let Some(n) = counts.get_mut(&self.caller)
+        {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.caller);
             }
         }
     }
@@ -255,10 +255,10 @@ impl WatchHub {
                             return;
                         }
                     }
-                    if let Some(response) = progress.due(last) {
-                        if tx.send(Ok(response)).await.is_err() {
-                            return;
-                        }
+                    if let Some(response) = progress.due(last)
+                        && tx.send(Ok(response)).await.is_err()
+                    {
+                        return;
                     }
                 }
             }

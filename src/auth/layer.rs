@@ -143,25 +143,25 @@ impl AuthLayer {
                 "missing credentials: send `authorization: Bearer <key>`",
             ));
         };
-        if let Access::Needs(scopes) = access {
-            if !scopes.iter().any(|scope| caller.may(*scope)) {
-                let names: Vec<String> =
-                    scopes.iter().map(|s| format!("{s:?}").to_lowercase()).collect();
-                return Err(Status::permission_denied(format!(
-                    "caller {} lacks the {} scope",
-                    caller.name,
-                    names.join(" or ")
-                )));
-            }
+        if let Access::Needs(scopes) = access
+            && !scopes.iter().any(|scope| caller.may(*scope))
+        {
+            let names: Vec<String> =
+                scopes.iter().map(|s| format!("{s:?}").to_lowercase()).collect();
+            return Err(Status::permission_denied(format!(
+                "caller {} lacks the {} scope",
+                caller.name,
+                names.join(" or ")
+            )));
         }
         let caller = relayed(request.headers(), caller)?;
-        if let Some(limiter) = &self.limiter {
-            if limiter.check_key(&caller.name).is_err() {
-                return Err(Status::resource_exhausted(format!(
-                    "rate limit exceeded for caller {}",
-                    caller.name
-                )));
-            }
+        if let Some(limiter) = &self.limiter
+            && limiter.check_key(&caller.name).is_err()
+        {
+            return Err(Status::resource_exhausted(format!(
+                "rate limit exceeded for caller {}",
+                caller.name
+            )));
         }
         request.extensions_mut().insert(caller);
         Ok(())

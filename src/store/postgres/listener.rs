@@ -111,10 +111,10 @@ pub(super) async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
                 Ok(Some(n)) => parse_change(n.payload()),
                 Ok(None) | Err(_) => break,
             };
-            if let Some(event) = event {
-                if tx.send(event).is_err() {
-                    return;
-                }
+            if let Some(event) = event
+                && tx.send(event).is_err()
+            {
+                return;
             }
         }
         if link.pool.is_closed() {
