@@ -40,6 +40,11 @@ impl Invalidate for NoCache {
 /// The coherence state shared by the cache, the Watch stream and metrics.
 pub struct Coherence {
     applied: watch::Sender<Revision>,
+    /// The highest revision the feed has begun to apply (its invalidation may still be
+    /// under way); see [`Coherence::floor`].
+    applying: AtomicU64,
+    /// Fault injection for tests: each change waits this long before it is applied.
+    fault_delay: Option<Duration>,
     connected: AtomicBool,
     needs_lease: AtomicBool,
     lease: Duration,
@@ -51,8 +56,16 @@ pub struct Coherence {
 impl Coherence {
     /// A disconnected state; a network feed is trusted for `lease` after each sync.
     pub fn new(lease: Duration) -> Arc<Self> {
+        Self::with_fault_delay(lease, None)
+    }
+
+    /// [`Coherence::new`], with every change applied `fault_delay` late (tests only: the
+    /// cache lags its feed, as a busy process's can).
+    pub fn with_fault_delay(lease: Duration, fault_delay: Option<Duration>) -> Arc<Self> {
         Arc::new(Self {
             applied: watch::Sender::new(0),
+            applying: AtomicU64::new(0),
+            fault_delay,
             connected: AtomicBool::new(false),
             needs_lease: AtomicBool::new(true),
             lease,
@@ -65,6 +78,14 @@ impl Coherence {
     /// Every write at or below this revision has been applied to the cache.
     pub fn applied(&self) -> Revision {
         *self.applied.borrow()
+    }
+
+    /// The oldest revision a load may read from the store and still be cached: every
+    /// change the feed has begun to apply. A load reads it after its generation (see
+    /// `crate::cache`): a change whose invalidation the generation missed has already
+    /// raised the floor, so the load cannot bring back what that change removed.
+    pub fn floor(&self) -> Revision {
+        self.applying.load(Ordering::SeqCst).max(self.applied())
     }
 
     /// How many times the feed was lost.
@@ -129,16 +150,22 @@ impl Coherence {
             while let Some(event) = events.recv().await {
                 match event {
                     FeedEvent::Connected { revision } => {
+                        this.applying.fetch_max(revision, Ordering::SeqCst);
                         sink.invalidate(&Stale::Everyone).await;
                         this.synced_at(Instant::now());
                         this.advance(revision);
                         this.connected.store(true, Ordering::SeqCst);
                     }
                     FeedEvent::Changed { revision, stale } => {
+                        if let Some(delay) = this.fault_delay {
+                            tokio::time::sleep(delay).await;
+                        }
+                        this.applying.fetch_max(revision, Ordering::SeqCst);
                         sink.invalidate(&stale).await;
                         this.advance(revision);
                     }
                     FeedEvent::Synced { revision, at } => {
+                        this.applying.fetch_max(revision, Ordering::SeqCst);
                         this.advance(revision);
                         this.synced_at(at);
                     }
@@ -154,6 +181,7 @@ impl Coherence {
                         }
                     }
                     FeedEvent::Resumed { revision } => {
+                        this.applying.fetch_max(revision, Ordering::SeqCst);
                         this.synced_at(Instant::now());
                         this.advance(revision);
                         this.connected.store(true, Ordering::SeqCst);

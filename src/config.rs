@@ -270,6 +270,12 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_FAULT_DELAY_AFTER_COMMIT", hide = true, value_parser = humantime::parse_duration)]
     pub fault_delay_after_commit: Option<Duration>,
 
+    /// Fault injection for tests: the cache applies each change from the store's feed
+    /// this long late (it lags the feed, as a busy process's can). Never set it in
+    /// production.
+    #[arg(long, env = "ROLECHECK_FAULT_DELAY_FEED", hide = true, value_parser = humantime::parse_duration)]
+    pub fault_delay_feed: Option<Duration>,
+
     /// Do not apply migrations at start (leave them to `rolecheck migrate`).
     #[arg(long, env = "ROLECHECK_NO_MIGRATE")]
     pub no_migrate: bool,

@@ -68,7 +68,9 @@ pub struct Metrics {
     sync_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     cache_trusted: Gauge,
     reconnects: Gauge,
-    sources: OnceLock<(Arc<Coherence>, Option<Arc<CachedStore>>)>,
+    /// Weak: the cache's store holds these metrics, and a cycle would keep the store (and
+    /// its embedded file's lock) alive after the server is gone.
+    sources: OnceLock<(Arc<Coherence>, Option<std::sync::Weak<CachedStore>>)>,
 }
 
 /// The outcome label of a proxy authorization decision.
@@ -169,7 +171,7 @@ impl Metrics {
 
     /// Where the scrape-time gauges come from.
     pub fn observe(&self, coherence: Arc<Coherence>, cache: Option<Arc<CachedStore>>) {
-        let _ = self.sources.set((coherence, cache));
+        let _ = self.sources.set((coherence, cache.as_ref().map(Arc::downgrade)));
     }
 
     /// Records one store operation.
@@ -191,7 +193,7 @@ impl Metrics {
             self.sync_age.set(coherence.sync_age().as_secs_f64());
             self.cache_trusted.set(i64::from(coherence.is_current()));
             self.reconnects.set(coherence.reconnects() as i64);
-            if let Some(cache) = cache {
+            if let Some(cache) = cache.as_ref().and_then(std::sync::Weak::upgrade) {
                 self.cache_entries.set(cache.entry_count() as i64);
             }
         }

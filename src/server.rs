@@ -54,7 +54,9 @@ pub struct Server {
     tokens: Arc<Tokens>,
     metrics: Arc<Metrics>,
     coherence: Arc<Coherence>,
-    feed_task: tokio::task::JoinHandle<()>,
+    /// The store's change feed and what it invalidates, applied once `run` starts (a
+    /// server bound and dropped unrun leaves no task holding the store).
+    feed: Option<(crate::store::Feed, Arc<dyn Invalidate>)>,
     config: Config,
     application_id: TenantId,
 }
@@ -94,6 +96,17 @@ impl Server {
                  or listen on host:port"
                     .into(),
             ));
+        }
+        // The policy is checked before the store is opened: a refusal leaves nothing open.
+        let exposure = Exposure {
+            keys: callers.enabled(),
+            private: config.authz_private_listener,
+            grpc_local: config.listen.is_local_only(),
+            http_local: config.http_listen.ip().is_loopback(),
+            insecure: config.insecure_no_auth,
+        };
+        if let Some(path) = &config.authz_policy {
+            crate::authz::preflight(path, exposure)?;
         }
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(Tls::load(cert, key, config.tls_client_ca.as_deref())?),
@@ -140,7 +153,8 @@ impl Server {
         };
         let store = MeasuredStore::wrap(store, &metrics, config.db_query_timeout);
         let feed = store.backend.subscribe().await?;
-        let coherence = Coherence::new(config.coherence_lease);
+        let coherence =
+            Coherence::with_fault_delay(config.coherence_lease, config.fault_delay_feed);
         let (store, cache, sink): (Store, _, Arc<dyn Invalidate>) = if config.cache_capacity == 0 {
             metrics.observe(coherence.clone(), None);
             (store, None, Arc::new(NoCache))
@@ -156,21 +170,11 @@ impl Server {
             metrics.observe(coherence.clone(), Some(cache.clone()));
             (store, Some(cache.clone()), cache)
         };
-        let feed_task = coherence.run(feed, sink);
         let authz = match &config.authz_policy {
             Some(path) => Some(Authz::load(
                 path,
                 tokens.keys().clone(),
-                (
-                    ProxyTrust::new(callers.clone(), config.authz_private_listener),
-                    Exposure {
-                        keys: callers.enabled(),
-                        private: config.authz_private_listener,
-                        grpc_local: config.listen.is_local_only(),
-                        http_local: config.http_listen.ip().is_loopback(),
-                        insecure: config.insecure_no_auth,
-                    },
-                ),
+                (ProxyTrust::new(callers.clone(), config.authz_private_listener), exposure),
                 RoleLookup::new(store.roles.clone(), cache.clone()),
                 application_id.clone(),
                 &metrics,
@@ -189,7 +193,7 @@ impl Server {
             tokens,
             metrics,
             coherence,
-            feed_task,
+            feed: Some((feed, sink)),
             config,
             application_id,
         })
@@ -207,7 +211,9 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls
     /// finish, and closes the store's connections.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let http_addr = self.http_addr();
+        let feed_task = self.feed.take().map(|(feed, sink)| self.coherence.run(feed, sink));
         let (health, health_service) = tonic_health::server::health_reporter();
         // One probe before serving, so readiness and gRPC health are known from the start.
         // A follower is ready once its feed is connected and caught up, too.
@@ -278,7 +284,6 @@ impl Server {
             TenantsServer::new(TenantsApi::new(self.store.clone())).max_decoding_message_size(max);
 
         let addr = self.config.listen.to_string();
-        let http_addr = self.http_addr();
         let (stop_http, http_stopping) = tokio::sync::oneshot::channel::<()>();
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut http_router = crate::http::router(
@@ -411,7 +416,9 @@ impl Server {
             tracing::warn!("HTTP server did not stop in time");
         }
         self.store.backend.close().await;
-        self.feed_task.abort();
+        if let Some(task) = feed_task {
+            task.abort();
+        }
         tracing::info!("stopped");
         served.map_err(|err| Error::Internal(Box::new(err)))
     }

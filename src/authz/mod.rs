@@ -155,6 +155,13 @@ impl std::fmt::Debug for Authz {
     }
 }
 
+/// Reads and checks the policy at `path` for a server exposed as `exposure`, before
+/// anything else is opened (see [`Authz::load`], which checks it again).
+pub fn preflight(path: &Path, exposure: Exposure) -> Result<()> {
+    let policy = Policy::load(path)?;
+    trust::start_check(exposure, policy.identity.header.is_some())
+}
+
 impl Authz {
     /// Loads the policy at `path`; a policy that cannot be read, is invalid, or would
     /// answer who may not ask ([`trust::start_check`]) is refused. `own_keys` are

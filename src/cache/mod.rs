@@ -14,6 +14,10 @@
 //! A `min_revision` the feed has not applied yet waits briefly for it, then reads the
 //! store. A cached answer reflects the feed's applied revision, not just its load.
 //!
+//! A load never reads older than what the cache already applied: it asks the store for
+//! at least the feed's floor ([`Coherence::floor`]) and refuses an answer below it, so a
+//! store (an upstream's cache) that lags the feed cannot bring back a revoked role.
+//!
 //! Staleness after a write through this process is impossible by construction: each
 //! user hashes to one of [`SHARDS`] generation counters. A load records the counter
 //! *before* reading the store; a write bumps the counter *after* its commit and before
@@ -55,6 +59,12 @@ const SHARDS: usize = 4096;
 /// How often a read retries a load invalidated by concurrent writes before it reads the
 /// store directly.
 const LOAD_ATTEMPTS: usize = 2;
+
+/// How often a load asks again for a store that is behind the cache's floor, and how
+/// long it waits in between (see [`Coherence::floor`]).
+const FLOOR_ATTEMPTS: usize = 5;
+/// See [`FLOOR_ATTEMPTS`].
+const FLOOR_RETRY: Duration = Duration::from_millis(10);
 
 /// Where a user lives: its bucket, and its fingerprint there (whose low bits also pick
 /// its generation counter).
@@ -262,12 +272,28 @@ impl CachedStore {
             return load.clone();
         }
         self.misses.inc();
-        // Read before the store is: see the module's comment.
+        // Read before the store is: see the module's comment. The floor after the
+        // generation: see `Coherence::floor`.
         let generation = self.generation_of(place.fingerprint);
+        let floor = self.coherence.floor();
         let (inner, owned) = (self.inner.clone(), user.clone());
         let load = async move {
-            let answer = inner.user_roles(&owned, 0).await.map_err(Arc::new)?;
-            Ok(Loaded { generation, roles: answer.roles })
+            // A floor a moment ahead of what the store shows (a notification can arrive
+            // before its transaction is visible to other sessions) is waited out briefly.
+            for _ in 0..FLOOR_ATTEMPTS {
+                match inner.user_roles(&owned, floor).await {
+                    Ok(answer) if answer.revision >= floor => {
+                        return Ok(Loaded { generation, roles: answer.roles });
+                    }
+                    Ok(_) | Err(Error::OutOfRange(_)) => {
+                        tokio::time::sleep(FLOOR_RETRY).await;
+                    }
+                    Err(err) => return Err(Arc::new(err)),
+                }
+            }
+            Err(Arc::new(Error::Unavailable(format!(
+                "the store has not reached revision {floor}, which this cache already applied"
+            ))))
         }
         .boxed()
         .shared();

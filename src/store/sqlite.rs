@@ -45,8 +45,8 @@ pub struct SqliteStore {
     fault_after_commit: Option<Duration>,
     feed_tx: UnboundedSender<FeedEvent>,
     feed_rx: std::sync::Mutex<Option<UnboundedReceiver<FeedEvent>>>,
-    /// The file is this process's while the store lives (see `super::owner`).
-    _owner: super::owner::Owner,
+    /// The file is this process's until the store is closed (see `super::owner`).
+    owner: std::sync::Mutex<Option<super::owner::Owner>>,
 }
 
 /// The file path in a `sqlite:` URL (`sqlite://path/to/file.db` or `sqlite:file.db`).
@@ -111,7 +111,7 @@ impl SqliteStore {
             fault_after_commit: options.fault_after_commit,
             feed_tx,
             feed_rx: std::sync::Mutex::new(Some(feed_rx)),
-            _owner: owner,
+            owner: std::sync::Mutex::new(Some(owner)),
         })
     }
 
@@ -389,5 +389,7 @@ impl Backend for SqliteStore {
     async fn close(&self) {
         self.write.close().await;
         self.read.close().await;
+        // Closed: another process (or a restart in this one) may open the file now.
+        self.owner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     }
 }

@@ -177,6 +177,45 @@ async fn a_revoke_upstream_is_denied_on_every_follower() {
     }
 }
 
+/// A follower's load never reads older than what its cache already applied: the
+/// upstream's cache is held behind its own Watch (a fault point delays every change it
+/// applies), a revoke made through another replica reaches the follower by that Watch,
+/// and the follower's next load, asking with the applied revision as its floor, gets the
+/// revoke from the upstream's store instead of the old roles from its cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_never_brings_back_what_the_follower_already_revoked() {
+    const LAG: Duration = Duration::from_secs(3);
+    let db = TestDb::create(Backend::Postgres).await;
+    let url = db.url().to_owned();
+    let writer = start(test_config(&db), db).await;
+    writer.create_tenant("acme").await;
+    let granted = writer.grant("alice", "acme", &["admin"]).await;
+    let lagging = TestDb::Replica { url };
+    let mut config = test_config(&lagging);
+    config.fault_delay_feed = Some(LAG);
+    // The upstream's cache stays trusted while it lags (its lease outlasts the delayed
+    // change), as a cache a moment behind within its lease is.
+    config.coherence_lease = Duration::from_secs(60);
+    let upstream = start(config, lagging).await;
+    wait_trusted(&upstream, granted).await;
+    let follower = follower_of(&upstream).await;
+    wait_trusted(&follower, granted).await;
+    // The follower loads alice through the upstream, which caches her too.
+    assert!(allowed(&follower, "alice", "acme", "admin", 0).await);
+    let revoked = writer.revoke("alice", "acme", &["admin"]).await;
+    let started = std::time::Instant::now();
+    // The upstream's Watch (its history reader) carries the revoke at once; its cache
+    // applies it only after LAG.
+    wait_trusted(&follower, revoked).await;
+    assert!(started.elapsed() < LAG / 2, "the Watch took {:?}", started.elapsed());
+    assert!(
+        !allowed(&follower, "alice", "acme", "admin", 0).await,
+        "the follower re-cached the roles its feed had revoked"
+    );
+    assert!(started.elapsed() < LAG, "decided while the upstream's cache still lagged");
+    assert!(!allowed(&follower, "alice", "acme", "admin", 0).await, "and stays denied");
+}
+
 /// A follower refuses to hold a database or a signing key.
 #[tokio::test]
 async fn a_follower_holds_no_database_and_no_key() {
