@@ -64,6 +64,7 @@ pub struct Metrics {
     /// Cache misses (loaded from the store).
     pub cache_misses: Counter,
     cache_entries: Gauge,
+    cache_loads: Gauge,
     applied_revision: Gauge,
     sync_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     cache_trusted: Gauge,
@@ -130,6 +131,12 @@ impl Metrics {
         registry.register("cache_hits", "Checks answered from the cache", cache_hits.clone());
         registry.register("cache_misses", "Cache loads from the store", cache_misses.clone());
         registry.register("cache_entries", "Users in the cache", cache_entries.clone());
+        let cache_loads = Gauge::default();
+        registry.register(
+            "cache_loads_in_flight",
+            "Cache loads from the store now in flight (0 when reads stop)",
+            cache_loads.clone(),
+        );
         registry.register(
             "applied_revision",
             "Highest revision this replica has applied",
@@ -161,6 +168,7 @@ impl Metrics {
             cache_hits,
             cache_misses,
             cache_entries,
+            cache_loads,
             applied_revision,
             sync_age,
             cache_trusted,
@@ -195,6 +203,7 @@ impl Metrics {
             self.reconnects.set(coherence.reconnects() as i64);
             if let Some(cache) = cache.as_ref().and_then(std::sync::Weak::upgrade) {
                 self.cache_entries.set(cache.entry_count() as i64);
+                self.cache_loads.set(cache.loads_in_flight() as i64);
             }
         }
         let mut out = String::new();

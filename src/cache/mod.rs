@@ -60,6 +60,20 @@ const SHARDS: usize = 4096;
 /// store directly.
 const LOAD_ATTEMPTS: usize = 2;
 
+/// A read waiting on a load in flight; when it goes (done, or its caller gone) it leaves
+/// the load (see [`CachedStore::leave_load`]).
+struct Reader<'a> {
+    cache: &'a CachedStore,
+    user: &'a str,
+    load: Load,
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        self.cache.leave_load(self.user, &self.load);
+    }
+}
+
 /// How often a load asks again for a store that is behind the cache's floor, and how
 /// long it waits in between (see [`Coherence::floor`]).
 const FLOOR_ATTEMPTS: usize = 5;
@@ -137,7 +151,9 @@ pub struct CachedStore {
     generations: Box<[AtomicU64]>,
     hasher: RandomState,
     /// Loads in flight, by user: a miss joins the one running for its user.
-    loading: Mutex<HashMap<Box<str>, Load>>,
+    /// Loads in flight by user, with how many reads wait on each (the last to leave
+    /// before it is done removes it: see [`Reader`]).
+    loading: Mutex<HashMap<Box<str>, (Load, usize)>>,
     lifetime: Lifetime,
     coherence: Arc<Coherence>,
     min_revision_wait: Duration,
@@ -268,7 +284,8 @@ impl CachedStore {
     /// its store read ran, however late that is).
     fn join_load(&self, user: &UserId, place: &Place) -> Load {
         let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(load) = loading.get(user.as_str()) {
+        if let Some((load, readers)) = loading.get_mut(user.as_str()) {
+            *readers += 1;
             return load.clone();
         }
         self.misses.inc();
@@ -297,21 +314,40 @@ impl CachedStore {
         }
         .boxed()
         .shared();
-        loading.insert(user.as_str().into(), load.clone());
+        loading.insert(user.as_str().into(), (load.clone(), 1));
         load
+    }
+
+    /// How many loads are in flight (a gauge: it returns to 0 when reads stop).
+    pub fn loads_in_flight(&self) -> usize {
+        self.loading.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 
     /// Whether `load` is still the load in flight for `user`.
     fn is_loading(&self, user: &str, load: &Load) -> bool {
         let loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
-        loading.get(user).is_some_and(|running| running.ptr_eq(load))
+        loading.get(user).is_some_and(|(running, _)| running.ptr_eq(load))
     }
 
     /// Removes `load` from the loads in flight (if no other read sharing it has).
     fn finish_load(&self, user: &str, load: &Load) {
         let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
-        if loading.get(user).is_some_and(|running| running.ptr_eq(load)) {
+        if loading.get(user).is_some_and(|(running, _)| running.ptr_eq(load)) {
             loading.remove(user);
+        }
+    }
+
+    /// One read leaves `load`; the last one out of a load still in flight removes it
+    /// (and so drops and cancels it): a caller that gives up mid-load leaves nothing.
+    fn leave_load(&self, user: &str, load: &Load) {
+        let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((running, readers)) = loading.get_mut(user) {
+            if running.ptr_eq(load) {
+                *readers -= 1;
+                if *readers == 0 {
+                    loading.remove(user);
+                }
+            }
         }
     }
 
@@ -446,7 +482,9 @@ impl RoleReads for CachedStore {
                 self.hits.inc();
                 return Ok(answer);
             }
-            let load = self.join_load(user, &place);
+            let reader =
+                Reader { cache: self, user: user.as_str(), load: self.join_load(user, &place) };
+            let load = &reader.load;
             let result = load.clone().await;
             let current = result.as_ref().is_ok_and(|loaded| {
                 loaded.generation == self.generation_of(place.fingerprint)

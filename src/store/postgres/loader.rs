@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio::sync::mpsc::{self, Receiver};
 
 use super::{
     Held, LOAD_BATCH, LOAD_CONCURRENCY, PendingLoad, Suspicion, bounded, fail_all, take_batch,
@@ -24,7 +24,7 @@ const USERS_ROLES: &str = "\
 /// the store is dropped.
 pub(super) async fn coalesce_loads(
     pool: PgPool,
-    mut pending: UnboundedReceiver<PendingLoad>,
+    mut pending: Receiver<PendingLoad>,
     timeout: Duration,
     suspicion: Suspicion,
 ) {
