@@ -29,17 +29,86 @@ pub enum Command {
     /// Serve the gRPC API (the default).
     Serve(Config),
     /// Apply the database migrations and exit.
-    Migrate(Config),
+    Migrate(MigrateArgs),
+    /// Check what `serve` would start with (the same flags and environment): database
+    /// reachable and migrated, key and policy files, TLS material, ports free. One line
+    /// per check; exits 1 when one fails. Serves nothing.
+    Doctor(Config),
+}
+
+/// What to run.
+#[derive(Debug)]
+pub enum Run {
+    /// `rolecheck serve`.
+    Serve(Config),
+    /// `rolecheck migrate`.
+    Migrate(MigrateArgs),
+    /// `rolecheck doctor`.
+    Doctor(Config),
 }
 
 impl Cli {
     /// The command to run and its settings.
-    pub fn into_command(self) -> (bool, Config) {
+    pub fn into_run(self) -> Run {
         match self.command {
-            None => (true, self.config),
-            Some(Command::Serve(config)) => (true, config),
-            Some(Command::Migrate(config)) => (false, config),
+            None => Run::Serve(self.config),
+            Some(Command::Serve(config)) => Run::Serve(config),
+            Some(Command::Migrate(args)) => Run::Migrate(args),
+            Some(Command::Doctor(config)) => Run::Doctor(config),
         }
+    }
+}
+
+impl Run {
+    /// The log format the command asked for.
+    pub fn log_format(&self) -> &str {
+        match self {
+            Run::Serve(config) | Run::Doctor(config) => &config.log_format,
+            Run::Migrate(args) => &args.log_format,
+        }
+    }
+}
+
+/// Settings of `rolecheck migrate`: only what reaches the store.
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// Database URL: `postgres://…` for Postgres, `sqlite:PATH` for a SQLite file.
+    /// Default: the embedded SQLite file `rolecheck.db` in --data-dir.
+    #[arg(long, env = "ROLECHECK_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<DatabaseUrl>,
+
+    /// Postgres: create the database --database-url names when it does not exist (as
+    /// its user, connected to the `postgres` database), then migrate it.
+    #[arg(long, env = "ROLECHECK_CREATE_DATABASE")]
+    pub create_database: bool,
+
+    /// Directory for the embedded store's files.
+    #[arg(long, env = "ROLECHECK_DATA_DIR", default_value = "./rolecheck-data")]
+    pub data_dir: PathBuf,
+
+    /// The application's own id: the tenant holding application-wide roles.
+    #[arg(long, env = "ROLECHECK_APPLICATION_ID", default_value = "app")]
+    pub application_id: String,
+
+    /// How long to keep retrying an unreachable database before giving up.
+    #[arg(long, env = "ROLECHECK_DB_STARTUP_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub db_startup_wait: Duration,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "ROLECHECK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl MigrateArgs {
+    /// The server settings these stand for (every other setting at its default).
+    pub fn config(&self) -> Config {
+        let mut config = Config::defaults();
+        config.database_url = self.database_url.clone();
+        config.data_dir = self.data_dir.clone();
+        config.application_id = self.application_id.clone();
+        config.db_startup_wait = self.db_startup_wait;
+        config.log_format = self.log_format.clone();
+        config
     }
 }
 
@@ -276,6 +345,11 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_FAULT_DELAY_FEED", hide = true, value_parser = humantime::parse_duration)]
     pub fault_delay_feed: Option<Duration>,
 
+    /// Write this process's id to this file once serving (and remove it at exit), so
+    /// `kill -HUP "$(cat FILE)"` signals this one process.
+    #[arg(long, env = "ROLECHECK_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
+
     /// Do not apply migrations at start (leave them to `rolecheck migrate`).
     #[arg(long, env = "ROLECHECK_NO_MIGRATE")]
     pub no_migrate: bool,
@@ -285,6 +359,53 @@ impl Config {
     /// Whether the store is the embedded SQLite file (not Postgres).
     pub fn embedded_store(&self) -> bool {
         self.database_url.as_ref().is_none_or(|url| url.0.starts_with("sqlite:"))
+    }
+
+    /// Refuses settings that contradict each other, saying which and why.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        use crate::error::Error;
+        if self.db_query_timeout >= self.request_timeout {
+            return Err(Error::FailedPrecondition(format!(
+                "--db-query-timeout ({:?}) must be shorter than --request-timeout ({:?}), so a \
+                 call whose database does not answer is UNAVAILABLE rather than cancelled",
+                self.db_query_timeout, self.request_timeout
+            )));
+        }
+        if self.listen.is_unix() && self.tls_cert.is_some() {
+            return Err(Error::FailedPrecondition(
+                "--tls-cert/--tls-key/--tls-client-ca apply to a TCP listener; a unix socket \
+                 (--listen unix:…) is protected by its file mode instead: drop the TLS flags \
+                 or listen on host:port"
+                    .into(),
+            ));
+        }
+        if self.upstream.is_some() && (self.database_url.is_some() || !self.signing_key.is_empty())
+        {
+            return Err(Error::FailedPrecondition(
+                "--upstream makes this a follower, which opens no database and holds no private \
+                 key: drop --database-url and --signing-key (the upstream has them)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Without --api-keys-file: what to warn about when serving open is allowed (only on
+    /// loopback, a unix socket, or with --insecure-no-auth), or the refusal.
+    pub fn without_keys(&self) -> crate::error::Result<Option<&'static str>> {
+        if self.api_keys_file.is_some() {
+            Ok(None)
+        } else if self.listen.is_local_only() {
+            Ok(Some("no API keys configured: every caller on this machine is trusted"))
+        } else if self.insecure_no_auth {
+            Ok(Some("no API keys and --insecure-no-auth: every caller is trusted"))
+        } else {
+            Err(crate::error::Error::FailedPrecondition(format!(
+                "refusing to serve {} without API keys: set --api-keys-file, listen on \
+                 loopback or a unix socket, or pass --insecure-no-auth",
+                self.listen
+            )))
+        }
     }
 
     /// Defaults as `rolecheck serve` with no flags would use, for tests and embedding.

@@ -113,6 +113,15 @@ fn is_transient(code: Option<&str>) -> bool {
 impl From<sqlx::migrate::MigrateError> for Error {
     fn from(err: sqlx::migrate::MigrateError) -> Self {
         match err {
+            sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(db))
+                if db.code().as_deref() == Some("42501") =>
+            {
+                Error::FailedPrecondition(format!(
+                    "the database user may not create rolecheck's tables ({}): run `rolecheck \
+                     migrate` as the database's owner, or grant CREATE on it",
+                    db.message()
+                ))
+            }
             sqlx::migrate::MigrateError::Execute(inner) => inner.into(),
             sqlx::migrate::MigrateError::VersionMissing(version) => {
                 Error::FailedPrecondition(format!(

@@ -13,6 +13,7 @@ pub mod cache;
 pub mod codec;
 pub mod coherence;
 pub mod config;
+pub mod doctor;
 pub mod domain;
 pub mod error;
 pub mod http;

@@ -67,9 +67,7 @@ impl GrpcListener {
     /// Binds `addr`. A unix socket file left by a previous run is replaced, and the new
     /// one gets `mode` permissions (e.g. 0o660: owner and group may connect).
     pub async fn bind(addr: &ListenAddr, mode: u32) -> Result<Self> {
-        let fail = |err: std::io::Error| {
-            Error::FailedPrecondition(format!("cannot listen on {addr}: {err}"))
-        };
+        let fail = |err: std::io::Error| cannot_listen(addr, "--listen", &err);
         match addr {
             ListenAddr::Tcp(socket) => {
                 Ok(GrpcListener::Tcp(TcpListener::bind(socket).await.map_err(fail)?))
@@ -94,4 +92,23 @@ impl GrpcListener {
             GrpcListener::Unix(..) => None,
         }
     }
+}
+
+/// A listener that could not be opened, with what to do about it.
+pub fn cannot_listen(addr: &dyn std::fmt::Display, flag: &str, err: &std::io::Error) -> Error {
+    let fix = match err.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            format!(
+                ": another process listens there (another rolecheck?); stop it, or choose another {flag}"
+            )
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!(": no interface of this machine has that address; fix {flag}")
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            format!(": ports below 1024 need privileges; choose another {flag}")
+        }
+        _ => String::new(),
+    };
+    Error::FailedPrecondition(format!("cannot listen on {addr} ({flag}): {err}{fix}"))
 }

@@ -66,45 +66,18 @@ impl Server {
     /// migrations unless `--no-migrate`, and wraps the store in the cache.
     pub async fn bind(config: Config) -> Result<Self> {
         let application_id = TenantId::parse("application_id", &config.application_id)?;
-        if config.db_query_timeout >= config.request_timeout {
-            return Err(Error::FailedPrecondition(format!(
-                "--db-query-timeout ({:?}) must be shorter than --request-timeout ({:?}), so a \
-                 call whose database does not answer is UNAVAILABLE rather than cancelled",
-                config.db_query_timeout, config.request_timeout
-            )));
-        }
+        config.validate()?;
         let metrics = Metrics::new();
         let callers =
             Keys::load(config.api_keys_file.as_deref(), metrics.key_reload_failures.clone())?;
-        if !callers.enabled() {
-            if config.listen.is_local_only() {
-                tracing::warn!(listen = %config.listen, "no API keys configured: every caller on this machine is trusted");
-            } else if config.insecure_no_auth {
-                tracing::warn!(listen = %config.listen, "no API keys and --insecure-no-auth: every caller is trusted");
-            } else {
-                return Err(Error::FailedPrecondition(format!(
-                    "refusing to serve {} without API keys: set --api-keys-file, listen on \
-                     loopback or a unix socket, or pass --insecure-no-auth",
-                    config.listen
-                )));
-            }
+        if let Some(warning) = config.without_keys()? {
+            tracing::warn!(listen = %config.listen, "{warning}");
         }
-        if config.listen.is_unix() && config.tls_cert.is_some() {
-            return Err(Error::FailedPrecondition(
-                "--tls-cert/--tls-key/--tls-client-ca apply to a TCP listener; a unix socket \
-                 (--listen unix:…) is protected by its file mode instead: drop the TLS flags \
-                 or listen on host:port"
-                    .into(),
-            ));
+        for warning in callers.current().warnings(config.tls_client_ca.is_some()) {
+            tracing::warn!("api keys file: {warning}");
         }
         // The policy is checked before the store is opened: a refusal leaves nothing open.
-        let exposure = Exposure {
-            keys: callers.enabled(),
-            private: config.authz_private_listener,
-            grpc_local: config.listen.is_local_only(),
-            http_local: config.http_listen.ip().is_loopback(),
-            insecure: config.insecure_no_auth,
-        };
+        let exposure = Exposure::of(&config, callers.enabled());
         if let Some(path) = &config.authz_policy {
             crate::authz::preflight(path, exposure)?;
         }
@@ -316,6 +289,14 @@ impl Server {
             )),
         };
         let tls_watch = self.tls.as_ref().map(|tls| tls.watch(Duration::from_secs(2)));
+        if let Some(path) = &self.config.pid_file {
+            std::fs::write(path, format!("{}\n", std::process::id())).map_err(|err| {
+                Error::FailedPrecondition(format!(
+                    "cannot write --pid-file {}: {err}",
+                    path.display()
+                ))
+            })?;
+        }
         tracing::info!(%http_addr, "serving HTTP");
         match self.listener.local_addr() {
             Some(addr) => tracing::info!(%addr, "serving gRPC"),
@@ -364,6 +345,7 @@ impl Server {
             GrpcListener::Unix(_, path) => Some(path.clone()),
             GrpcListener::Tcp(_) => None,
         };
+        let pid_file = self.config.pid_file.clone();
         let keepalive = self.config.keepalive_interval;
         let serve = async move {
             match (self.listener, &self.tls) {
@@ -408,7 +390,7 @@ impl Server {
         if let Some(task) = tls_watch {
             task.abort();
         }
-        if let Some(path) = socket_path {
+        for path in [socket_path, pid_file].into_iter().flatten() {
             let _ = std::fs::remove_file(path);
         }
         let _ = stop_http.send(());
@@ -427,7 +409,7 @@ impl Server {
 async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|err| Error::FailedPrecondition(format!("cannot listen on {addr}: {err}")))
+        .map_err(|err| crate::listen::cannot_listen(&addr, "--http-listen", &err))
 }
 
 /// How long the change listener may hear nothing before it reconnects: two leases (it
@@ -436,23 +418,30 @@ fn listener_silence(lease: Duration) -> Duration {
     (lease * 2).max(Duration::from_millis(500))
 }
 
-/// Applies the migrations and exits: `rolecheck migrate`.
-pub async fn migrate(config: &Config) -> Result<()> {
+/// Applies the migrations and exits: `rolecheck migrate` (creating the Postgres
+/// database first with `--create-database`).
+pub async fn migrate(args: &crate::config::MigrateArgs) -> Result<()> {
+    let config = args.config();
     let application_id = TenantId::parse("application_id", &config.application_id)?;
-    let store = open_store(config, &application_id, true).await?;
+    if args.create_database {
+        match config.database_url.as_ref().filter(|_| !config.embedded_store()) {
+            Some(url) => {
+                let within = config.db_acquire_timeout.max(config.db_query_timeout);
+                let created =
+                    retry_at_start(&config, || store::diagnose::create_database(&url.0, within))
+                        .await?;
+                tracing::info!(created, "the database is there");
+            }
+            None => tracing::info!("--create-database: the embedded store creates its own file"),
+        }
+    }
+    let store = open_store(&config, &application_id, true).await?;
     store.backend.close().await;
     Ok(())
 }
 
-/// The follower's upstream, from the settings; refuses what a follower must not hold.
+/// The follower's upstream, from the settings (checked by [`Config::validate`]).
 fn follow(config: &Config, url: &str) -> Result<UpstreamStore> {
-    if config.database_url.is_some() || !config.signing_key.is_empty() {
-        return Err(Error::FailedPrecondition(
-            "--upstream makes this a follower, which opens no database and holds no private \
-             key: drop --database-url and --signing-key (the upstream has them)"
-                .into(),
-        ));
-    }
     UpstreamStore::connect(UpstreamOptions {
         url: url.to_owned(),
         key_file: config.upstream_key_file.clone(),
@@ -475,9 +464,15 @@ where
     loop {
         match call().await {
             Err(Error::Unavailable(reason)) if tokio::time::Instant::now() < deadline => {
-                tracing::warn!(%reason, retry_in = ?backoff, "not reachable yet");
+                tracing::warn!(%reason, retry_in = ?backoff, "not reachable yet; retrying (--db-startup-wait)");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(Error::Unavailable(reason)) => {
+                return Err(Error::Unavailable(format!(
+                    "{reason} (gave up after --db-startup-wait {:?})",
+                    config.db_startup_wait
+                )));
             }
             other => return other,
         }

@@ -721,7 +721,7 @@ async fn abandoned_loads_are_removed() {
     let settled = |what: &'static str| async move {
         let until = Instant::now() + Duration::from_secs(10);
         loop {
-            if sample(&proc, "rolecheck_cache_loads_in_flight").await == Some(0.0) {
+            if sample(proc, "rolecheck_cache_loads_in_flight").await == Some(0.0) {
                 return;
             }
             assert!(Instant::now() < until, "{what}: loads still in flight");

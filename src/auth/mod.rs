@@ -97,9 +97,9 @@ pub fn caller_name<T>(request: &tonic::Request<T>) -> String {
 #[serde(deny_unknown_fields)]
 struct KeyFile {
     #[serde(default)]
-    key: Vec<KeyEntry>,
+    key: Vec<toml::Spanned<KeyEntry>>,
     #[serde(default)]
-    certificate: Vec<CertEntry>,
+    certificate: Vec<toml::Spanned<CertEntry>>,
 }
 
 #[derive(Deserialize)]
@@ -147,12 +147,12 @@ impl CertId {
         match named.as_slice() {
             [Some(id)] if !id.value().trim().is_empty() => Ok(id.clone()),
             [None] => Err(Error::FailedPrecondition(
-                "api keys file: a certificate's `subject` must be `CN=<name>`; use `cn`, `dns` \
+                "a certificate's `subject` must be `CN=<name>`; use `cn`, `dns` \
                  or `uri` for other identities"
                     .into(),
             )),
             _ => Err(Error::FailedPrecondition(
-                "api keys file: a certificate entry needs exactly one non-empty `cn`, `dns` or \
+                "a certificate entry needs exactly one non-empty `cn`, `dns` or \
                  `uri`"
                     .into(),
             )),
@@ -216,27 +216,36 @@ fn parse_hex32(text: &str) -> Option<[u8; 32]> {
 }
 
 impl KeyRing {
-    /// Parses the TOML key file.
+    /// Parses the TOML key file; an error names the line.
     pub fn parse(text: &str) -> Result<Self> {
-        let file: KeyFile = toml::from_str(text).map_err(|err| {
-            Error::FailedPrecondition(format!("api keys file: {}", err.message()))
-        })?;
+        let line = |offset: usize| {
+            text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+        };
+        let at = |offset: usize, reason: String| {
+            Error::FailedPrecondition(format!("api keys file: line {}: {reason}", line(offset)))
+        };
+        let file: KeyFile = toml::from_str(text)
+            .map_err(|err| at(err.span().map_or(0, |span| span.start), err.message().to_owned()))?;
         let mut keys = Vec::with_capacity(file.key.len());
-        for entry in file.key {
+        for spanned in file.key {
+            let start = spanned.span().start;
+            let entry = spanned.into_inner();
             if entry.name.trim().is_empty() {
-                return Err(Error::FailedPrecondition("api keys file: a key has no name".into()));
+                return Err(at(start, "a key has no name".into()));
             }
             let hash = parse_hex32(&entry.sha256).ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "api keys file: key {:?}: sha256 must be 64 hex digits",
-                    entry.name
-                ))
+                at(start, format!("key {:?}: sha256 must be 64 hex digits", entry.name))
             })?;
             keys.push(Key { name: entry.name, hash, scopes: entry.scopes });
         }
         let mut certificates = Vec::with_capacity(file.certificate.len());
-        for entry in file.certificate {
-            certificates.push((CertId::from_entry(&entry)?, entry.scopes));
+        for spanned in file.certificate {
+            let start = spanned.span().start;
+            let id = CertId::from_entry(spanned.get_ref()).map_err(|err| match err {
+                Error::FailedPrecondition(reason) => at(start, reason),
+                other => other,
+            })?;
+            certificates.push((id, spanned.into_inner().scopes));
         }
         if keys.is_empty() && certificates.is_empty() {
             return Err(Error::FailedPrecondition(
@@ -246,12 +255,48 @@ impl KeyRing {
         Ok(Self { keys, certificates })
     }
 
-    /// Reads and parses the key file at `path`.
+    /// How many keys and certificates the file lists.
+    pub fn summary(&self) -> String {
+        format!("{} keys, {} certificates", self.keys.len(), self.certificates.len())
+    }
+
+    /// What is valid but surely not meant: keys without a scope (they can call only what
+    /// needs no key), and certificate callers when no client is asked for a certificate
+    /// (`client_ca`: whether --tls-client-ca is set).
+    pub fn warnings(&self, client_ca: bool) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|key| key.scopes.is_empty())
+            .map(|key| {
+                format!("key {:?} has no scopes: it can call only what needs no key", key.name)
+            })
+            .collect();
+        if !self.certificates.is_empty() && !client_ca {
+            out.push(
+                "the file lists [[certificate]] callers, but --tls-client-ca is not set: no \
+                 client is asked for a certificate, so those entries match nobody"
+                    .into(),
+            );
+        }
+        out
+    }
+
+    /// Reads and parses the key file at `path`; an error names the file (and the line).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|err| {
-            Error::FailedPrecondition(format!("cannot read {}: {err}", path.display()))
+            Error::FailedPrecondition(format!(
+                "cannot read the API keys file {} (--api-keys-file): {err}",
+                path.display()
+            ))
         })?;
-        Self::parse(&text)
+        Self::parse(&text).map_err(|err| match err {
+            Error::FailedPrecondition(reason) => {
+                let reason = reason.strip_prefix("api keys file: ").unwrap_or(&reason);
+                Error::FailedPrecondition(format!("api keys file {}: {reason}", path.display()))
+            }
+            other => other,
+        })
     }
 
     /// The caller a bearer secret identifies. Every configured hash is compared, in
@@ -320,6 +365,10 @@ impl Keys {
         match KeyRing::load(path) {
             Ok(ring) => {
                 let count = ring.keys.len();
+                // Certificates are judged at start, where the TLS settings are known.
+                for warning in ring.warnings(true) {
+                    tracing::warn!("api keys file: {warning}");
+                }
                 if let Ok(mut current) = self.current.write() {
                     *current = Arc::new(ring);
                 }

@@ -157,9 +157,10 @@ impl std::fmt::Debug for Authz {
 
 /// Reads and checks the policy at `path` for a server exposed as `exposure`, before
 /// anything else is opened (see [`Authz::load`], which checks it again).
-pub fn preflight(path: &Path, exposure: Exposure) -> Result<()> {
+pub fn preflight(path: &Path, exposure: Exposure) -> Result<Policy> {
     let policy = Policy::load(path)?;
-    trust::start_check(exposure, policy.identity.header.is_some())
+    trust::start_check(exposure, policy.identity.header.is_some())?;
+    Ok(policy)
 }
 
 impl Authz {
@@ -177,9 +178,7 @@ impl Authz {
         let stamp = crate::reload::stamp(path);
         let policy = Policy::load(path)?;
         trust::start_check(exposure, policy.identity.header.is_some())?;
-        if policy.proxy.is_none() {
-            tracing::warn!(path = %path.display(), "the policy names no [proxy]: forward-auth at /authz refuses every request (ext_authz is unaffected)");
-        }
+        policy.warn_about(path);
         let verifier =
             policy.identity.jwt.clone().map(|jwt| Arc::new(Verifier::new(jwt, own_keys.clone())));
         tracing::info!(path = %path.display(), routes = policy.len(), "authorization policy loaded");
@@ -248,6 +247,7 @@ impl Authz {
                     (None, _) => (None, false),
                 };
                 let routes = policy.len();
+                policy.warn_about(&self.path);
                 if let Ok(mut loaded) = self.loaded.write() {
                     *loaded = Arc::new(Loaded { policy, verifier });
                 }

@@ -26,6 +26,8 @@ pub struct Policy {
     pub identity: Identity,
     /// The routes, compiled.
     pub routes: Routes,
+    /// Each route's line in the file.
+    lines: Vec<usize>,
 }
 
 /// Where the user id comes from.
@@ -114,11 +116,14 @@ impl Policy {
     /// Reads and checks the policy at `path`.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|err| {
-            Error::FailedPrecondition(format!("cannot read {}: {err}", path.display()))
+            Error::FailedPrecondition(format!(
+                "cannot read the policy {} (--authz-policy): {err}",
+                path.display()
+            ))
         })?;
         Self::parse(&text).map_err(|err| match err {
             Error::FailedPrecondition(reason) => {
-                Error::FailedPrecondition(format!("{}: {reason}", path.display()))
+                Error::FailedPrecondition(format!("policy {}: {reason}", path.display()))
             }
             other => other,
         })
@@ -186,12 +191,44 @@ impl Policy {
         }
         let routes = Routes::compile(specs, case_insensitive)
             .map_err(|(i, reason)| at(starts[i], reason))?;
-        Ok(Self { proxy, identity, routes })
+        let lines = starts.iter().map(|&start| line_of(text, start)).collect();
+        Ok(Self { proxy, identity, routes, lines })
     }
 
     /// The number of routes.
     pub fn len(&self) -> usize {
         self.routes.len()
+    }
+
+    /// What is valid but surely not meant: no route at all (every request is denied),
+    /// and routes an earlier one shadows (they can never match).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.routes.is_empty() {
+            out.push("the policy has no [[route]]: every request is denied".to_owned());
+        }
+        if self.proxy.is_none() {
+            out.push(
+                "the policy names no [proxy]: forward-auth at /authz refuses every request \
+                 (ext_authz is unaffected)"
+                    .to_owned(),
+            );
+        }
+        for (shadowed, by) in self.routes.shadowed() {
+            out.push(format!(
+                "line {}: this route can never match: the route at line {} matches every \
+                 request it would",
+                self.lines[shadowed], self.lines[by]
+            ));
+        }
+        out
+    }
+
+    /// Logs [`Policy::warnings`].
+    pub fn warn_about(&self, path: &Path) {
+        for warning in self.warnings() {
+            tracing::warn!(path = %path.display(), "{warning}");
+        }
     }
 
     /// Whether the policy has no route (every request is denied).

@@ -99,6 +99,21 @@ impl Routes {
         self.routes.is_empty()
     }
 
+    /// `(route, earlier route)` for every route that can never match because an earlier
+    /// one matches every request it would.
+    pub fn shadowed(&self) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for (j, later) in self.routes.iter().enumerate() {
+            if let Some(i) = self.routes[..j]
+                .iter()
+                .position(|earlier| earlier.covers(later, self.case_insensitive))
+            {
+                out.push((j, i));
+            }
+        }
+        out
+    }
+
     /// The first route that matches `target`; `None` denies.
     pub fn decide<'r, 't>(&'r self, target: &Target<'t>) -> Option<Matched<'r, 't>> {
         self.routes.iter().find_map(|route| route.matches(target, self.case_insensitive))
@@ -198,6 +213,19 @@ fn part(segment: &str) -> Result<Part, String> {
 }
 
 impl Route {
+    /// Whether every request `other` matches, `self` matches too.
+    fn covers(&self, other: &Route, case_insensitive: bool) -> bool {
+        let methods = self.methods.is_empty()
+            || (!other.methods.is_empty()
+                && other.methods.iter().all(|m| self.methods.contains(m)));
+        let host = match (&self.host, &other.host) {
+            (None, _) => true,
+            (Some(mine), Some(theirs)) => parts_cover(mine, theirs, false),
+            (Some(_), None) => false,
+        };
+        methods && host && parts_cover(&self.path, &other.path, case_insensitive)
+    }
+
     fn matches<'r, 't>(
         &'r self,
         target: &Target<'t>,
@@ -217,6 +245,25 @@ impl Route {
             Matched::Roles { tenant, roles: &self.roles }
         })
     }
+}
+
+/// Whether pattern `wide` matches every sequence of segments pattern `narrow` does.
+fn parts_cover(wide: &[Part], narrow: &[Part], case_insensitive: bool) -> bool {
+    for (i, part) in wide.iter().enumerate() {
+        match (part, narrow.get(i)) {
+            (Part::Rest, _) => return true,
+            (_, None | Some(Part::Rest)) => return false,
+            (Part::Any | Part::Tenant, Some(_)) => {}
+            (Part::Literal(a), Some(Part::Literal(b))) => {
+                let same = if case_insensitive { a.eq_ignore_ascii_case(b) } else { a == b };
+                if !same {
+                    return false;
+                }
+            }
+            (Part::Literal(_), Some(_)) => return false,
+        }
+    }
+    wide.len() == narrow.len()
 }
 
 /// Whether `parts` match `segments` whole: `Some` with the `{tenant}` segment if any.
@@ -322,6 +369,33 @@ mod tests {
             Some((false, Some("ACME".into()), 2)),
             "the tenant is passed on as spelled"
         );
+    }
+
+    #[test]
+    fn routes_an_earlier_one_covers_are_found() {
+        let spec = |path: &str, methods: &[&str]| RouteSpec {
+            path: path.into(),
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+            public: true,
+            ..Default::default()
+        };
+        let routes = Routes::compile(
+            vec![
+                spec("/tenants/{tenant}/**", &["GET"]),
+                spec("/tenants/acme/invoices", &["GET"]),
+                spec("/tenants/acme/invoices", &["POST"]),
+                spec("/admin", &[]),
+                spec("/admin", &["GET"]),
+                spec("/a/*/c", &[]),
+                spec("/a/b/c", &[]),
+                spec("/a/b", &[]),
+                spec("/**", &[]),
+                spec("/x", &[]),
+            ],
+            false,
+        )
+        .expect("routes");
+        assert_eq!(routes.shadowed(), [(1, 0), (4, 3), (6, 5), (9, 8)]);
     }
 
     #[test]

@@ -93,6 +93,19 @@ pub struct Exposure {
     pub insecure: bool,
 }
 
+impl Exposure {
+    /// How `config` exposes the listeners (`keys`: whether a key file was given).
+    pub fn of(config: &crate::config::Config, keys: bool) -> Self {
+        Self {
+            keys,
+            private: config.authz_private_listener,
+            grpc_local: config.listen.is_local_only(),
+            http_local: config.http_listen.ip().is_loopback(),
+            insecure: config.insecure_no_auth,
+        }
+    }
+}
+
 /// Refuses a start that would answer proxy decisions to callers that cannot be told
 /// from the proxy, with what to change.
 pub fn start_check(exposure: Exposure, header_identity: bool) -> Result<()> {

@@ -341,12 +341,12 @@ impl CachedStore {
     /// (and so drops and cancels it): a caller that gives up mid-load leaves nothing.
     fn leave_load(&self, user: &str, load: &Load) {
         let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((running, readers)) = loading.get_mut(user) {
-            if running.ptr_eq(load) {
-                *readers -= 1;
-                if *readers == 0 {
-                    loading.remove(user);
-                }
+        if let Some((running, readers)) = loading.get_mut(user)
+            && running.ptr_eq(load)
+        {
+            *readers -= 1;
+            if *readers == 0 {
+                loading.remove(user);
             }
         }
     }
@@ -492,11 +492,11 @@ impl RoleReads for CachedStore {
             });
             // Into the bucket before out of the loads in flight: a read in between finds
             // one or the other, never neither (it would start a second load).
-            if self.is_loading(user.as_str(), &load) {
+            if self.is_loading(user.as_str(), load) {
                 if let (true, Ok(loaded)) = (current, &result) {
                     self.insert(&place, loaded);
                 }
-                self.finish_load(user.as_str(), &load);
+                self.finish_load(user.as_str(), load);
             }
             let loaded = result.map_err(Error::unshare)?;
             let revision = loaded.roles.revision.max(applied);

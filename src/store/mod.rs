@@ -13,6 +13,7 @@
 //!
 //! The store-level conformance suite every backend runs is `tests/api/store.rs`.
 
+mod inspect;
 mod measured;
 mod owner;
 mod postgres;
@@ -29,8 +30,9 @@ use crate::{
     error::Result,
 };
 
+pub use inspect::{Inspection, inspect};
 pub use measured::MeasuredStore;
-pub use postgres::PgStore;
+pub use postgres::{PgStore, diagnose};
 pub use sql::list_changes_sql;
 pub use sqlite::SqliteStore;
 pub use upstream::{UpstreamOptions, UpstreamStore};

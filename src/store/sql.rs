@@ -211,19 +211,32 @@ pub fn schema_status(
     applied: std::result::Result<(Option<i64>,), sqlx::Error>,
     known: i64,
 ) -> Result<()> {
-    let applied = match applied {
-        Ok((version,)) => version,
+    check_version(applied_version(applied)?, known)
+}
+
+/// The newest applied migration from [`APPLIED_SCHEMA`]'s result; `None` for a fresh
+/// database (no migrations table).
+pub fn applied_version(
+    applied: std::result::Result<(Option<i64>,), sqlx::Error>,
+) -> Result<Option<i64>> {
+    match applied {
+        Ok((version,)) => Ok(version),
         Err(sqlx::Error::Database(db))
             if db.code().as_deref() == Some("42P01") || db.message().contains("no such table") =>
         {
-            None
+            Ok(None)
         }
-        Err(err) => return Err(err.into()),
-    };
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Whether a schema at migration `applied` can be served by a binary that knows
+/// migrations up to `known`.
+pub fn check_version(applied: Option<i64>, known: i64) -> Result<()> {
     match applied {
         Some(version) if version > known => Err(Error::FailedPrecondition(format!(
             "the database schema is at version {version}, newer than this rolecheck knows \
-             ({known}): upgrade rolecheck"
+             ({known}): it was migrated by a newer release; upgrade this rolecheck"
         ))),
         Some(version) if version == known => Ok(()),
         _ => Err(Error::FailedPrecondition(format!(

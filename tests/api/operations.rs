@@ -119,7 +119,15 @@ async fn healthz_readyz_and_grpc_health_agree() {
 async fn fresh_migrated_database() -> TestDb {
     let db = TestDb::create(Backend::Postgres).await;
     let config = test_config(&db);
-    rolecheck::server::migrate(&config).await.expect("migrate");
+    let args = rolecheck::config::MigrateArgs {
+        database_url: config.database_url.clone(),
+        create_database: false,
+        data_dir: config.data_dir.clone(),
+        application_id: config.application_id.clone(),
+        db_startup_wait: config.db_startup_wait,
+        log_format: config.log_format.clone(),
+    };
+    rolecheck::server::migrate(&args).await.expect("migrate");
     db
 }
 

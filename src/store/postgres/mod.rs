@@ -63,11 +63,9 @@ use sqlx::{
     Connection, PgConnection, PgPool, Postgres, Transaction,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
-use tokio::sync::{
-    mpsc::{self, UnboundedSender},
-    oneshot,
-};
+use tokio::sync::{mpsc, oneshot};
 
+pub mod diagnose;
 mod listener;
 mod loader;
 mod writer;
@@ -93,6 +91,9 @@ pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
 /// At most this many coalesced user loads run at once.
 pub const LOAD_CONCURRENCY: usize = 2;
+/// At most this many cache misses wait for the loader; past it a miss is
+/// `UNAVAILABLE` (a caller that floods misses cannot grow the queue without bound).
+pub const MAX_QUEUED_LOADS: usize = 16_384;
 /// At most this many users are read by one load.
 pub const LOAD_BATCH: usize = 64;
 
@@ -220,7 +221,7 @@ pub struct PgStore {
     suspicion: Suspicion,
     application_id: TenantId,
     /// Misses for the coalescing loader (see the module docs).
-    loads: UnboundedSender<PendingLoad>,
+    loads: mpsc::Sender<PendingLoad>,
     /// Membership writes for the batch writer (see the module docs), at most
     /// [`MAX_QUEUED_WRITES`] waiting.
     writes: mpsc::Sender<PendingWrite>,
@@ -238,6 +239,10 @@ impl PgStore {
             crate::error::Error::invalid("database_url", "not a valid postgres:// URL")
         })?;
         let connect = session_options(connect, options.query_timeout);
+        // One connection first, alone: its failure is explained (the pool's would read
+        // as a timeout), and a mistake of the operator's is refused at once.
+        let within = options.acquire_timeout.max(options.query_timeout);
+        let _ = diagnose::probe(&connect, within).await?.close().await;
         let suspicion = Suspicion::new();
         let (on_acquire, on_release) = (suspicion.clone(), suspicion.clone());
         let ping = ping_timeout(options.query_timeout);
@@ -272,7 +277,7 @@ impl PgStore {
             tokio::time::timeout(options.acquire_timeout.max(options.query_timeout), connecting)
                 .await
                 .map_err(|_| Error::Unavailable("store unavailable: no answer in time".into()))??;
-        let (loads, pending) = tokio::sync::mpsc::unbounded_channel();
+        let (loads, pending) = mpsc::channel(MAX_QUEUED_LOADS);
         let timeout = options.query_timeout;
         tokio::spawn(coalesce_loads(pool.clone(), pending, timeout, suspicion.clone()));
         let (writes, queued) = mpsc::channel(MAX_QUEUED_WRITES);
@@ -298,7 +303,9 @@ impl PgStore {
     /// an index on a long history may take longer than any query should), which is
     /// closed afterwards so the setting never reaches the pool.
     pub async fn migrate(&self) -> Result<()> {
-        let mut conn = PgConnection::connect_with(&self.connect).await?;
+        let mut conn = PgConnection::connect_with(&self.connect)
+            .await
+            .map_err(|err| diagnose::explain(err, &self.connect))?;
         sqlx::query("SET statement_timeout = 0").execute(&mut conn).await?;
         let migrated = self.migrator().run(&mut conn).await;
         let _ = conn.close().await;
@@ -426,7 +433,12 @@ impl RoleReads for PgStore {
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
         let (tx, rx) = oneshot::channel();
         let closed = || Error::Unavailable("store closed".into());
-        self.loads.send((user.as_str().to_owned(), tx)).map_err(|_| closed())?;
+        self.loads.try_send((user.as_str().to_owned(), tx)).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => {
+                Error::Unavailable("too many cache loads queued; retry".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => closed(),
+        })?;
         let snapshot = rx.await.map_err(|_| closed())??;
         check_min_revision(snapshot.revision, min_revision)?;
         Ok(Answer::new(Arc::new(snapshot)))
