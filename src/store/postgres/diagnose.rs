@@ -44,31 +44,39 @@ pub fn explain(err: sqlx::Error, connect: &PgConnectOptions) -> Error {
     let at = place(connect);
     match &err {
         sqlx::Error::Database(db) => {
-            let message = db.message();
-            match db.code().as_deref() {
-                Some("3D000") => Error::FailedPrecondition(format!(
+            let (code, message) = (db.code(), db.message());
+            let code = code.as_deref();
+            if code == Some("3D000") {
+                Error::FailedPrecondition(format!(
                     "Postgres at {at} has no database \"{db}\": create it with `rolecheck migrate \
                      --create-database` (same --database-url), or `createdb {db}`",
                     db = database(connect)
-                )),
-                Some("28P01" | "28000") => Error::FailedPrecondition(format!(
+                ))
+            } else if matches!(code, Some("28P01" | "28000"))
+                // PgBouncer says it with 08P01, which would read as a network fault.
+                || message.contains("authentication failed")
+            {
+                Error::FailedPrecondition(format!(
                     "Postgres at {at} refused user \"{user}\" ({message}): check the user and \
                      password in --database-url, and the server's pg_hba.conf",
                     user = connect.get_username()
-                )),
-                _ if message.contains("startup parameter") => Error::FailedPrecondition(format!(
+                ))
+            } else if message.contains("startup parameter") {
+                Error::FailedPrecondition(format!(
                     "the server at {at} refused a connection parameter ({message}): it is a \
                      pooler such as PgBouncer; add `ignore_startup_parameters = \
                      extra_float_digits, options` to its pgbouncer.ini, or point --database-url \
                      at Postgres itself"
-                )),
-                Some("3F000" | "42501") => Error::FailedPrecondition(format!(
+                ))
+            } else if matches!(code, Some("3F000" | "42501")) {
+                Error::FailedPrecondition(format!(
                     "Postgres at {at}, database \"{db}\": {message}: grant user \"{user}\" what \
                      rolecheck needs (CREATE on the database for migrations)",
                     db = database(connect),
                     user = connect.get_username()
-                )),
-                _ => err.into(),
+                ))
+            } else {
+                err.into()
             }
         }
         sqlx::Error::Io(io) => match io.kind() {
