@@ -5,6 +5,15 @@
 //! its last sync is younger than the lease. Otherwise every read goes to the store, and
 //! if the store is down too, the caller gets `UNAVAILABLE` — never an answer that a
 //! missed notification could have revoked.
+//!
+//! A store can start over: a follower's upstream restarted on a new embedded store, a
+//! database restored from a dump, a failover to a standby that had not replayed the last
+//! commits. Its revisions then repeat numbers this process already applied, and resuming
+//! would skip the writes that reuse them. So each connection of the feed reports the
+//! store's epoch (its identity, chosen when it was created) and revision: another epoch,
+//! or a revision below what was applied, is a rewind. The cache is dropped (as at every
+//! connection), the applied revision goes back to the store's, and every Watch stream
+//! this process serves ends with `OUT_OF_RANGE`, so its own followers start over too.
 
 use std::{
     sync::{
@@ -51,6 +60,10 @@ pub struct Coherence {
     epoch: Instant,
     last_sync_micros: AtomicU64,
     reconnects: AtomicU64,
+    /// The epoch of the store the feed follows, once connected.
+    store_epoch: std::sync::Mutex<Option<String>>,
+    /// Counts rewinds (see the module docs); Watch streams end when it moves.
+    rewinds: watch::Sender<u64>,
 }
 
 impl Coherence {
@@ -72,6 +85,8 @@ impl Coherence {
             epoch: Instant::now(),
             last_sync_micros: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            store_epoch: std::sync::Mutex::new(None),
+            rewinds: watch::Sender::new(0),
         })
     }
 
@@ -121,6 +136,34 @@ impl Coherence {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// The epoch of the store the feed follows; `None` before it first connects.
+    pub fn store_epoch(&self) -> Option<String> {
+        self.store_epoch.lock().map_or(None, |epoch| epoch.clone())
+    }
+
+    /// A receiver that changes at every rewind (see the module docs).
+    pub fn watch_rewinds(&self) -> watch::Receiver<u64> {
+        self.rewinds.subscribe()
+    }
+
+    /// Records the store's identity at a (re)connection; whether it is a rewind: another
+    /// epoch than before, or a revision below what was applied.
+    fn rewound(&self, revision: Revision, epoch: String) -> bool {
+        let Ok(mut known) = self.store_epoch.lock() else { return true };
+        let other = !epoch.is_empty() && known.as_ref().is_some_and(|was| *was != epoch);
+        if !epoch.is_empty() {
+            *known = Some(epoch);
+        }
+        other || revision < self.applied()
+    }
+
+    /// After a rewind: the store's history is the new one, from `revision`.
+    fn restart_at(&self, revision: Revision) {
+        self.applying.store(revision, Ordering::SeqCst);
+        self.applied.send_replace(revision);
+        self.rewinds.send_modify(|n| *n += 1);
+    }
+
     /// A receiver that changes whenever the applied revision grows.
     pub fn watch_applied(&self) -> watch::Receiver<Revision> {
         self.applied.subscribe()
@@ -149,9 +192,20 @@ impl Coherence {
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 match event {
-                    FeedEvent::Connected { revision } => {
+                    FeedEvent::Connected { revision, epoch } => {
+                        let was = this.applied();
+                        let rewound = this.rewound(revision, epoch);
                         this.applying.fetch_max(revision, Ordering::SeqCst);
                         sink.invalidate(&Stale::Everyone).await;
+                        if rewound {
+                            tracing::warn!(
+                                applied = was,
+                                store = revision,
+                                "the store started over (another epoch, or an older revision): \
+                                 the cache is dropped and Watch streams end"
+                            );
+                            this.restart_at(revision);
+                        }
                         this.synced_at(Instant::now());
                         this.advance(revision);
                         this.connected.store(true, Ordering::SeqCst);

@@ -737,3 +737,194 @@ async fn abandoned_loads_are_removed() {
     assert!(after < before + 32 * 1024, "RSS grew from {before} KiB to {after} KiB");
     eprintln!("{cancelled} calls cancelled; RSS {before} KiB before, {after} KiB after");
 }
+
+/// A Check's answer: `Ok(allowed)` or the status.
+async fn ask(channel: Channel, user: &str, tenant: &str, role: &str) -> Result<bool, tonic::Code> {
+    let req = pb::CheckRequest {
+        user_id: user.into(),
+        tenant_id: tenant.into(),
+        role: role.into(),
+        min_revision: 0,
+    };
+    RoleCheckClient::new(channel)
+        .check(req)
+        .await
+        .map(|r| r.into_inner().allowed)
+        .map_err(|status| status.code())
+}
+
+/// Asks until the answer is `want`, for at most `within`; every answer on the way must
+/// pass `allowed_on_the_way` (an answer that fails it is a stale one and fails the test).
+async fn until_answer(
+    channel: &Channel,
+    (user, tenant, role): (&str, &str, &str),
+    want: Result<bool, tonic::Code>,
+    within: Duration,
+    on_the_way: impl Fn(&Result<bool, tonic::Code>) -> bool,
+) {
+    let until = Instant::now() + within;
+    loop {
+        let got = ask(channel.clone(), user, tenant, role).await;
+        if got == want {
+            return;
+        }
+        assert!(on_the_way(&got), "{user} in {tenant} as {role}: {got:?} on the way to {want:?}");
+        assert!(
+            Instant::now() < until,
+            "{user} in {tenant} as {role}: still {got:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits (at most 10 s) until `proc` trusts its cache with at least `revision` applied.
+async fn wait_trusted_at(proc: &Proc, revision: u64) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let trusted = sample(proc, "rolecheck_cache_trusted").await == Some(1.0);
+        let applied = sample(proc, "rolecheck_applied_revision").await.unwrap_or(0.0);
+        if trusted && applied >= revision as f64 {
+            return;
+        }
+        assert!(Instant::now() < until, "never trusted at revision {revision}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn create_tenant(channel: Channel, id: &str) {
+    TenantsClient::new(channel)
+        .create_tenant(pb::CreateTenantRequest { tenant_id: id.into(), name: id.into() })
+        .await
+        .expect("create tenant");
+}
+
+/// An embedded upstream restarted on another data directory (a new store, whose
+/// revisions reuse numbers the follower applied): the follower's resume is refused for
+/// the other epoch, it drops its cache, never answers from the old store's roles, and is
+/// following the new one again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_starts_over_when_its_upstream_store_does() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    let (old, new) = (old.to_str().expect("path"), new.to_str().expect("path"));
+    // The new store, prepared ahead: further along than the old one, without alice.
+    {
+        let mut prepared = Proc::spawn(&[("ROLECHECK_DATA_DIR", new)]);
+        let up = prepared.channel().await;
+        create_tenant(up.clone(), "acme").await;
+        for i in 0..10 {
+            grant(up.clone(), &format!("bob{i}"), "acme", "viewer").await.expect("grant");
+        }
+        prepared.child.kill().expect("kill");
+        prepared.child.wait().expect("reap");
+    }
+    let mut upstream = Proc::spawn(&[("ROLECHECK_DATA_DIR", old)]);
+    let addr = upstream.addr.expect("addr").to_string();
+    let follower_data = dir.path().join("follower");
+    let follower = Proc::spawn(&[
+        ("ROLECHECK_UPSTREAM", &format!("http://{addr}")),
+        ("ROLECHECK_DATA_DIR", follower_data.to_str().expect("path")),
+    ]);
+    let (up, down) = (upstream.channel().await, follower.channel().await);
+    create_tenant(up.clone(), "acme").await;
+    grant(up.clone(), "alice", "acme", "admin").await.expect("grant");
+    let alice = ("alice", "acme", "admin");
+    until_answer(&down, alice, Ok(true), Duration::from_secs(5), |_| true).await;
+
+    upstream.child.kill().expect("kill the upstream");
+    upstream.child.wait().expect("reap");
+    until_answer(&down, alice, Err(tonic::Code::Unavailable), Duration::from_secs(5), |_| true)
+        .await;
+    let upstream = Proc::spawn(&[("ROLECHECK_DATA_DIR", new), ("ROLECHECK_LISTEN", &addr)]);
+    // Not a question until the follower trusts its cache again, past the new store's
+    // revision 11 (a read while it does not would go upstream and refresh alice): then
+    // the store has no alice, and an allow would be the old store's, still cached.
+    wait_trusted_at(&follower, 11).await;
+    for _ in 0..20 {
+        assert_eq!(ask(down.clone(), "alice", "acme", "admin").await, Ok(false));
+    }
+    let up = upstream.channel().await;
+    grant(up, "carol", "acme", "editor").await.expect("grant on the new store");
+    until_answer(&down, ("carol", "acme", "editor"), Ok(true), Duration::from_secs(10), |_| true)
+        .await;
+    for _ in 0..20 {
+        assert_eq!(ask(down.clone(), "alice", "acme", "admin").await, Ok(false));
+    }
+}
+
+/// A Postgres database restored from a dump taken before the last writes: the central
+/// server sees its revision go back, drops its cache and ends its Watch streams; its
+/// follower starts over; neither serves the role granted after the dump, and both follow
+/// the writes that reuse the lost revisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_database_is_a_rewind_nobody_serves_past() {
+    let db = Db::create("restore").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let central = Proc::spawn(&[("ROLECHECK_DATABASE_URL", &db.url())]);
+    let addr = central.addr.expect("addr").to_string();
+    let follower_data = dir.path().join("follower");
+    let follower = Proc::spawn(&[
+        ("ROLECHECK_UPSTREAM", &format!("http://{addr}")),
+        ("ROLECHECK_DATA_DIR", follower_data.to_str().expect("path")),
+    ]);
+    let (up, down) = (central.channel().await, follower.channel().await);
+    create_tenant(up.clone(), "acme").await;
+    grant(up.clone(), "bob", "acme", "viewer").await.expect("grant");
+    let dump = dir.path().join("dump.sql");
+    let dumped = Command::new("pg_dump")
+        .args(["--no-owner", "-f", dump.to_str().expect("path"), &db.url()])
+        .status()
+        .expect("pg_dump");
+    assert!(dumped.success());
+    // After the dump: alice becomes admin, and both tiers serve it.
+    grant(up.clone(), "alice", "acme", "admin").await.expect("grant");
+    let alice = ("alice", "acme", "admin");
+    until_answer(&up, alice, Ok(true), Duration::from_secs(5), |_| true).await;
+    until_answer(&down, alice, Ok(true), Duration::from_secs(5), |_| true).await;
+
+    // Restore the dump under the database's name: alice's grant is gone.
+    let restored = format!("{}_restored", db.0);
+    let mut admin = PgConnection::connect(&admin_url()).await.expect("admin");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {restored}"))
+        .execute(&mut admin)
+        .await
+        .expect("drop");
+    sqlx::query(&format!("CREATE DATABASE {restored}")).execute(&mut admin).await.expect("create");
+    let loaded = Command::new("psql")
+        .args([
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+            dump.to_str().expect("path"),
+            &database_url(&restored),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .expect("psql");
+    assert!(loaded.success());
+    sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", db.0))
+        .execute(&mut admin)
+        .await
+        .expect("drop");
+    sqlx::query(&format!("ALTER DATABASE {restored} RENAME TO {}", db.0))
+        .execute(&mut admin)
+        .await
+        .expect("rename");
+
+    // Each tier learns of the restore when its connections break (a moment, as with any
+    // write another replica commits); from then on alice is denied.
+    until_answer(&up, alice, Ok(false), Duration::from_secs(10), |_| true).await;
+    until_answer(&down, alice, Ok(false), Duration::from_secs(10), |_| true).await;
+    // Writes now reuse the revisions the lost ones had; both tiers follow them.
+    let revision = grant(up.clone(), "carol", "acme", "editor").await.expect("grant");
+    assert_eq!(revision, 3, "the restored store continues from its own revision");
+    // Once the follower trusts its cache again at that revision, it answers from the
+    // restored history: alice (cached as admin before) is denied, carol allowed.
+    wait_trusted_at(&follower, 3).await;
+    for _ in 0..20 {
+        assert_eq!(ask(down.clone(), "alice", "acme", "admin").await, Ok(false));
+        assert_eq!(ask(up.clone(), "alice", "acme", "admin").await, Ok(false));
+        assert_eq!(ask(down.clone(), "carol", "acme", "editor").await, Ok(true));
+    }
+}

@@ -404,6 +404,7 @@ impl RoleCheck for RoleCheckApi {
             }
             ms => Some(std::time::Duration::from_millis(u64::from(ms))),
         };
+        self.watch_hub.check_start(after, &request.get_ref().epoch).await?;
         let permit = self.watch_limits.admit(&crate::auth::caller_name(&request))?;
         Ok(Response::new(self.watch_hub.stream(after, permit, progress)))
     }

@@ -16,6 +16,11 @@
 //!
 //! Streams are capped per caller and per server ([`WatchLimits`]); past a cap, the call is
 //! `RESOURCE_EXHAUSTED`.
+//!
+//! A resume that cannot be honoured is `OUT_OF_RANGE`, never a wait: an `after_revision`
+//! beyond the store's revision or an `epoch` other than the store's (the store started
+//! over, see `crate::coherence`), or history pruned past it. When this process sees its
+//! store start over, every open stream ends the same way.
 
 use std::{
     collections::HashMap,
@@ -67,8 +72,11 @@ fn responses(entries: Vec<HistoryEntry>) -> Vec<pb::WatchResponse> {
     for entry in entries {
         match out.last_mut() {
             Some(last) if last.revision == entry.revision => last.changes.push(to_pb(entry)),
-            _ => out
-                .push(pb::WatchResponse { revision: entry.revision, changes: vec![to_pb(entry)] }),
+            _ => out.push(pb::WatchResponse {
+                revision: entry.revision,
+                changes: vec![to_pb(entry)],
+                epoch: String::new(),
+            }),
         }
     }
     out
@@ -174,6 +182,28 @@ impl WatchHub {
         Arc::new(Self { store, coherence, live, gate, reader, closing })
     }
 
+    /// Refuses a resume from `after` in `epoch` (empty: any) that this store cannot
+    /// honour: another epoch, or a revision it never reached.
+    pub async fn check_start(&self, after: Revision, epoch: &str) -> Result<(), Status> {
+        if let Some(current) = self.coherence.store_epoch()
+            && !epoch.is_empty()
+            && current != epoch
+        {
+            return Err(Status::out_of_range(format!(
+                "the store started over (epoch {current}, not {epoch}): drop what was built on \
+                 the old history and watch from after_revision 0"
+            )));
+        }
+        let revision = self.store.tenants.revision().await?;
+        if after > revision {
+            return Err(Status::out_of_range(format!(
+                "after_revision {after} is ahead of the store (at revision {revision}): it \
+                 started over or was restored; drop what was built on the old history"
+            )));
+        }
+        Ok(())
+    }
+
     /// Ends every open stream, and any opened from now on once it has caught up, with
     /// `UNAVAILABLE` naming the revision to watch again from: a stream never ends on its
     /// own, so a server draining for shutdown would otherwise wait out its whole grace
@@ -194,6 +224,8 @@ impl WatchHub {
         let (tx, rx) = mpsc::channel::<Result<pb::WatchResponse, Status>>(16);
         let hub = self.clone();
         let mut closing = self.closing.subscribe();
+        let mut rewinds = self.coherence.watch_rewinds();
+        rewinds.mark_unchanged();
         tokio::spawn(async move {
             let _permit = permit;
             let mut progress = Progress::new(progress);
@@ -246,6 +278,15 @@ impl WatchHub {
                             Err(broadcast::error::RecvError::Closed) => return,
                         },
                         () = progress.tick() => progress.owe(&hub.coherence),
+                        Ok(()) = rewinds.changed() => {
+                            let message = format!(
+                                "the store started over (at revision {}): drop what was built on \
+                                 the old history and watch from after_revision 0",
+                                hub.coherence.applied()
+                            );
+                            let _ = tx.send(Err(Status::out_of_range(message))).await;
+                            return;
+                        }
                         () = tx.closed() => return,
                         true = async { closing.wait_for(|closing| *closing).await.is_ok() } => {
                             let message = format!(
@@ -278,7 +319,8 @@ impl WatchHub {
 /// current none is sent, and a follower's lease runs out.
 struct Progress {
     ticker: Option<tokio::time::Interval>,
-    owed: Option<Revision>,
+    /// The revision owed, and the store's epoch to send with it.
+    owed: Option<(Revision, String)>,
 }
 
 impl Progress {
@@ -303,16 +345,19 @@ impl Progress {
 
     /// A tick: owe a response for what is applied now, if this server is current.
     fn owe(&mut self, coherence: &Coherence) {
-        self.owed = coherence.is_current().then(|| coherence.applied());
+        self.owed = coherence
+            .is_current()
+            .then(|| (coherence.applied(), coherence.store_epoch().unwrap_or_default()));
     }
 
     /// The response owed, once the stream has sent everything through it.
     fn due(&mut self, sent: Revision) -> Option<pb::WatchResponse> {
-        let owed = self.owed?;
-        (sent >= owed).then(|| {
-            self.owed = None;
-            pb::WatchResponse { revision: sent, changes: Vec::new() }
-        })
+        let (owed, _) = self.owed.as_ref()?;
+        if sent < *owed {
+            return None;
+        }
+        let (_, epoch) = self.owed.take()?;
+        Some(pb::WatchResponse { revision: sent, changes: Vec::new(), epoch })
     }
 }
 
@@ -327,6 +372,7 @@ async fn read_history(
     gate: Arc<Mutex<()>>,
 ) {
     let mut applied = coherence.watch_applied();
+    let mut rewinds = coherence.watch_rewinds();
     // The mark starts at 0 and moves only by the rules below. (It used to start at the
     // store's revision, read without the gate: a stream that subscribed while that read
     // was slow, at a server's start, could find the mark past revisions its own catch-up
@@ -367,6 +413,9 @@ async fn read_history(
         tokio::select! {
             _ = applied.wait_for(|applied| *applied > last) => {}
             () = tokio::time::sleep(POLL) => {}
+            // The store started over: its history is read again from where it is now
+            // (every stream has ended; new ones catch up for themselves).
+            Ok(()) = rewinds.changed() => last = coherence.applied(),
         }
     }
 }

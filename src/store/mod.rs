@@ -405,6 +405,9 @@ pub enum FeedEvent {
     Connected {
         /// The store's revision once listening.
         revision: Revision,
+        /// The store's epoch (its identity): another than before means the store started
+        /// over, as does a revision below what was applied (see `crate::coherence`).
+        epoch: String,
     },
     /// A write committed at `revision`.
     Changed {

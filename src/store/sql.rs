@@ -21,6 +21,9 @@ pub const BUMP_REVISION: &str =
 /// The current revision.
 pub const REVISION: &str = "SELECT value FROM store_revision WHERE id = 1";
 
+/// The store's revision and its epoch (its identity, chosen when it was created).
+pub const IDENTITY: &str = "SELECT value, epoch FROM store_revision WHERE id = 1";
+
 /// Everything a user holds, with the revision, in one statement (one snapshot).
 pub const USER_ROLES: &str = "\
     SELECT r.value, m.tenant_id, m.role, m.expires_at \

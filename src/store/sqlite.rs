@@ -340,8 +340,9 @@ impl ChangeFeed for SqliteStore {
             .map_err(|_| Error::Internal("feed lock poisoned".into()))?
             .take()
             .ok_or_else(|| Error::Internal("the change feed has one subscriber".into()))?;
-        let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&self.read).await?;
-        let _ = self.feed_tx.send(FeedEvent::Connected { revision: revision as Revision });
+        let (revision, epoch): (i64, String) =
+            sqlx::query_as(sql::IDENTITY).fetch_one(&self.read).await?;
+        let _ = self.feed_tx.send(FeedEvent::Connected { revision: revision as Revision, epoch });
         Ok(Feed { events, needs_lease: false })
     }
 }

@@ -193,9 +193,11 @@ impl UpstreamStore {
     async fn watch(
         &self,
         after: Revision,
+        epoch: Option<&str>,
     ) -> std::result::Result<tonic::Streaming<pb::WatchResponse>, Status> {
         let progress_ms = self.options.progress.as_millis().clamp(10, u128::from(u32::MAX)) as u32;
-        let request = pb::WatchRequest { after_revision: after, progress_ms };
+        let epoch = epoch.unwrap_or_default().to_owned();
+        let request = pb::WatchRequest { after_revision: after, progress_ms, epoch };
         // The stream lives as long as it answers, not the per-call timeout.
         let mut checks = self.checks.clone();
         Ok(checks.watch(request).await?.into_inner())
@@ -439,6 +441,9 @@ fn stale_of(change: &pb::Change, revision: Revision) -> Stale {
 /// break; see the module docs. Ends when the feed's receiver is dropped.
 async fn follow(upstream: UpstreamStore, tx: UnboundedSender<FeedEvent>) {
     let mut applied: Option<Revision> = None;
+    // The upstream store's epoch, from its progress responses: resuming sends it, and an
+    // upstream whose store started over refuses the resume (`OUT_OF_RANGE`).
+    let mut epoch: Option<String> = None;
     let mut backoff = Duration::from_millis(50);
     while !tx.is_closed() {
         let start = match applied {
@@ -446,7 +451,7 @@ async fn follow(upstream: UpstreamStore, tx: UnboundedSender<FeedEvent>) {
             None => upstream.revision().await.ok(),
         };
         if let Some(start) = start {
-            match upstream.watch(start).await {
+            match upstream.watch(start, epoch.as_deref()).await {
                 Ok(mut stream) => {
                     let mut caught_up = false;
                     let ended = loop {
@@ -464,9 +469,19 @@ async fn follow(upstream: UpstreamStore, tx: UnboundedSender<FeedEvent>) {
                         backoff = Duration::from_millis(50);
                         let revision = response.revision;
                         if response.changes.is_empty() {
+                            if !response.epoch.is_empty() {
+                                if epoch.as_ref().is_some_and(|known| *known != response.epoch) {
+                                    break Some(Status::out_of_range(
+                                        "the upstream's store started over",
+                                    ));
+                                }
+                                epoch = Some(response.epoch.clone());
+                            }
                             let event = match (caught_up, applied) {
                                 (true, _) => FeedEvent::Synced { revision, at: Instant::now() },
-                                (false, None) => FeedEvent::Connected { revision },
+                                (false, None) => {
+                                    FeedEvent::Connected { revision, epoch: response.epoch.clone() }
+                                }
                                 (false, Some(_)) => FeedEvent::Resumed { revision },
                             };
                             caught_up = true;
@@ -485,8 +500,8 @@ async fn follow(upstream: UpstreamStore, tx: UnboundedSender<FeedEvent>) {
                     };
                     match ended {
                         Some(status) if status.code() == Code::OutOfRange => {
-                            tracing::warn!(after = ?applied, "the upstream pruned the history this follower needs; dropping the cache");
-                            applied = None;
+                            tracing::warn!(after = ?applied, reason = status.message(), "the upstream cannot resume this follower's history (pruned, or its store started over); dropping the cache");
+                            (applied, epoch) = (None, None);
                             let _ = tx.send(FeedEvent::Lost);
                         }
                         other => {
@@ -496,6 +511,11 @@ async fn follow(upstream: UpstreamStore, tx: UnboundedSender<FeedEvent>) {
                             let _ = tx.send(FeedEvent::Interrupted);
                         }
                     }
+                }
+                Err(status) if status.code() == Code::OutOfRange => {
+                    tracing::warn!(after = ?applied, reason = status.message(), "the upstream cannot resume this follower's history (pruned, or its store started over); dropping the cache");
+                    (applied, epoch) = (None, None);
+                    let _ = tx.send(FeedEvent::Lost);
                 }
                 Err(status) => {
                     tracing::debug!(code = ?status.code(), "cannot watch the upstream yet");

@@ -224,7 +224,7 @@ async fn collect_watch(app: &TestApp, after: u64, through: u64) -> Vec<pb::Watch
     let mut stream = app
         .checks
         .clone()
-        .watch(pb::WatchRequest { after_revision: after, progress_ms: 0 })
+        .watch(pb::WatchRequest { after_revision: after, progress_ms: 0, epoch: String::new() })
         .await
         .expect("watch")
         .into_inner();
@@ -247,7 +247,11 @@ async fn watch_is_gapless_and_duplicate_free_under_concurrent_writers(backend: B
         let mut checks = watcher.checks.clone();
         tokio::spawn(async move {
             checks
-                .watch(pb::WatchRequest { after_revision: start_revision, progress_ms: 0 })
+                .watch(pb::WatchRequest {
+                    after_revision: start_revision,
+                    progress_ms: 0,
+                    epoch: String::new(),
+                })
                 .await
                 .expect("watch")
                 .into_inner()
@@ -345,7 +349,7 @@ async fn watch_reports_tenant_changes_and_pruned_history(backend: Backend) {
         let mut checks = app.checks.clone();
         async move {
             let mut stream = checks
-                .watch(pb::WatchRequest { after_revision: 0, progress_ms: 0 })
+                .watch(pb::WatchRequest { after_revision: 0, progress_ms: 0, epoch: String::new() })
                 .await
                 .ok()?
                 .into_inner();
@@ -417,7 +421,7 @@ async fn a_draining_server_ends_its_watch_streams() {
     let app = spawn_with(Backend::Sqlite, |c| c.shutdown_grace = Duration::from_secs(30)).await;
     app.create_tenant("acme").await;
     let granted = app.grant("alice", "acme", &["admin"]).await;
-    let request = pb::WatchRequest { after_revision: 0, progress_ms: 0 };
+    let request = pb::WatchRequest { after_revision: 0, progress_ms: 0, epoch: String::new() };
     let mut stream = app.checks.clone().watch(request).await.expect("watch").into_inner();
     loop {
         let response = stream.next().await.expect("an item").expect("a response");

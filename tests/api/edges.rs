@@ -209,8 +209,11 @@ async fn watch_streams_are_capped_per_caller_and_in_total() {
     let watch = |secret: &'static str| {
         let mut client = pb::role_check_client::RoleCheckClient::new(channel.clone());
         async move {
-            let mut request =
-                tonic::Request::new(pb::WatchRequest { after_revision: 0, progress_ms: 0 });
+            let mut request = tonic::Request::new(pb::WatchRequest {
+                after_revision: 0,
+                progress_ms: 0,
+                epoch: String::new(),
+            });
             let bearer = format!("Bearer {secret}").parse().expect("header");
             request.metadata_mut().insert("authorization", bearer);
             client.watch(request).await.map(tonic::Response::into_inner)
@@ -249,7 +252,7 @@ async fn two_hundred_watchers_do_not_starve_the_heartbeat() {
         let channel = connect(app.addr).await;
         let mut client = pb::role_check_client::RoleCheckClient::new(channel);
         let stream = client
-            .watch(pb::WatchRequest { after_revision: last, progress_ms: 0 })
+            .watch(pb::WatchRequest { after_revision: last, progress_ms: 0, epoch: String::new() })
             .await
             .unwrap_or_else(|s| panic!("watch {i}: {s:?}"))
             .into_inner();

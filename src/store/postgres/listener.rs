@@ -69,11 +69,16 @@ pub(super) async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
             let mut listener = PgListener::connect_with(&own).await?;
             listener.eager_reconnect(false);
             listener.listen_all([CHANNEL, link.sync_channel.as_str()]).await?;
-            let (revision,): (i64,) =
-                sqlx::query_as(sql::REVISION).fetch_one(&mut listener).await?;
-            Ok((listener, revision as Revision))
+            let (revision, epoch): (i64, String) =
+                sqlx::query_as(sql::IDENTITY).fetch_one(&mut listener).await?;
+            Ok((listener, revision as Revision, epoch))
         };
-        let (mut listener, revision) = match bounded(link.timeout, &link.suspicion, connected).await
+        let (mut listener, revision, epoch) = match bounded(
+            link.timeout,
+            &link.suspicion,
+            connected,
+        )
+        .await
         {
             Ok(connected) => connected,
             Err(err) => {
@@ -89,7 +94,7 @@ pub(super) async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
         };
         tracing::info!(revision, "change listener connected");
         backoff = Duration::from_millis(50);
-        if tx.send(FeedEvent::Connected { revision }).is_err() {
+        if tx.send(FeedEvent::Connected { revision, epoch }).is_err() {
             return;
         }
         loop {
