@@ -405,7 +405,18 @@ impl RoleCheck for RoleCheckApi {
             ms => Some(std::time::Duration::from_millis(u64::from(ms))),
         };
         self.watch_hub.check_start(after, &request.get_ref().epoch).await?;
-        let permit = self.watch_limits.admit(&crate::auth::caller_name(&request))?;
+        // Streams count per caller and, for a follower that names itself, per follower:
+        // a fleet sharing one key is many callers (the server-wide cap still bounds all).
+        let mut counted = crate::auth::caller_name(&request);
+        if let Some(follower) = request
+            .metadata()
+            .get(crate::store::FOLLOWER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| (1..=128).contains(&v.len()))
+        {
+            counted = format!("{counted}/{follower}");
+        }
+        let permit = self.watch_limits.admit(&counted)?;
         Ok(Response::new(self.watch_hub.stream(after, permit, progress)))
     }
 }

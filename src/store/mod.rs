@@ -35,7 +35,7 @@ pub use measured::MeasuredStore;
 pub use postgres::{PgStore, diagnose};
 pub use sql::list_changes_sql;
 pub use sqlite::SqliteStore;
-pub use upstream::{UpstreamOptions, UpstreamStore};
+pub use upstream::{FOLLOWER_HEADER, UpstreamOptions, UpstreamStore};
 
 /// A tenant as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]

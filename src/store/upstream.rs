@@ -88,6 +88,24 @@ pub struct UpstreamStore {
     checks: RoleCheckClient<Upstream>,
     tenants: TenantsClient<Upstream>,
     options: UpstreamOptions,
+    /// This follower's name on its Watch (see [`FOLLOWER_HEADER`]).
+    instance: tonic::metadata::AsciiMetadataValue,
+}
+
+/// The metadata a follower names itself with on `Watch`: the upstream counts streams per
+/// key *and* follower, so a fleet sharing one key is not capped as one caller.
+pub const FOLLOWER_HEADER: &str = "x-rolecheck-follower";
+
+/// A name for this process: the host's name (a pod's name in Kubernetes), the pid, and
+/// random bits, so two followers never share one.
+fn instance_name() -> tonic::metadata::AsciiMetadataValue {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host.trim().chars().filter(|c| c.is_ascii_graphic()).take(40).collect();
+    let name = format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>());
+    name.parse().unwrap_or_else(|_| tonic::metadata::AsciiMetadataValue::from_static("follower"))
 }
 
 impl std::fmt::Debug for UpstreamStore {
@@ -162,6 +180,7 @@ impl UpstreamStore {
             checks: RoleCheckClient::with_interceptor(channel.clone(), credentials.clone()),
             tenants: TenantsClient::with_interceptor(channel, credentials),
             options,
+            instance: instance_name(),
         })
     }
 
@@ -197,7 +216,9 @@ impl UpstreamStore {
     ) -> std::result::Result<tonic::Streaming<pb::WatchResponse>, Status> {
         let progress_ms = self.options.progress.as_millis().clamp(10, u128::from(u32::MAX)) as u32;
         let epoch = epoch.unwrap_or_default().to_owned();
-        let request = pb::WatchRequest { after_revision: after, progress_ms, epoch };
+        let mut request =
+            Request::new(pb::WatchRequest { after_revision: after, progress_ms, epoch });
+        request.metadata_mut().insert(FOLLOWER_HEADER, self.instance.clone());
         // The stream lives as long as it answers, not the per-call timeout.
         let mut checks = self.checks.clone();
         Ok(checks.watch(request).await?.into_inner())

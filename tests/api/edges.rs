@@ -235,6 +235,52 @@ async fn watch_streams_are_capped_per_caller_and_in_total() {
     .await;
 }
 
+/// A fleet of followers sharing one key is capped per follower, not as one caller: 300
+/// streams of one key, each naming its follower, are all admitted under a per-caller cap
+/// of 2; a follower past its own cap is refused, and the server-wide cap still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_caps_count_each_follower_of_a_shared_key() {
+    let dir = tempfile::tempdir().expect("dir");
+    let keys = dir.path().join("keys.toml");
+    let toml = crate::callers::keys_toml(&[("fleet", "f-secret", &["follow"])], &[]);
+    std::fs::write(&keys, toml).expect("write");
+    let app = crate::helpers::spawn_with(Backend::Sqlite, |c| {
+        c.api_keys_file = Some(keys);
+        c.max_watch_streams = 302;
+        c.max_watch_streams_per_caller = 2;
+    })
+    .await;
+    let mut channels = Vec::new();
+    for _ in 0..3 {
+        channels.push(connect(app.addr).await);
+    }
+    let watch = |i: usize, follower: Option<String>| {
+        let mut client = pb::role_check_client::RoleCheckClient::new(channels[i % 3].clone());
+        async move {
+            let mut request = tonic::Request::new(pb::WatchRequest::default());
+            let bearer = "Bearer f-secret".parse().expect("header");
+            request.metadata_mut().insert("authorization", bearer);
+            if let Some(follower) = follower {
+                let name = follower.parse().expect("name");
+                request.metadata_mut().insert(rolecheck::store::FOLLOWER_HEADER, name);
+            }
+            client.watch(request).await.map(tonic::Response::into_inner)
+        }
+    };
+    let mut open = Vec::new();
+    for i in 0..300 {
+        let stream = watch(i, Some(format!("pod-{i}"))).await;
+        open.push(stream.unwrap_or_else(|s| panic!("follower {i}: {s:?}")));
+    }
+    let second = watch(0, Some("pod-0".into())).await.expect("pod-0's second stream");
+    let third = watch(0, Some("pod-0".into())).await.expect_err("pod-0 over its cap");
+    assert_eq!(third.code(), Code::ResourceExhausted, "{third:?}");
+    let unnamed = watch(1, None).await.expect("the key itself, unnamed");
+    let full = watch(2, Some("pod-300".into())).await.expect_err("over the server-wide cap");
+    assert!(full.message().contains("--max-watch-streams)"), "{full:?}");
+    drop((second, unnamed, open));
+}
+
 /// With 200 Watch streams open and writes landing, a steady Check load keeps its hit
 /// ratio and the coherence lease never lapses: the watchers share one history reader,
 /// and the heartbeat has its own connection.
