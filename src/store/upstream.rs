@@ -90,7 +90,14 @@ pub struct UpstreamStore {
     options: UpstreamOptions,
     /// This follower's name on its Watch (see [`FOLLOWER_HEADER`]).
     instance: tonic::metadata::AsciiMetadataValue,
+    /// Places for cache loads in flight upstream (see [`MAX_UPSTREAM_LOADS`]).
+    loads: Arc<tokio::sync::Semaphore>,
 }
+
+/// At most this many cache loads of one follower are in flight upstream; more wait for
+/// a place (within their callers' deadlines). When a whole fleet loses trust at once and
+/// every Check becomes a load, the upstream sees at most this many per follower.
+pub const MAX_UPSTREAM_LOADS: usize = 64;
 
 /// The metadata a follower names itself with on `Watch`: the upstream counts streams per
 /// key *and* follower, so a fleet sharing one key is not capped as one caller.
@@ -181,6 +188,7 @@ impl UpstreamStore {
             tenants: TenantsClient::with_interceptor(channel, credentials),
             options,
             instance: instance_name(),
+            loads: Arc::new(tokio::sync::Semaphore::new(MAX_UPSTREAM_LOADS)),
         })
     }
 
@@ -300,6 +308,7 @@ impl RoleReads for UpstreamStore {
             min_revision,
             with_expiry: true,
         };
+        let _place = self.loads.acquire().await.map_err(|_| Error::Unavailable("closed".into()))?;
         let response = self.checks.clone().get_authorization(request).await;
         let response = response.map_err(from_status)?.into_inner();
         let rows = response
@@ -544,7 +553,9 @@ async fn follow(upstream: UpstreamStore, tx: UnboundedSender<FeedEvent>) {
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
+        // Jittered (0.5 to 1.5 times): a fleet that lost its upstream together does not
+        // come back in step.
+        tokio::time::sleep(backoff.mul_f64(0.5 + rand::random::<f64>())).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
