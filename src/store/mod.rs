@@ -473,7 +473,7 @@ impl Stale {
 #[derive(Debug)]
 pub struct Feed {
     /// The events.
-    pub events: tokio::sync::mpsc::UnboundedReceiver<FeedEvent>,
+    pub events: tokio::sync::mpsc::Receiver<FeedEvent>,
     /// Whether the feed can go silent without saying so (a network listener): then the
     /// cache trusts it only while a `Synced` event is recent.
     pub needs_lease: bool,
@@ -505,11 +505,22 @@ pub const MAX_QUEUED_WRITES: usize = 4096;
 /// Announces committed writes on an in-process change feed (the embedded store);
 /// Postgres announces with `NOTIFY`, delivered at COMMIT, so its announcer is silent.
 #[derive(Clone, Debug)]
-pub struct Announcer(Option<tokio::sync::mpsc::UnboundedSender<FeedEvent>>);
+pub struct Announcer(Option<tokio::sync::mpsc::Sender<FeedEvent>>);
+
+/// Events a change feed holds for its consumer before the producer waits: a feed whose
+/// consumer falls behind slows its producer (a write's announcement, the listener's reads)
+/// instead of growing; meanwhile its syncs age and the cache stops being trusted.
+pub const FEED_BUFFER: usize = 4096;
+
+/// A bounded feed channel ([`FEED_BUFFER`]).
+pub fn feed_channel()
+-> (tokio::sync::mpsc::Sender<FeedEvent>, tokio::sync::mpsc::Receiver<FeedEvent>) {
+    tokio::sync::mpsc::channel(FEED_BUFFER)
+}
 
 impl Announcer {
     /// Announces on `feed`.
-    pub fn on(feed: tokio::sync::mpsc::UnboundedSender<FeedEvent>) -> Self {
+    pub fn on(feed: tokio::sync::mpsc::Sender<FeedEvent>) -> Self {
         Self(Some(feed))
     }
 
@@ -520,10 +531,10 @@ impl Announcer {
 
     /// The write that changed `kind` for `subject` (the user of a membership, the
     /// tenant of a tenant change) committed at `revision`.
-    pub fn committed(&self, revision: Revision, kind: ChangeKind, subject: &str) {
+    pub async fn committed(&self, revision: Revision, kind: ChangeKind, subject: &str) {
         if let Some(feed) = &self.0 {
             let stale = Stale::of(kind, subject, revision);
-            let _ = feed.send(FeedEvent::Changed { revision, stale });
+            let _ = feed.send(FeedEvent::Changed { revision, stale }).await;
         }
     }
 }

@@ -270,7 +270,7 @@ pub async fn commit<DB: sqlx::Database>(
         if let Some(delay) = change.fault_after_commit {
             tokio::time::sleep(delay).await;
         }
-        change.announcer.committed(revision, change.kind, &change.subject);
+        change.announcer.committed(revision, change.kind, &change.subject).await;
         Ok::<_, Error>(revision)
     });
     decided.await.map_err(|err| Error::Internal(Box::new(err)))?

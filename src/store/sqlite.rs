@@ -19,10 +19,7 @@ use sqlx::{
     QueryBuilder, Sqlite, SqlitePool, Transaction,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
-use tokio::sync::{
-    Mutex, OwnedMutexGuard, Semaphore,
-    mpsc::{UnboundedReceiver, UnboundedSender},
-};
+use tokio::sync::{Mutex, OwnedMutexGuard, Semaphore, mpsc};
 
 use crate::{
     domain::{Revision, TenantId, UnixSeconds, UserId},
@@ -43,8 +40,8 @@ pub struct SqliteStore {
     /// Writes waiting for `serial`, bounded by [`MAX_QUEUED_WRITES`].
     waiting: Semaphore,
     fault_after_commit: Option<Duration>,
-    feed_tx: UnboundedSender<FeedEvent>,
-    feed_rx: std::sync::Mutex<Option<UnboundedReceiver<FeedEvent>>>,
+    feed_tx: mpsc::Sender<FeedEvent>,
+    feed_rx: std::sync::Mutex<Option<mpsc::Receiver<FeedEvent>>>,
     /// The file is this process's until the store is closed (see `super::owner`).
     owner: std::sync::Mutex<Option<super::owner::Owner>>,
 }
@@ -101,7 +98,7 @@ impl SqliteStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await?;
-        let (feed_tx, feed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (feed_tx, feed_rx) = super::feed_channel();
         Ok(Self {
             read,
             write,
@@ -342,7 +339,8 @@ impl ChangeFeed for SqliteStore {
             .ok_or_else(|| Error::Internal("the change feed has one subscriber".into()))?;
         let (revision, epoch): (i64, String) =
             sqlx::query_as(sql::IDENTITY).fetch_one(&self.read).await?;
-        let _ = self.feed_tx.send(FeedEvent::Connected { revision: revision as Revision, epoch });
+        let _ =
+            self.feed_tx.send(FeedEvent::Connected { revision: revision as Revision, epoch }).await;
         Ok(Feed { events, needs_lease: false })
     }
 }

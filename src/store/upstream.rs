@@ -24,7 +24,6 @@ use std::{
 };
 
 use async_trait::async_trait;
-use tokio::sync::mpsc::UnboundedSender;
 use tonic::{
     Code, Request, Status,
     metadata::MetadataValue,
@@ -440,7 +439,7 @@ impl Writes for UpstreamStore {
 #[async_trait]
 impl ChangeFeed for UpstreamStore {
     async fn subscribe(&self) -> Result<Feed> {
-        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, events) = super::feed_channel();
         tokio::spawn(follow(self.clone(), tx));
         Ok(Feed { events, needs_lease: true })
     }
@@ -469,7 +468,7 @@ fn stale_of(change: &pb::Change, revision: Revision) -> Stale {
 
 /// The feed: the upstream's Watch, resumed from the last applied revision after any
 /// break; see the module docs. Ends when the feed's receiver is dropped.
-async fn follow(upstream: UpstreamStore, tx: UnboundedSender<FeedEvent>) {
+async fn follow(upstream: UpstreamStore, tx: tokio::sync::mpsc::Sender<FeedEvent>) {
     let mut applied: Option<Revision> = None;
     // The upstream store's epoch, from its progress responses: resuming sends it, and an
     // upstream whose store started over refuses the resume (`OUT_OF_RANGE`).
@@ -515,11 +514,11 @@ async fn follow(upstream: UpstreamStore, tx: UnboundedSender<FeedEvent>) {
                                 (false, Some(_)) => FeedEvent::Resumed { revision },
                             };
                             caught_up = true;
-                            let _ = tx.send(event);
+                            let _ = tx.send(event).await;
                         } else {
                             for change in &response.changes {
                                 let stale = stale_of(change, revision);
-                                let _ = tx.send(FeedEvent::Changed { revision, stale });
+                                let _ = tx.send(FeedEvent::Changed { revision, stale }).await;
                             }
                         }
                         // Before the first progress response the start revision is where a
@@ -532,24 +531,24 @@ async fn follow(upstream: UpstreamStore, tx: UnboundedSender<FeedEvent>) {
                         Some(status) if status.code() == Code::OutOfRange => {
                             tracing::warn!(after = ?applied, reason = status.message(), "the upstream cannot resume this follower's history (pruned, or its store started over); dropping the cache");
                             (applied, epoch) = (None, None);
-                            let _ = tx.send(FeedEvent::Lost);
+                            let _ = tx.send(FeedEvent::Lost).await;
                         }
                         other => {
                             if let Some(status) = other {
                                 tracing::warn!(code = ?status.code(), message = status.message(), "the upstream's Watch ended");
                             }
-                            let _ = tx.send(FeedEvent::Interrupted);
+                            let _ = tx.send(FeedEvent::Interrupted).await;
                         }
                     }
                 }
                 Err(status) if status.code() == Code::OutOfRange => {
                     tracing::warn!(after = ?applied, reason = status.message(), "the upstream cannot resume this follower's history (pruned, or its store started over); dropping the cache");
                     (applied, epoch) = (None, None);
-                    let _ = tx.send(FeedEvent::Lost);
+                    let _ = tx.send(FeedEvent::Lost).await;
                 }
                 Err(status) => {
                     tracing::debug!(code = ?status.code(), "cannot watch the upstream yet");
-                    let _ = tx.send(FeedEvent::Interrupted);
+                    let _ = tx.send(FeedEvent::Interrupted).await;
                 }
             }
         }

@@ -7,7 +7,7 @@ use sqlx::{
     Connection, PgConnection, PgPool,
     postgres::{PgConnectOptions, PgListener, PgPoolOptions},
 };
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc;
 
 use super::{CHANNEL, SYNC_INTERVAL, Suspicion, bounded};
 use crate::{
@@ -47,7 +47,7 @@ pub(super) struct Link {
 /// Hearing nothing at all (not even this replica's own sync, sent every
 /// [`SYNC_INTERVAL`]) for `link.silence` means the connection went silent: it is dropped
 /// and a new one made, as for a closed one.
-pub(super) async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
+pub(super) async fn listen(link: Link, tx: mpsc::Sender<FeedEvent>) {
     let mut backoff = Duration::from_millis(50);
     while !tx.is_closed() {
         let connected = async {
@@ -86,7 +86,7 @@ pub(super) async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
                     return;
                 }
                 tracing::warn!(error = %err, retry_in = ?backoff, "change listener cannot connect");
-                let _ = tx.send(FeedEvent::Lost);
+                let _ = tx.send(FeedEvent::Lost).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
@@ -94,7 +94,7 @@ pub(super) async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
         };
         tracing::info!(revision, "change listener connected");
         backoff = Duration::from_millis(50);
-        if tx.send(FeedEvent::Connected { revision, epoch }).is_err() {
+        if tx.send(FeedEvent::Connected { revision, epoch }).await.is_err() {
             return;
         }
         loop {
@@ -117,7 +117,7 @@ pub(super) async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
                 Ok(None) | Err(_) => break,
             };
             if let Some(event) = event
-                && tx.send(event).is_err()
+                && tx.send(event).await.is_err()
             {
                 return;
             }
@@ -128,7 +128,7 @@ pub(super) async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
         tracing::warn!(
             "change listener lost its connection; serving from the store until it is back"
         );
-        let _ = tx.send(FeedEvent::Lost);
+        let _ = tx.send(FeedEvent::Lost).await;
     }
 }
 
@@ -137,7 +137,7 @@ pub(super) async fn listen(link: Link, tx: UnboundedSender<FeedEvent>) {
 /// in it is read in the same statement, so every commit up to it precedes the sync in the
 /// queue. A send that fails, or takes longer than the listener waits for a sync (two leases: a
 /// later one would be of no use), drops the connection.
-pub(super) async fn heartbeat(link: Link, tx: UnboundedSender<FeedEvent>) {
+pub(super) async fn heartbeat(link: Link, tx: mpsc::Sender<FeedEvent>) {
     let mut ticker = tokio::time::interval(SYNC_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut conn: Option<PgConnection> = None;

@@ -517,7 +517,7 @@ impl Writes for PgStore {
 impl ChangeFeed for PgStore {
     /// Starts the listener and the sync heartbeat; both stop when the feed is dropped.
     async fn subscribe(&self) -> Result<Feed> {
-        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, events) = crate::store::feed_channel();
         let sync_channel = format!("rolecheck_sync_{:016x}", rand::random::<u64>());
         let epoch = Instant::now();
         let link = Link {
