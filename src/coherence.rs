@@ -122,6 +122,24 @@ impl Coherence {
         since_sync < self.lease.as_micros() as u64
     }
 
+    /// How much longer the feed's last proof of being current holds: the lease less the
+    /// time since that proof (a full lease for a feed that needs none, zero when not
+    /// current).
+    pub fn lease_left(&self) -> Duration {
+        if !self.is_current() {
+            return Duration::ZERO;
+        }
+        if !self.needs_lease.load(Ordering::Relaxed) {
+            return self.lease;
+        }
+        self.lease.saturating_sub(self.sync_age())
+    }
+
+    /// The lease: how long the cache is trusted after the feed last proved it current.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
     /// Time since the feed last proved it was current: how stale this replica could be.
     pub fn sync_age(&self) -> Duration {
         let now = self.epoch.elapsed().as_micros() as u64;

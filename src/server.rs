@@ -449,6 +449,7 @@ fn follow(config: &Config, url: &str) -> Result<UpstreamStore> {
         cert: config.upstream_cert.clone().zip(config.upstream_cert_key.clone()),
         progress: (config.coherence_lease / 10).max(Duration::from_millis(10)),
         silence: config.coherence_lease * 2,
+        lease: config.coherence_lease,
         timeout: config.db_query_timeout,
     })
 }

@@ -75,7 +75,7 @@ fn responses(entries: Vec<HistoryEntry>) -> Vec<pb::WatchResponse> {
             _ => out.push(pb::WatchResponse {
                 revision: entry.revision,
                 changes: vec![to_pb(entry)],
-                epoch: String::new(),
+                ..Default::default()
             }),
         }
     }
@@ -296,7 +296,7 @@ impl WatchHub {
                             return;
                         }
                     }
-                    if let Some(response) = progress.due(last)
+                    if let Some(response) = progress.due(last, &hub.coherence)
                         && tx.send(Ok(response)).await.is_err()
                     {
                         return;
@@ -350,14 +350,21 @@ impl Progress {
             .then(|| (coherence.applied(), coherence.store_epoch().unwrap_or_default()));
     }
 
-    /// The response owed, once the stream has sent everything through it.
-    fn due(&mut self, sent: Revision) -> Option<pb::WatchResponse> {
+    /// The response owed, once the stream has sent everything through it, with what is
+    /// left of this server's lease as it is sent; none if the lease ran out meanwhile.
+    fn due(&mut self, sent: Revision, coherence: &Coherence) -> Option<pb::WatchResponse> {
         let (owed, _) = self.owed.as_ref()?;
         if sent < *owed {
             return None;
         }
         let (_, epoch) = self.owed.take()?;
-        Some(pb::WatchResponse { revision: sent, changes: Vec::new(), epoch })
+        let left = coherence.lease_left().as_millis().min(u128::from(u32::MAX)) as u32;
+        (left > 0).then(|| pb::WatchResponse {
+            revision: sent,
+            changes: Vec::new(),
+            epoch,
+            lease_left_ms: left,
+        })
     }
 }
 

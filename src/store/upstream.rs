@@ -58,6 +58,9 @@ pub struct UpstreamOptions {
     pub progress: Duration,
     /// The feed reconnects after hearing nothing for this long.
     pub silence: Duration,
+    /// This follower's coherence lease: its trust after a progress response ends no later
+    /// than the upstream's own (`lease_left_ms`), and never later than this.
+    pub lease: Duration,
     /// Longest one call may take.
     pub timeout: Duration,
 }
@@ -466,6 +469,19 @@ fn stale_of(change: &pb::Change, revision: Revision) -> Stale {
     Stale::of(kind, subject, revision)
 }
 
+/// When, for a lease of `lease`, the upstream last proved it was current, as a progress
+/// response that says `left_ms` of its own lease is left arrives now: trust then ends one
+/// lease after that proof, not one lease after the response arrived (which, behind a slow
+/// stream, would be nearly two). `0` is an upstream that does not say: now.
+fn proved_at(lease: Duration, left_ms: u32) -> Instant {
+    let now = Instant::now();
+    if left_ms == 0 {
+        return now;
+    }
+    let left = Duration::from_millis(u64::from(left_ms)).min(lease);
+    now.checked_sub(lease - left).unwrap_or(now)
+}
+
 /// The feed: the upstream's Watch, resumed from the last applied revision after any
 /// break; see the module docs. Ends when the feed's receiver is dropped.
 async fn follow(upstream: UpstreamStore, tx: tokio::sync::mpsc::Sender<FeedEvent>) {
@@ -507,7 +523,10 @@ async fn follow(upstream: UpstreamStore, tx: tokio::sync::mpsc::Sender<FeedEvent
                                 epoch = Some(response.epoch.clone());
                             }
                             let event = match (caught_up, applied) {
-                                (true, _) => FeedEvent::Synced { revision, at: Instant::now() },
+                                (true, _) => FeedEvent::Synced {
+                                    revision,
+                                    at: proved_at(upstream.options.lease, response.lease_left_ms),
+                                },
                                 (false, None) => {
                                     FeedEvent::Connected { revision, epoch: response.epoch.clone() }
                                 }

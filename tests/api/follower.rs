@@ -262,6 +262,49 @@ async fn a_follower_behind_a_silent_network_fails_closed_and_recovers() {
     assert!(!allowed(&follower, "alice", "acme", "admin", 0).await);
 }
 
+/// The staleness bound: a follower trusts its cache at most one lease after its upstream
+/// last proved it was current, not one lease after the upstream's last progress response
+/// arrived (which, sent just before the upstream's own lease ran out, made nearly two).
+/// The upstream's path to Postgres goes silent and a revoke lands through another
+/// replica: the follower stops allowing within the lease (1 s) and a margin, well short
+/// of two leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_trusts_at_most_one_lease_past_its_upstreams_last_proof() {
+    let db = TestDb::create(Backend::Postgres).await;
+    let TestDb::Postgres { url, .. } = &db else { unreachable!() };
+    let proxy = crate::proxy::Proxy::start().await;
+    let mut config = test_config(&db);
+    config.database_url = Some(rolecheck::config::DatabaseUrl(proxy.url_through(url)));
+    config.request_timeout = Duration::from_secs(3);
+    config.db_query_timeout = Duration::from_secs(1);
+    let lease = Duration::from_secs(1);
+    config.coherence_lease = lease;
+    let upstream = start(config, db).await;
+    let other = upstream.replica(|_| {}).await;
+    let follower = follower_with(&upstream, |c| c.coherence_lease = lease).await;
+    other.create_tenant("acme").await;
+    let granted = other.grant("alice", "acme", &["admin"]).await;
+    wait_trusted(&follower, granted).await;
+    assert!(allowed(&follower, "alice", "acme", "admin", granted).await);
+
+    proxy.silence();
+    let silenced = std::time::Instant::now();
+    other.revoke("alice", "acme", &["admin"]).await;
+    let bound = lease + Duration::from_millis(400);
+    loop {
+        // The time a read is asked decides (a read that goes upstream may then wait).
+        let asked = silenced.elapsed();
+        let answer = follower.checks.clone().check(check_req("alice", "acme", "admin", 0)).await;
+        let answer = answer.map(|r| r.into_inner().allowed).map_err(|s| s.code());
+        if answer != Ok(true) {
+            eprintln!("the follower answered {answer:?} when asked {asked:?} after the silence");
+            break;
+        }
+        assert!(asked < bound, "still allowed when asked {asked:?} after the silence");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A follower cut off while the upstream pruned the history it would resume from drops
 /// its whole cache and starts over from the upstream's current revision: a user cached
 /// before, and unchanged since, is read again; a revoke made meanwhile is denied.
