@@ -60,6 +60,9 @@ pub struct Coherence {
     epoch: Instant,
     last_sync_micros: AtomicU64,
     reconnects: AtomicU64,
+    /// How many times the feed became connected (a first connection, or one after a
+    /// loss or a pause).
+    connections: AtomicU64,
     /// The epoch of the store the feed follows, once connected.
     store_epoch: std::sync::Mutex<Option<String>>,
     /// Counts rewinds (see the module docs); Watch streams end when it moves.
@@ -85,6 +88,7 @@ impl Coherence {
             epoch: Instant::now(),
             last_sync_micros: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             store_epoch: std::sync::Mutex::new(None),
             rewinds: watch::Sender::new(0),
         })
@@ -101,6 +105,12 @@ impl Coherence {
     /// raised the floor, so the load cannot bring back what that change removed.
     pub fn floor(&self) -> Revision {
         self.applying.load(Ordering::SeqCst).max(self.applied())
+    }
+
+    /// How many times the feed became connected: it changes whenever the feed comes
+    /// (back), even if it was never current in between.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// How many times the feed was lost.
@@ -227,6 +237,7 @@ impl Coherence {
                         this.synced_at(Instant::now());
                         this.advance(revision);
                         this.connected.store(true, Ordering::SeqCst);
+                        this.connections.fetch_add(1, Ordering::SeqCst);
                     }
                     FeedEvent::Changed { revision, stale } => {
                         if let Some(delay) = this.fault_delay {
@@ -257,6 +268,7 @@ impl Coherence {
                         this.synced_at(Instant::now());
                         this.advance(revision);
                         this.connected.store(true, Ordering::SeqCst);
+                        this.connections.fetch_add(1, Ordering::SeqCst);
                     }
                 }
             }

@@ -71,7 +71,7 @@ async fn load_batch(
     users.sort_unstable();
     users.dedup();
     let read = async {
-        let conn = held.get(pool).await?;
+        let conn = held.get(pool, timeout).await?;
         Ok(sqlx::query_as::<_, UsersRolesRow>(USERS_ROLES).bind(&users).fetch_all(conn).await?)
     };
     let rows = match bounded(timeout, suspicion, read).await {

@@ -120,16 +120,16 @@ const HOLD_IDLE: Duration = Duration::from_secs(1);
 /// its queue runs dry or a batch fails (it may be broken, or left mid-query by a
 /// deadline), and not reused after [`HOLD_IDLE`] unused.
 #[derive(Default)]
-struct Held(Option<(sqlx::pool::PoolConnection<Postgres>, Instant)>);
+struct Held(Option<(Pooled, Instant)>);
 
 impl Held {
-    async fn get(&mut self, pool: &PgPool) -> Result<&mut PgConnection> {
+    async fn get(&mut self, pool: &PgPool, timeout: Duration) -> Result<&mut PgConnection> {
         if self.0.as_ref().is_some_and(|(_, used)| used.elapsed() > HOLD_IDLE) {
             self.0 = None;
         }
         let (conn, used) = match &mut self.0 {
             Some(held) => held,
-            empty => empty.insert((pool.acquire().await?, Instant::now())),
+            empty => empty.insert((Pooled::acquire(pool, timeout).await?, Instant::now())),
         };
         *used = Instant::now();
         Ok(&mut **conn)
@@ -138,6 +138,64 @@ impl Held {
     /// Gives the connection back to the pool.
     fn release(&mut self) {
         self.0 = None;
+    }
+}
+
+/// A pooled connection given back to the pool within a deadline.
+///
+/// sqlx pings every connection given back to its pool, after the `after_release` hook,
+/// and waits for the answer with no deadline (sqlx issue 4349, open upstream): a
+/// connection given back just as the network to Postgres goes silent holds its pool slot
+/// until the kernel gives the socket up. Given back through this, the whole return (the
+/// hook's ping, then sqlx's) has [`release_within`] of the query timeout; a return that
+/// runs out is dropped, which closes the connection and frees its slot. Every pool use in
+/// this store goes through it, but the transactions of tenant writes and pruning (rare;
+/// sqlx gives an owned transaction's connection back itself).
+pub(super) struct Pooled {
+    conn: Option<sqlx::pool::PoolConnection<Postgres>>,
+    within: Duration,
+}
+
+/// How long giving a connection back may take: our ping and sqlx's, each at most
+/// [`ping_timeout`], and a margin.
+fn release_within(query_timeout: Duration) -> Duration {
+    ping_timeout(query_timeout) * 2 + Duration::from_millis(100)
+}
+
+impl Pooled {
+    /// A connection from `pool`, given back within [`release_within`] of `timeout`.
+    pub(super) async fn acquire(pool: &PgPool, timeout: Duration) -> Result<Self> {
+        Ok(Self { conn: Some(pool.acquire().await?), within: release_within(timeout) })
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.conn.as_deref().unwrap_or_else(|| unreachable!("taken only when dropped"))
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn.as_deref_mut().unwrap_or_else(|| unreachable!("taken only when dropped"))
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            // `return_to_pool` is sqlx's own drop path, run here so it can be bounded.
+            let back = conn.return_to_pool();
+            drop(conn);
+            let within = self.within;
+            tokio::spawn(async move {
+                if tokio::time::timeout(within, back).await.is_err() {
+                    tracing::debug!(?within, "a connection given back did not answer; dropped");
+                }
+            });
+        }
     }
 }
 
@@ -317,6 +375,11 @@ impl PgStore {
         sqlx::migrate!("./migrations/postgres")
     }
 
+    /// A connection of the pool, given back within a deadline (see [`Pooled`]).
+    async fn conn(&self) -> Result<Pooled> {
+        Pooled::acquire(&self.pool, self.query_timeout).await
+    }
+
     /// The pool, for callers that need raw access (tests, benches).
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -326,7 +389,7 @@ impl PgStore {
     /// still needs `rolecheck migrate`.
     pub async fn check_schema(&self) -> Result<()> {
         let known = self.migrator().iter().map(|m| m.version).max().unwrap_or(0);
-        let applied = sqlx::query_as(sql::APPLIED_SCHEMA).fetch_one(&self.pool).await;
+        let applied = sqlx::query_as(sql::APPLIED_SCHEMA).fetch_one(&mut *self.conn().await?).await;
         sql::schema_status(applied, known)
     }
 
@@ -337,7 +400,7 @@ impl PgStore {
             .bind(id.as_str())
             .bind("Application")
             .bind(crate::domain::now_millis())
-            .execute(&self.pool)
+            .execute(&mut *self.conn().await?)
             .await?;
         Ok(())
     }
@@ -459,14 +522,16 @@ impl TenantReads for PgStore {
             .bind(after.map_or("", |user| user.as_str()))
             .bind(now)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await?;
         Ok(sql::members_from(rows))
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
-        let row: Option<sql::TenantRow> =
-            sqlx::query_as(sql::GET_TENANT).bind(id.as_str()).fetch_optional(&self.pool).await?;
+        let row: Option<sql::TenantRow> = sqlx::query_as(sql::GET_TENANT)
+            .bind(id.as_str())
+            .fetch_optional(&mut *self.conn().await?)
+            .await?;
         sql::tenant_found(id, row)
     }
 
@@ -474,13 +539,14 @@ impl TenantReads for PgStore {
         let rows: Vec<sql::TenantRow> = sqlx::query_as(sql::LIST_TENANTS)
             .bind(after.map_or("", |id| id.as_str()))
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await?;
         Ok(rows.into_iter().map(sql::tenant_from_row).collect())
     }
 
     async fn revision(&self) -> Result<Revision> {
-        let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&self.pool).await?;
+        let (revision,): (i64,) =
+            sqlx::query_as(sql::REVISION).fetch_one(&mut *self.conn().await?).await?;
         Ok(revision as Revision)
     }
 }
@@ -541,7 +607,7 @@ impl HistoryLog for PgStore {
         let rows: Vec<sql::ChangeRow> = sqlx::query_as(sql::CHANGES_AFTER)
             .bind(after as i64)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await?;
         Ok(sql::history_from(rows))
     }
@@ -557,12 +623,13 @@ impl HistoryLog for PgStore {
         for value in filter.values() {
             query = query.bind(value);
         }
-        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        let rows = query.bind(i64::from(limit)).fetch_all(&mut *self.conn().await?).await?;
         Ok(sql::audit_from(rows))
     }
 
     async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conn().await?;
+        let mut tx = conn.begin().await?;
         let (floor,): (Option<i64>,) =
             sqlx::query_as(sql::PRUNE_FLOOR).bind(older_than_ms).fetch_one(&mut *tx).await?;
         let Some(floor) = floor else { return Ok(0) };

@@ -53,7 +53,7 @@ async fn write_batch(pool: &PgPool, held: &mut Held, batch: Vec<PendingWrite>, w
     let mut attempt = 1;
     let applied = loop {
         let once = async {
-            let conn = held.get(pool).await?;
+            let conn = held.get(pool, writer.timeout).await?;
             let run = async {
                 let mut tx = conn.begin().await?;
                 let revisions: Vec<(i64,)> = sqlx::query_as(APPLY)
