@@ -41,6 +41,10 @@ pub struct SqliteStore {
     waiting: Semaphore,
     fault_after_commit: Option<Duration>,
     feed_tx: mpsc::Sender<FeedEvent>,
+    /// Whether the feed has its subscriber: before, writes announce nothing (the
+    /// subscription's `Connected` covers them), so a store nobody follows (a test, a
+    /// migration) never fills the bounded feed. Set and read under `serial`.
+    subscribed: std::sync::atomic::AtomicBool,
     feed_rx: std::sync::Mutex<Option<mpsc::Receiver<FeedEvent>>>,
     /// The file is this process's until the store is closed (see `super::owner`).
     owner: std::sync::Mutex<Option<super::owner::Owner>>,
@@ -107,6 +111,7 @@ impl SqliteStore {
             waiting: Semaphore::new(MAX_QUEUED_WRITES),
             fault_after_commit: options.fault_after_commit,
             feed_tx,
+            subscribed: std::sync::atomic::AtomicBool::new(false),
             feed_rx: std::sync::Mutex::new(Some(feed_rx)),
             owner: std::sync::Mutex::new(Some(owner)),
         })
@@ -187,7 +192,10 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?;
         let announcement = sql::Announcement {
-            announcer: Announcer::on(self.feed_tx.clone()),
+            announcer: match self.subscribed.load(std::sync::atomic::Ordering::SeqCst) {
+                true => Announcer::on(self.feed_tx.clone()),
+                false => Announcer::database(),
+            },
             kind: change.kind,
             subject: change.subject().to_owned(),
             fault_after_commit: self.fault_after_commit,
@@ -339,6 +347,7 @@ impl ChangeFeed for SqliteStore {
             .ok_or_else(|| Error::Internal("the change feed has one subscriber".into()))?;
         let (revision, epoch): (i64, String) =
             sqlx::query_as(sql::IDENTITY).fetch_one(&self.read).await?;
+        self.subscribed.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ =
             self.feed_tx.send(FeedEvent::Connected { revision: revision as Revision, epoch }).await;
         Ok(Feed { events, needs_lease: false })
