@@ -1448,7 +1448,8 @@ async fn followers_phase(admin_url: &str, steps: &[usize], concurrency: usize, b
 /// every follower is the same caller ("anonymous"), past the 256 Watch streams one caller
 /// may hold: each names itself and is counted alone. All must become ready with the
 /// replica's Postgres connections flat. Then the replica's listener is cut for
-/// [`FLEET_CUT`] (its backend terminated every 50 ms), so the replica stops being current
+/// [`FLEET_CUT`] (the database takes no new connections, and the listener's backend is
+/// terminated every 50 ms), so the replica stops being current
 /// and every follower loses trust at once, under a Check load spread over all of them
 /// (one caller per follower). Reports what reached the replica meanwhile and how long the
 /// fleet took to trust its caches again.
@@ -1529,17 +1530,32 @@ async fn fleet_phase(admin_url: &str, n: usize) {
     let (steady_to, cut_relayed) = (counts(&tally), relayed());
     let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
                      WHERE datname = $1 AND application_name = 'rolecheck-listener'";
+    // No new connection to the database meanwhile, so the listener cannot come back (the
+    // replica's pooled connections stay and answer its loads).
+    let allow = |yes: bool| format!("ALTER DATABASE {db} ALLOW_CONNECTIONS {yes}");
+    sqlx::query(&allow(false)).execute(&mut admin).await.expect("no new connections");
     let cut = Instant::now();
     let mut peak = ready;
+    let mut terminated = 0;
+    let mut untrusted_peak = 0;
     while cut.elapsed() < FLEET_CUT {
-        let _: (i64,) =
+        let (killed,): (i64,) =
             sqlx::query_as(terminate).bind(db).fetch_one(&mut admin).await.expect("cut");
+        terminated += killed;
+        if cut.elapsed() > FLEET_CUT / 2 {
+            let untrusted = followers
+                .iter()
+                .filter(|f| metric(&f.http, "rolecheck_cache_trusted", "") != 1.0)
+                .count();
+            untrusted_peak = untrusted_peak.max(untrusted);
+        }
         let (now,): (i64,) =
             sqlx::query_as(count).bind(db).fetch_one(&mut admin).await.expect("count");
         peak = peak.max(now);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (cut_to, after_cut_relayed) = (counts(&tally), relayed());
+    sqlx::query(&allow(true)).execute(&mut admin).await.expect("connections again");
     let healed = Instant::now();
     let mut untrusted: Vec<usize> = (0..n).collect();
     while !untrusted.is_empty() {
@@ -1580,6 +1596,9 @@ async fn fleet_phase(admin_url: &str, n: usize) {
         "| loads reaching the replica (GetAuthorization/s): steady / during the cut | {:.0} / {:.0} |",
         per_s(cut_relayed - steady_relayed, Duration::from_secs(2)),
         per_s(after_cut_relayed - cut_relayed, FLEET_CUT),
+    );
+    println!(
+        "| listener connections terminated / followers not trusting their cache, most seen in the cut's second half | {terminated} / {untrusted_peak} of {n} |"
     );
     println!("| every follower trusted again, after the cut ended | {} |", ms(recovered));
 }

@@ -259,6 +259,16 @@ async fn every_start_up_mistake_says_what_where_and_the_fix() {
         format!("postgres://nobody_{}@{host}", std::process::id())
     };
 
+    // Something else listening where Postgres was meant to be: it answers like HTTP.
+    let web = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let web_url = format!("postgres://postgres@{}/postgres", web.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for stream in web.incoming() {
+            use std::io::Write;
+            let Ok(mut stream) = stream else { return };
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+        }
+    });
     let strict_pooler = Bouncer::start("");
     let strict_url = strict_pooler.url("right-password");
     let pooler = Bouncer::start("extra_float_digits, options");
@@ -300,6 +310,12 @@ async fn every_start_up_mistake_says_what_where_and_the_fix() {
                 ("ROLECHECK_DB_STARTUP_WAIT", "1s"),
             ],
             vec!["connection refused at 127.0.0.1:1", "is Postgres running", "--db-startup-wait"],
+        ),
+        (
+            "a port where something else listens",
+            vec!["serve"],
+            vec![("ROLECHECK_DATABASE_URL", &web_url), ("ROLECHECK_DB_STARTUP_WAIT", "1s")],
+            vec!["does not speak the Postgres protocol", "is that Postgres's port?"],
         ),
         (
             "a schema a newer release migrated",

@@ -92,6 +92,10 @@ pub fn explain(err: sqlx::Error, connect: &PgConnectOptions) -> Error {
                 "no Postgres socket at {at}: is Postgres running, and is the socket directory \
                  right?"
             )),
+            ErrorKind::UnexpectedEof => Error::Unavailable(format!(
+                "the server at {at} closed the connection or does not speak the Postgres \
+                 protocol ({io}): is that Postgres's port?"
+            )),
             _ if io.to_string().contains("lookup") => Error::Unavailable(format!(
                 "cannot resolve the host \"{host}\" of --database-url ({io})",
                 host = connect.get_host()
@@ -101,6 +105,10 @@ pub fn explain(err: sqlx::Error, connect: &PgConnectOptions) -> Error {
         sqlx::Error::Tls(tls) => Error::FailedPrecondition(format!(
             "TLS to Postgres at {at} failed ({tls}): check sslmode and sslrootcert in \
              --database-url"
+        )),
+        sqlx::Error::Protocol(message) => Error::FailedPrecondition(format!(
+            "the server at {at} does not speak the Postgres protocol ({message}): is that \
+             Postgres's port?"
         )),
         sqlx::Error::Configuration(config) => Error::invalid("database_url", format!("{config}")),
         _ => err.into(),
