@@ -748,7 +748,15 @@ async fn run() {
         .filter_map(|n| n.trim().parse().ok())
         .collect();
     if let (Ok(admin_url), false) = (std::env::var("BENCH_DATABASE_URL"), followers.is_empty()) {
-        followers_phase(&admin_url, &followers, concurrency, &baseline).await;
+        // With `BENCH_COMPARE_BIN`, that build's tier first, then this one's.
+        let mut builds = Vec::new();
+        if let Some(other) = std::env::var_os("BENCH_COMPARE_BIN") {
+            builds.push((std::path::PathBuf::from(other), "before: BENCH_COMPARE_BIN"));
+        }
+        builds.push((env!("CARGO_BIN_EXE_rolecheck").into(), "this build"));
+        for (bin, label) in &builds {
+            followers_phase(&admin_url, &followers, concurrency, &baseline, (bin, label)).await;
+        }
     }
     let tail_rounds: usize = env_or("BENCH_TAIL", 0);
     if tail_rounds > 0 {
@@ -1333,21 +1341,29 @@ fn pct_ms(sorted: &[Duration], p: f64) -> String {
 /// and that many followers, each following one of them. Per step: Postgres client
 /// connections, revoke-to-deny latency across every follower, follower idle RSS, start to
 /// ready; then a follower's cached Check against the no-op.
-async fn followers_phase(admin_url: &str, steps: &[usize], concurrency: usize, baseline: &Outcome) {
+async fn followers_phase(
+    admin_url: &str,
+    steps: &[usize],
+    concurrency: usize,
+    baseline: &Outcome,
+    (bin, label): (&Path, &str),
+) {
     let db = "rolecheck_bench_followers";
     let url = fresh_database(admin_url, db).await;
     let dirs = tempfile::tempdir().expect("dir");
     let upstreams: Vec<Server> = (0..2)
         .map(|i| {
             let dir = dirs.path().join(format!("upstream{i}"));
-            spawn(rolecheck(&dir, &[("ROLECHECK_DATABASE_URL", url.clone())]))
+            spawn(rolecheck_from(bin, &dir, &[("ROLECHECK_DATABASE_URL", url.clone())]))
         })
         .collect();
     let up = connect(&upstreams[0].grpc).await;
     seed_small(&up).await;
     let mut admin = PgConnection::connect(admin_url).await.expect("admin");
     let mut followers: Vec<(Server, SendRequest<Bytes>, Duration)> = Vec::new();
-    println!("\n### The follower tier: one Postgres, two upstream replicas, N followers\n");
+    println!(
+        "\n### The follower tier ({label}): one Postgres, two upstream replicas, N followers\n"
+    );
     println!(
         "| followers | Postgres connections | revoke → deny p50 | p99 | max | follower idle RSS (median, max) | start → ready (median, max) |"
     );
@@ -1358,7 +1374,8 @@ async fn followers_phase(admin_url: &str, steps: &[usize], concurrency: usize, b
             let i = followers.len();
             let upstream = format!("http://{}", upstreams[i % 2].grpc);
             let started = Instant::now();
-            let server = spawn(rolecheck(
+            let server = spawn(rolecheck_from(
+                bin,
                 &dirs.path().join(format!("follower{i}")),
                 &[("ROLECHECK_UPSTREAM", upstream)],
             ));
@@ -1441,7 +1458,11 @@ async fn followers_phase(admin_url: &str, steps: &[usize], concurrency: usize, b
             frame(&hot_check(i))
         });
     let outcome = load(conn, follower.pid, concurrency, scenario).await;
-    table("A follower's cached Check against the no-op", baseline, &[baseline.clone(), outcome]);
+    table(
+        &format!("A follower's cached Check against the no-op ({label})"),
+        baseline,
+        &[baseline.clone(), outcome],
+    );
 }
 
 /// Phase 7 (`BENCH_FLEET`, e.g. `300`): that many followers of one replica. No keys, so
