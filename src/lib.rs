@@ -16,16 +16,17 @@ pub mod config;
 pub mod doctor;
 pub mod domain;
 pub mod error;
+pub mod follower;
 pub mod http;
 pub mod listen;
 pub mod metrics;
+pub mod paging;
 pub mod reload;
 pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
-pub mod warm;
 
 /// Code generated from `proto/rolecheck/v1/rolecheck.proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

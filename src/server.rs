@@ -21,13 +21,11 @@ use crate::{
     config::Config,
     domain::TenantId,
     error::{Error, Result},
+    follower::{UpstreamOptions, UpstreamStore},
     listen::GrpcListener,
     metrics::{Metrics, RequestLayer},
     pb::{self, role_check_server::RoleCheckServer, tenants_server::TenantsServer},
-    store::{
-        self, HistoryLog, MeasuredStore, Store, StoreOptions, TenantReads, UpstreamOptions,
-        UpstreamStore,
-    },
+    store::{self, HistoryLog, MeasuredStore, Store, StoreOptions, TenantReads},
     tls::{Port, Tls},
     token::{KeySet, TokenSettings, Tokens},
 };
@@ -191,7 +189,7 @@ impl Server {
         // One probe before serving, so readiness and gRPC health are known from the start.
         // A follower is ready once its feed is connected and caught up, too.
         let feed = self.upstream.is_some().then(|| self.coherence.clone());
-        // A follower warms its cache before it is ready (see `crate::warm`).
+        // A follower warms its cache before it is ready (see `crate::follower::warm`).
         let warming = self.upstream.clone().filter(|_| self.config.warm_users > 0);
         let warmed = Arc::new(std::sync::atomic::AtomicBool::new(warming.is_none()));
         let warm_task = warming.map(|upstream| {
@@ -200,14 +198,19 @@ impl Server {
             let (limit, within) = (self.config.warm_users, self.config.warm_timeout);
             tokio::spawn(async move {
                 let started = std::time::Instant::now();
-                let done = crate::warm::warm(&upstream, &roles, &coherence, limit, within).await;
+                let done =
+                    crate::follower::warm(&upstream, &roles, &coherence, limit, within).await;
                 let elapsed = started.elapsed();
                 tracing::info!(listed = done.listed, loaded = done.loaded, ?elapsed, "warm start");
                 warmed.store(true, std::sync::atomic::Ordering::SeqCst);
             })
         });
         let keys_task = self.upstream.clone().map(|upstream| {
-            tokio::spawn(follow_keys(upstream, self.tokens.keys().clone(), self.coherence.clone()))
+            tokio::spawn(crate::follower::follow_keys(
+                upstream,
+                self.tokens.keys().clone(),
+                self.coherence.clone(),
+            ))
         });
         let initially = self.store.tenants.revision().await.is_ok()
             && feed.as_ref().is_none_or(|coherence| coherence.is_current())
@@ -239,12 +242,19 @@ impl Server {
             .map_err(|err| Error::Internal(Box::new(err)))?;
 
         let max = self.config.max_message_bytes;
+        let issuing: Arc<dyn crate::api::Issuing> = match &self.upstream {
+            Some(upstream) => Arc::new(upstream.clone()),
+            None => Arc::new(crate::api::SignHere {
+                tokens: self.tokens.clone(),
+                roles: RoleLookup::new(self.store.roles.clone(), self.cache.clone()),
+                application_id: self.application_id.clone(),
+            }),
+        };
         let role_check = RoleCheckApi::new(
             self.store.clone(),
             self.cache.clone(),
-            self.upstream.clone(),
+            issuing,
             self.application_id.clone(),
-            self.tokens.clone(),
             self.coherence.clone(),
             crate::api::WatchLimits::new(
                 self.config.max_watch_streams,
@@ -492,48 +502,6 @@ async fn open_store(config: &Config, application_id: &TenantId, migrate: bool) -
     let url = config.database_url.as_ref().map(|url| url.0.as_str());
     retry_at_start(config, || store::open(url, &config.data_dir, application_id, &options, migrate))
         .await
-}
-
-/// How often a follower fetches its upstream's JWK Set again.
-const UPSTREAM_KEYS_REFRESH: Duration = Duration::from_secs(30);
-
-/// Keeps a follower's published keys (`/.well-known/jwks.json`, the proxy verifier's
-/// `"self"`) its upstream's. An upstream's keys change only when it restarts, which
-/// breaks the feed: so the set is fetched again each time the feed (re)connects, once it
-/// is current (until a fetch succeeds), and every [`UPSTREAM_KEYS_REFRESH`] in any case
-/// (replicas behind one address may list keys in a different order mid-rollout). The
-/// first connection counts too: an upstream may restart between the fetch at start and
-/// the feed's first connection, when no loss of a connected feed is ever seen. A failed
-/// fetch keeps the set held. An upstream publishes a new key before it signs with it (see
-/// the README's key rotation), so a follower knows a key before any token it verifies
-/// uses it.
-async fn follow_keys(upstream: UpstreamStore, keys: Arc<KeySet>, coherence: Arc<Coherence>) {
-    // The connections whose keys were fetched: none yet (the fetch at start preceded
-    // every connection).
-    let mut fetched_for = 0;
-    let mut fetched = tokio::time::Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        // Fetch once the feed is current: the upstream that went away may still answer
-        // while it drains, with the keys it is about to stop using.
-        let connections = coherence.connections();
-        let owed = connections != fetched_for && coherence.is_current();
-        if !owed && fetched.elapsed() < UPSTREAM_KEYS_REFRESH {
-            continue;
-        }
-        fetched = tokio::time::Instant::now();
-        match upstream.keys().await {
-            Ok(jwks) => {
-                if owed {
-                    fetched_for = connections;
-                }
-                if keys.publish(jwks) {
-                    tracing::info!("the upstream's keys changed");
-                }
-            }
-            Err(err) => tracing::debug!(%err, "the upstream's keys were not fetched; kept"),
-        }
-    }
 }
 
 /// Drops history older than `retention`, now and then. Not a write: no revision.

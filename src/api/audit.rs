@@ -1,6 +1,7 @@
 //! `ListChanges`: the audit trail — who changed what, where, at which revision.
 
-use super::{decode_page_token, encode_page_token, page_size, timestamp_from_millis};
+use super::timestamp_from_millis;
+use crate::paging::{decode_page_token, encode_page_token, page_size};
 use crate::{
     domain::{TenantId, UserId},
     error::{Error, Result},

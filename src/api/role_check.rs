@@ -5,7 +5,8 @@ use std::{pin::Pin, sync::Arc};
 use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status};
 
-use super::{decode_page_token, encode_page_token, page_size, parse_expiry, tenant_or_application};
+use super::{parse_expiry, tenant_or_application};
+use crate::paging::{decode_page_token, encode_page_token, page_size};
 use crate::{
     auth::caller_name,
     cache::{CachedStore, RoleLookup},
@@ -13,8 +14,7 @@ use crate::{
     domain::{Revision, Role, TenantId, UserId, now_unix, parse_roles},
     error::{Error, Result},
     pb::{self, role_check_server::RoleCheck},
-    store::{Answer, MembershipWrite, Store, UpstreamStore, WriteKind},
-    token::Tokens,
+    store::{Answer, MembershipWrite, Store, WriteKind},
 };
 
 /// Most checks in one `CheckBatch`.
@@ -30,10 +30,9 @@ const BATCH_LOAD_CONCURRENCY: usize = 16;
 pub struct RoleCheckApi {
     store: Store,
     roles: RoleLookup,
-    /// On a follower: where `Issue` and `GetKeys` go.
-    upstream: Option<UpstreamStore>,
+    /// Who mints tokens: this process, or a follower's upstream.
+    issuing: Arc<dyn super::Issuing>,
     application_id: TenantId,
-    tokens: Arc<Tokens>,
     watch_hub: Arc<super::watch::WatchHub>,
     watch_limits: super::watch::WatchLimits,
 }
@@ -44,15 +43,14 @@ impl RoleCheckApi {
     pub fn new(
         store: Store,
         cache: Option<Arc<CachedStore>>,
-        upstream: Option<UpstreamStore>,
+        issuing: Arc<dyn super::Issuing>,
         application_id: TenantId,
-        tokens: Arc<Tokens>,
         coherence: Arc<Coherence>,
         watch_limits: super::watch::WatchLimits,
     ) -> Self {
         let watch_hub = super::watch::WatchHub::start(store.clone(), coherence);
         let roles = RoleLookup::new(store.roles.clone(), cache);
-        Self { store, roles, upstream, application_id, tokens, watch_hub, watch_limits }
+        Self { store, roles, issuing, application_id, watch_hub, watch_limits }
     }
 
     /// The Watch hub, to end its streams when the server drains.
@@ -322,41 +320,15 @@ impl RoleCheck for RoleCheckApi {
         &self,
         request: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::IssueResponse>, Status> {
-        if let Some(upstream) = &self.upstream {
-            let caller = crate::auth::caller_name(&request);
-            return Ok(Response::new(upstream.issue(request.into_inner(), &caller).await?));
-        }
-        let req = request.get_ref();
-        let user = UserId::parse("user_id", &req.user_id)?;
-        if req.tenant_ids.len() > MAX_BATCH {
-            return Err(Error::invalid("tenant_ids", format!("at most {MAX_BATCH}")).into());
-        }
-        let only = req
-            .tenant_ids
-            .iter()
-            .enumerate()
-            .map(|(i, tenant)| self.tenant(&format!("tenant_ids[{i}]"), tenant))
-            .collect::<Result<Vec<_>>>()?;
-        if self.tokens.keys().signer().is_none() {
-            return Err(Error::FailedPrecondition("no signing key configured".into()).into());
-        }
-        let answer = self.answer(user.as_str(), req.min_revision).await?;
-        let minted = self.tokens.mint(&user, &answer.roles, &only, req.ttl_seconds, now_unix())?;
-        Ok(Response::new(pb::IssueResponse {
-            access_token: minted.token,
-            expires_at: Some(prost_types::Timestamp { seconds: minted.expires_at, nanos: 0 }),
-            revision: answer.revision,
-        }))
+        let caller = crate::auth::caller_name(&request);
+        Ok(Response::new(self.issuing.issue(request.into_inner(), &caller).await?))
     }
 
     async fn get_keys(
         &self,
         _request: Request<pb::GetKeysRequest>,
     ) -> Result<Response<pb::GetKeysResponse>, Status> {
-        let jwks_json = match &self.upstream {
-            Some(upstream) => upstream.keys().await?,
-            None => self.tokens.keys().jwks_json().to_string(),
-        };
+        let jwks_json = self.issuing.jwks().await?;
         Ok(Response::new(pb::GetKeysResponse { jwks_json }))
     }
 
@@ -410,7 +382,7 @@ impl RoleCheck for RoleCheckApi {
         let mut counted = crate::auth::caller_name(&request);
         if let Some(follower) = request
             .metadata()
-            .get(crate::store::FOLLOWER_HEADER)
+            .get(crate::follower::FOLLOWER_HEADER)
             .and_then(|v| v.to_str().ok())
             .filter(|v| (1..=128).contains(&v.len()))
         {

@@ -3,7 +3,8 @@
 use rand::{Rng, distr::Alphanumeric};
 use tonic::{Request, Response, Status};
 
-use super::{decode_page_token, encode_page_token, page_size, timestamp_from_millis};
+use super::timestamp_from_millis;
+use crate::paging::{decode_page_token, encode_page_token, page_size};
 use crate::{
     auth::caller_name,
     domain::{TenantId, now_millis},

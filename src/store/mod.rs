@@ -19,7 +19,6 @@ mod owner;
 mod postgres;
 mod sql;
 mod sqlite;
-mod upstream;
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -35,7 +34,6 @@ pub use measured::MeasuredStore;
 pub use postgres::{PgStore, diagnose};
 pub use sql::list_changes_sql;
 pub use sqlite::SqliteStore;
-pub use upstream::{FOLLOWER_HEADER, UpstreamOptions, UpstreamStore};
 
 /// A tenant as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]

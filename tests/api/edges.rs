@@ -262,7 +262,7 @@ async fn watch_caps_count_each_follower_of_a_shared_key() {
             request.metadata_mut().insert("authorization", bearer);
             if let Some(follower) = follower {
                 let name = follower.parse().expect("name");
-                request.metadata_mut().insert(rolecheck::store::FOLLOWER_HEADER, name);
+                request.metadata_mut().insert(rolecheck::follower::FOLLOWER_HEADER, name);
             }
             client.watch(request).await.map(tonic::Response::into_inner)
         }

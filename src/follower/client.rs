@@ -1,27 +1,11 @@
-//! The follower's store (`--upstream`): no database and no private key, only another
-//! rolecheck. It is one more [`Backend`]: reads of a user's roles come from the
-//! upstream's `GetAuthorization` (with each role's expiry, so the cache never allows past
-//! one), writes and lists are relayed as calls, and the change feed is the upstream's
-//! `Watch` with progress responses, which the cache leases its trust on as it does on
-//! Postgres's sync notifications. The cache and coherence logic are the same as over a
-//! database: a follower is this store under the usual [`CachedStore`](crate::cache).
-//!
-//! The feed resumes by itself: when the stream breaks (an error, the end, or silence
-//! longer than two leases) the cache is kept but not trusted (`Interrupted`), and the
-//! follower watches again from the last revision it applied; once the replay has caught
-//! up (its first progress response) the cache is trusted again (`Resumed`). If that
-//! revision was pruned from the upstream's history (`OUT_OF_RANGE`), the cache is dropped
-//! and the follower starts over from the upstream's current revision.
-//!
-//! Relayed writes carry the follower's caller in `x-rolecheck-on-behalf-of`; the upstream
-//! records `<caller> via <follower key>`. `prune_history` does nothing: a follower keeps no
-//! history of its own.
+//! The follower's client of its upstream: one more store [`Backend`](crate::store::Backend).
+//! Reads of a user's roles come from the upstream's `GetAuthorization` (with each role's
+//! expiry, so the cache never allows past one); writes, lists and `Issue` are relayed as
+//! calls, with the follower's caller in `x-rolecheck-on-behalf-of` (the upstream records
+//! `<caller> via <follower key>`). `prune_history` does nothing: a follower keeps no
+//! history of its own. The change feed is in [`super::feed`].
 
-use std::{
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use tonic::{
@@ -31,15 +15,15 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
+use super::feed::kind_from;
 use crate::{
-    api::encode_page_token,
     domain::{Revision, TenantId, UnixSeconds, UserId, UserRoles},
     error::{Error, Result},
+    paging::encode_page_token,
     pb::{self, role_check_client::RoleCheckClient, tenants_client::TenantsClient},
     store::{
-        Answer, Backend, ChangeFeed, ChangeFilter, ChangeKind, Feed, FeedEvent, History,
-        HistoryEntry, HistoryLog, Member, MembershipWrite, RoleReads, Stale, Tenant, TenantReads,
-        WriteKind, Writes,
+        Answer, Backend, ChangeFilter, History, HistoryEntry, HistoryLog, Member, MembershipWrite,
+        RoleReads, Tenant, TenantReads, WriteKind, Writes,
     },
 };
 
@@ -89,7 +73,7 @@ type Upstream = InterceptedService<Channel, Credentials>;
 pub struct UpstreamStore {
     checks: RoleCheckClient<Upstream>,
     tenants: TenantsClient<Upstream>,
-    options: UpstreamOptions,
+    pub(super) options: UpstreamOptions,
     /// This follower's name on its Watch (see [`FOLLOWER_HEADER`]).
     instance: tonic::metadata::AsciiMetadataValue,
     /// Places for cache loads in flight upstream (see [`MAX_UPSTREAM_LOADS`]).
@@ -219,7 +203,7 @@ impl UpstreamStore {
         Ok(response.map_err(from_status)?.into_inner())
     }
 
-    async fn watch(
+    pub(super) async fn watch(
         &self,
         after: Revision,
         epoch: Option<&str>,
@@ -440,145 +424,6 @@ impl Writes for UpstreamStore {
 }
 
 #[async_trait]
-impl ChangeFeed for UpstreamStore {
-    async fn subscribe(&self) -> Result<Feed> {
-        let (tx, events) = super::feed_channel();
-        tokio::spawn(follow(self.clone(), tx));
-        Ok(Feed { events, needs_lease: true })
-    }
-}
-
-/// A change's kind on the wire; `None` for one this follower does not know.
-fn kind_from(kind: pb::ChangeKind) -> Option<ChangeKind> {
-    match kind {
-        pb::ChangeKind::Membership => Some(ChangeKind::Membership),
-        pb::ChangeKind::TenantCreated => Some(ChangeKind::TenantCreated),
-        pb::ChangeKind::TenantDeleted => Some(ChangeKind::TenantDeleted),
-        pb::ChangeKind::Unspecified => None,
-    }
-}
-
-/// Who a change makes stale, as the upstream's Watch tells it.
-fn stale_of(change: &pb::Change, revision: Revision) -> Stale {
-    // A kind this follower does not know: trust nothing cached.
-    let Some(kind) = kind_from(change.kind()) else { return Stale::Everyone };
-    let subject = match kind {
-        ChangeKind::Membership => &change.user_id,
-        _ => &change.tenant_id,
-    };
-    Stale::of(kind, subject, revision)
-}
-
-/// When, for a lease of `lease`, the upstream last proved it was current, as a progress
-/// response that says `left_ms` of its own lease is left arrives now: trust then ends one
-/// lease after that proof, not one lease after the response arrived (which, behind a slow
-/// stream, would be nearly two). `0` is an upstream that does not say: now.
-fn proved_at(lease: Duration, left_ms: u32) -> Instant {
-    let now = Instant::now();
-    if left_ms == 0 {
-        return now;
-    }
-    let left = Duration::from_millis(u64::from(left_ms)).min(lease);
-    now.checked_sub(lease - left).unwrap_or(now)
-}
-
-/// The feed: the upstream's Watch, resumed from the last applied revision after any
-/// break; see the module docs. Ends when the feed's receiver is dropped.
-async fn follow(upstream: UpstreamStore, tx: tokio::sync::mpsc::Sender<FeedEvent>) {
-    let mut applied: Option<Revision> = None;
-    // The upstream store's epoch, from its progress responses: resuming sends it, and an
-    // upstream whose store started over refuses the resume (`OUT_OF_RANGE`).
-    let mut epoch: Option<String> = None;
-    let mut backoff = Duration::from_millis(50);
-    while !tx.is_closed() {
-        let start = match applied {
-            Some(revision) => Some(revision),
-            None => upstream.revision().await.ok(),
-        };
-        if let Some(start) = start {
-            match upstream.watch(start, epoch.as_deref()).await {
-                Ok(mut stream) => {
-                    let mut caught_up = false;
-                    let ended = loop {
-                        let next =
-                            tokio::time::timeout(upstream.options.silence, stream.message()).await;
-                        let response = match next {
-                            Ok(Ok(Some(response))) => response,
-                            Ok(Ok(None)) => break None,
-                            Ok(Err(status)) => break Some(status),
-                            Err(_) => {
-                                tracing::warn!("the upstream's Watch went silent; reconnecting");
-                                break None;
-                            }
-                        };
-                        backoff = Duration::from_millis(50);
-                        let revision = response.revision;
-                        if response.changes.is_empty() {
-                            if !response.epoch.is_empty() {
-                                if epoch.as_ref().is_some_and(|known| *known != response.epoch) {
-                                    break Some(Status::out_of_range(
-                                        "the upstream's store started over",
-                                    ));
-                                }
-                                epoch = Some(response.epoch.clone());
-                            }
-                            let event = match (caught_up, applied) {
-                                (true, _) => FeedEvent::Synced {
-                                    revision,
-                                    at: proved_at(upstream.options.lease, response.lease_left_ms),
-                                },
-                                (false, None) => {
-                                    FeedEvent::Connected { revision, epoch: response.epoch.clone() }
-                                }
-                                (false, Some(_)) => FeedEvent::Resumed { revision },
-                            };
-                            caught_up = true;
-                            let _ = tx.send(event).await;
-                        } else {
-                            for change in &response.changes {
-                                let stale = stale_of(change, revision);
-                                let _ = tx.send(FeedEvent::Changed { revision, stale }).await;
-                            }
-                        }
-                        // Before the first progress response the start revision is where a
-                        // resumed stream picks up; after it, whatever was applied.
-                        if caught_up || applied.is_some() {
-                            applied = Some(applied.unwrap_or(0).max(revision));
-                        }
-                    };
-                    match ended {
-                        Some(status) if status.code() == Code::OutOfRange => {
-                            tracing::warn!(after = ?applied, reason = status.message(), "the upstream cannot resume this follower's history (pruned, or its store started over); dropping the cache");
-                            (applied, epoch) = (None, None);
-                            let _ = tx.send(FeedEvent::Lost).await;
-                        }
-                        other => {
-                            if let Some(status) = other {
-                                tracing::warn!(code = ?status.code(), message = status.message(), "the upstream's Watch ended");
-                            }
-                            let _ = tx.send(FeedEvent::Interrupted).await;
-                        }
-                    }
-                }
-                Err(status) if status.code() == Code::OutOfRange => {
-                    tracing::warn!(after = ?applied, reason = status.message(), "the upstream cannot resume this follower's history (pruned, or its store started over); dropping the cache");
-                    (applied, epoch) = (None, None);
-                    let _ = tx.send(FeedEvent::Lost).await;
-                }
-                Err(status) => {
-                    tracing::debug!(code = ?status.code(), "cannot watch the upstream yet");
-                    let _ = tx.send(FeedEvent::Interrupted).await;
-                }
-            }
-        }
-        // Jittered (0.5 to 1.5 times): a fleet that lost its upstream together does not
-        // come back in step.
-        tokio::time::sleep(backoff.mul_f64(0.5 + rand::random::<f64>())).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
-#[async_trait]
 impl HistoryLog for UpstreamStore {
     async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
         let request = pb::ListChangesRequest {
@@ -644,4 +489,16 @@ fn entry_from(entry: pb::AuditEntry) -> Option<HistoryEntry> {
 impl Backend for UpstreamStore {
     /// Nothing to close: the follower holds no pool; its channel closes when dropped.
     async fn close(&self) {}
+}
+
+/// A follower holds no private key: `Issue` and `GetKeys` are its upstream's.
+#[tonic::async_trait]
+impl crate::api::Issuing for UpstreamStore {
+    async fn issue(&self, request: pb::IssueRequest, caller: &str) -> Result<pb::IssueResponse> {
+        UpstreamStore::issue(self, request, caller).await
+    }
+
+    async fn jwks(&self) -> Result<String> {
+        self.keys().await
+    }
 }

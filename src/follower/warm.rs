@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 
-use crate::{cache::RoleLookup, coherence::Coherence, domain::UserId, store::UpstreamStore};
+use crate::{cache::RoleLookup, coherence::Coherence, domain::UserId, follower::UpstreamStore};
 
 /// How often the wait for a current feed looks again.
 const POLL: Duration = Duration::from_millis(10);
