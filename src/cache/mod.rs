@@ -26,29 +26,32 @@
 //! when the write committed) is never served after the write returns.
 
 mod bucket;
+mod loads;
+mod lookup;
+mod tombstones;
 
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use async_trait::async_trait;
-use futures::{
-    FutureExt,
-    future::{BoxFuture, Shared},
-};
 use moka::sync::Cache;
 use prometheus_client::metrics::counter::Counter;
 
 use self::bucket::{BUCKET_LIMIT, Bucket, Lifetime, Slot, USERS_PER_BUCKET, find, with};
+use self::loads::{Load, Loaded, Reader};
+use self::tombstones::Tombstones;
+
+pub use self::lookup::RoleLookup;
 use crate::{
     coherence::{Coherence, Invalidate},
-    domain::{Revision, TenantId, UserId, UserRoles},
+    domain::{Revision, TenantId, UserId},
     error::{Error, Result},
     store::{Answer, MembershipWrite, RoleReads, Stale, Store, Tenant, Writes},
 };
@@ -60,74 +63,11 @@ const SHARDS: usize = 4096;
 /// store directly.
 const LOAD_ATTEMPTS: usize = 2;
 
-/// A read waiting on a load in flight; when it goes (done, or its caller gone) it leaves
-/// the load (see [`CachedStore::leave_load`]).
-struct Reader<'a> {
-    cache: &'a CachedStore,
-    user: &'a str,
-    load: Load,
-}
-
-impl Drop for Reader<'_> {
-    fn drop(&mut self) {
-        self.cache.leave_load(self.user, &self.load);
-    }
-}
-
-/// How often a load asks again for a store that is behind the cache's floor, and how
-/// long it waits in between (see [`Coherence::floor`]).
-const FLOOR_ATTEMPTS: usize = 5;
-/// See [`FLOOR_ATTEMPTS`].
-const FLOOR_RETRY: Duration = Duration::from_millis(10);
-
 /// Where a user lives: its bucket, and its fingerprint there (whose low bits also pick
 /// its generation counter).
 struct Place {
     bucket: u64,
     fingerprint: u32,
-}
-
-/// A load from the store shared by every read of the user that misses while it runs.
-type Load = Shared<BoxFuture<'static, std::result::Result<Loaded, Arc<Error>>>>;
-
-#[derive(Clone)]
-struct Loaded {
-    /// The user's generation read before the store was.
-    generation: u64,
-    roles: Arc<UserRoles>,
-}
-
-/// Deleted tenants: roles read before the revision that deleted a tenant, naming it, are
-/// stale. Checked at read time only while any is kept, so a deletion costs the users of
-/// other tenants nothing.
-#[derive(Default)]
-struct Tombstones {
-    /// How many are kept: a read looks no further while this is 0.
-    count: std::sync::atomic::AtomicUsize,
-    /// Tenant -> (revision that deleted it, when it was heard of).
-    deleted: std::sync::RwLock<HashMap<Box<str>, (Revision, Instant)>>,
-}
-
-impl Tombstones {
-    /// Whether `roles` were read before the deletion of a tenant they name.
-    fn buries(&self, roles: &UserRoles) -> bool {
-        if self.count.load(Ordering::Acquire) == 0 {
-            return false;
-        }
-        let Ok(deleted) = self.deleted.read() else { return true };
-        roles.names_tenant(|tenant| deleted.get(tenant).is_some_and(|(at, _)| roles.revision < *at))
-    }
-
-    /// Records a deletion; drops tombstones older than `keep` (no entry read before them
-    /// can still be cached).
-    fn bury(&self, tenant: &str, revision: Revision, keep: Duration) {
-        let Ok(mut deleted) = self.deleted.write() else { return };
-        let now = Instant::now();
-        deleted.retain(|_, (_, heard)| now.duration_since(*heard) < keep);
-        let entry = deleted.entry(tenant.into()).or_insert((revision, now));
-        *entry = (entry.0.max(revision), now);
-        self.count.store(deleted.len(), Ordering::Release);
-    }
 }
 
 /// Answers `user_roles` from memory.
@@ -278,79 +218,6 @@ impl CachedStore {
         self.cache.invalidate_all();
     }
 
-    /// The load running for `user`, or a new one. A load whose every reader went away (a
-    /// deadline) stays here, not polled, until the next read of its user resumes it: at
-    /// most one per such user, and never served stale (its generation was read before
-    /// its store read ran, however late that is).
-    fn join_load(&self, user: &UserId, place: &Place) -> Load {
-        let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((load, readers)) = loading.get_mut(user.as_str()) {
-            *readers += 1;
-            return load.clone();
-        }
-        self.misses.inc();
-        // Read before the store is: see the module's comment. The floor after the
-        // generation: see `Coherence::floor`.
-        let generation = self.generation_of(place.fingerprint);
-        let floor = self.coherence.floor();
-        let (inner, owned) = (self.inner.clone(), user.clone());
-        let load = async move {
-            // A floor a moment ahead of what the store shows (a notification can arrive
-            // before its transaction is visible to other sessions) is waited out briefly.
-            for _ in 0..FLOOR_ATTEMPTS {
-                match inner.user_roles(&owned, floor).await {
-                    Ok(answer) if answer.revision >= floor => {
-                        return Ok(Loaded { generation, roles: answer.roles });
-                    }
-                    Ok(_) | Err(Error::OutOfRange(_)) => {
-                        tokio::time::sleep(FLOOR_RETRY).await;
-                    }
-                    Err(err) => return Err(Arc::new(err)),
-                }
-            }
-            Err(Arc::new(Error::Unavailable(format!(
-                "the store has not reached revision {floor}, which this cache already applied"
-            ))))
-        }
-        .boxed()
-        .shared();
-        loading.insert(user.as_str().into(), (load.clone(), 1));
-        load
-    }
-
-    /// How many loads are in flight (a gauge: it returns to 0 when reads stop).
-    pub fn loads_in_flight(&self) -> usize {
-        self.loading.lock().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    /// Whether `load` is still the load in flight for `user`.
-    fn is_loading(&self, user: &str, load: &Load) -> bool {
-        let loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
-        loading.get(user).is_some_and(|(running, _)| running.ptr_eq(load))
-    }
-
-    /// Removes `load` from the loads in flight (if no other read sharing it has).
-    fn finish_load(&self, user: &str, load: &Load) {
-        let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
-        if loading.get(user).is_some_and(|(running, _)| running.ptr_eq(load)) {
-            loading.remove(user);
-        }
-    }
-
-    /// One read leaves `load`; the last one out of a load still in flight removes it
-    /// (and so drops and cancels it): a caller that gives up mid-load leaves nothing.
-    fn leave_load(&self, user: &str, load: &Load) {
-        let mut loading = self.loading.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((running, readers)) = loading.get_mut(user)
-            && running.ptr_eq(load)
-        {
-            *readers -= 1;
-            if *readers == 0 {
-                loading.remove(user);
-            }
-        }
-    }
-
     /// Puts `loaded` into its user's bucket, dropping the slots that can no longer be served.
     fn insert(&self, place: &Place, loaded: &Loaded) {
         let now_ms = self.lifetime.now_ms();
@@ -405,54 +272,6 @@ impl CachedStore {
     pub fn count_hits(&self, n: u64) {
         if n > 0 {
             self.hits.inc_by(n);
-        }
-    }
-}
-
-/// One user's roles as every reader gets them (Check, CheckBatch, proxy decisions): from
-/// memory when the cache holds them, else through the store (which fills the cache).
-#[derive(Clone)]
-pub struct RoleLookup {
-    store: Arc<dyn RoleReads>,
-    cache: Option<Arc<CachedStore>>,
-}
-
-impl RoleLookup {
-    /// Reads through `store`, asking `cache` first when there is one.
-    pub fn new(store: Arc<dyn RoleReads>, cache: Option<Arc<CachedStore>>) -> Self {
-        Self { store, cache }
-    }
-
-    /// `user`'s answer, from memory or the store. `user` must be a valid [`UserId`].
-    pub async fn answer(&self, user: &str, min_revision: Revision) -> Result<Answer> {
-        match self.in_memory(user, min_revision) {
-            Some(answer) => {
-                self.count_hits(1);
-                Ok(answer)
-            }
-            None => self.load(&UserId::trusted(user.to_owned()), min_revision).await,
-        }
-    }
-
-    /// Through the store (and the cache's loader), never from memory alone.
-    pub async fn load(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
-        self.store.user_roles(user, min_revision).await
-    }
-
-    /// See [`CachedStore::user_roles_in_memory`].
-    pub fn in_memory(&self, user: &str, min_revision: Revision) -> Option<Answer> {
-        self.cache.as_ref()?.user_roles_in_memory(user, min_revision)
-    }
-
-    /// See [`CachedStore::active_users`]; none without a cache.
-    pub fn active_users(&self, limit: usize) -> Vec<String> {
-        self.cache.as_ref().map_or_else(Vec::new, |cache| cache.active_users(limit))
-    }
-
-    /// See [`CachedStore::count_hits`].
-    pub fn count_hits(&self, n: u64) {
-        if let Some(cache) = &self.cache {
-            cache.count_hits(n);
         }
     }
 }
@@ -548,7 +367,7 @@ impl Invalidate for CachedStore {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::{sync::atomic::AtomicUsize, time::Instant};
 
     use tokio::sync::Semaphore;
 
