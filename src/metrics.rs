@@ -19,8 +19,6 @@ use prometheus_client::{
 };
 use tracing::Instrument;
 
-use crate::{cache::CachedStore, coherence::Coherence};
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     method: &'static str,
@@ -69,9 +67,24 @@ pub struct Metrics {
     sync_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     cache_trusted: Gauge,
     reconnects: Gauge,
-    /// Weak: the cache's store holds these metrics, and a cycle would keep the store (and
-    /// its embedded file's lock) alive after the server is gone.
-    sources: OnceLock<(Arc<Coherence>, Option<std::sync::Weak<CachedStore>>)>,
+    /// Called at each scrape for the gauges (registered by the server, so these metrics
+    /// import neither the cache nor the coherence state they describe).
+    sample: OnceLock<Box<dyn Fn() -> Sample + Send + Sync>>,
+}
+
+/// The scrape-time gauges, as the server reads them from the coherence state and cache.
+#[derive(Debug, Default)]
+pub struct Sample {
+    /// The highest revision applied.
+    pub applied_revision: u64,
+    /// Time since the feed last proved it was current.
+    pub sync_age: std::time::Duration,
+    /// Whether cached answers may be served.
+    pub trusted: bool,
+    /// How many times the feed was lost.
+    pub reconnects: u64,
+    /// Users in the cache, and cache loads in flight (none without a cache).
+    pub cache: Option<(u64, usize)>,
 }
 
 /// The outcome label of a proxy authorization decision.
@@ -173,20 +186,18 @@ impl Metrics {
             sync_age,
             cache_trusted,
             reconnects,
-            sources: OnceLock::new(),
+            sample: OnceLock::new(),
         })
     }
 
-    /// Where the scrape-time gauges come from.
-    pub fn observe(&self, coherence: Arc<Coherence>, cache: Option<Arc<CachedStore>>) {
-        let _ = self.sources.set((coherence, cache.as_ref().map(Arc::downgrade)));
+    /// Where the scrape-time gauges come from: `sample` is called at each scrape.
+    pub fn observe(&self, sample: impl Fn() -> Sample + Send + Sync + 'static) {
+        let _ = self.sample.set(Box::new(sample));
     }
 
     /// Records one store operation.
-    pub fn store_query(&self, operation: &'static str, started: Instant) {
-        self.store
-            .get_or_create(&StoreLabels { operation })
-            .observe(started.elapsed().as_secs_f64());
+    pub fn store_query(&self, operation: &'static str, took: std::time::Duration) {
+        self.store.get_or_create(&StoreLabels { operation }).observe(took.as_secs_f64());
     }
 
     /// Counts one minted token.
@@ -196,14 +207,15 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        if let Some((coherence, cache)) = self.sources.get() {
-            self.applied_revision.set(coherence.applied() as i64);
-            self.sync_age.set(coherence.sync_age().as_secs_f64());
-            self.cache_trusted.set(i64::from(coherence.is_current()));
-            self.reconnects.set(coherence.reconnects() as i64);
-            if let Some(cache) = cache.as_ref().and_then(std::sync::Weak::upgrade) {
-                self.cache_entries.set(cache.entry_count() as i64);
-                self.cache_loads.set(cache.loads_in_flight() as i64);
+        if let Some(sample) = self.sample.get() {
+            let sample = sample();
+            self.applied_revision.set(sample.applied_revision as i64);
+            self.sync_age.set(sample.sync_age.as_secs_f64());
+            self.cache_trusted.set(i64::from(sample.trusted));
+            self.reconnects.set(sample.reconnects as i64);
+            if let Some((entries, loads)) = sample.cache {
+                self.cache_entries.set(entries as i64);
+                self.cache_loads.set(loads as i64);
             }
         }
         let mut out = String::new();

@@ -122,12 +122,16 @@ impl Server {
             Some(upstream) => Store::new(Arc::new(upstream.clone())),
             None => open_store(&config, &application_id, !config.no_migrate).await?,
         };
-        let store = MeasuredStore::wrap(store, &metrics, config.db_query_timeout);
+        let record: crate::store::measured::Record = {
+            let metrics = metrics.clone();
+            Arc::new(move |operation, took| metrics.store_query(operation, took))
+        };
+        let store = MeasuredStore::wrap(store, &record, config.db_query_timeout);
         let feed = store.backend.subscribe().await?;
         let coherence =
             Coherence::with_fault_delay(config.coherence_lease, config.fault_delay_feed);
         let (store, cache, sink): (Store, _, Arc<dyn Invalidate>) = if config.cache_capacity == 0 {
-            metrics.observe(coherence.clone(), None);
+            metrics.observe(sample(coherence.clone(), None));
             (store, None, Arc::new(NoCache))
         } else {
             let options = CacheOptions {
@@ -138,7 +142,7 @@ impl Server {
                 misses: metrics.cache_misses.clone(),
             };
             let (store, cache) = CachedStore::wrap(store, &options, coherence.clone());
-            metrics.observe(coherence.clone(), Some(cache.clone()));
+            metrics.observe(sample(coherence.clone(), Some(Arc::downgrade(&cache))));
             (store, Some(cache.clone()), cache)
         };
         let authz = match &config.authz_policy {
@@ -420,6 +424,25 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|err| crate::listen::cannot_listen(&addr, "--http-listen", &err))
+}
+
+/// The scrape-time gauges from `coherence` and `cache`. The cache is held weakly: its
+/// store holds the metrics, and a cycle would keep the store (and an embedded file's
+/// lock) alive after the server is gone.
+fn sample(
+    coherence: Arc<Coherence>,
+    cache: Option<std::sync::Weak<CachedStore>>,
+) -> impl Fn() -> crate::metrics::Sample + Send + Sync + 'static {
+    move || crate::metrics::Sample {
+        applied_revision: coherence.applied(),
+        sync_age: coherence.sync_age(),
+        trusted: coherence.is_current(),
+        reconnects: coherence.reconnects(),
+        cache: cache
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+            .map(|cache| (cache.entry_count(), cache.loads_in_flight())),
+    }
 }
 
 /// How long the change listener may hear nothing before it reconnects: two leases (it

@@ -6,7 +6,7 @@ use crate::{
     domain::{TenantId, UserId},
     error::{Error, Result},
     pb,
-    store::{ChangeFilter, HistoryLog},
+    store::{ChangeFilter, ChangeKind, HistoryEntry, HistoryLog},
 };
 
 /// One page of the audit trail matching `req`.
@@ -44,7 +44,7 @@ pub async fn list_changes(
             .map(|entry| pb::AuditEntry {
                 revision: entry.revision,
                 committed_at: Some(timestamp_from_millis(entry.committed_at_ms)),
-                change: Some(super::watch::to_pb(entry)),
+                change: Some(to_pb(entry)),
             })
             .collect(),
         next_page_token,
@@ -58,4 +58,23 @@ fn optional(value: &str, check: impl FnOnce(&str) -> Result<()>) -> Result<Strin
         check(value)?;
     }
     Ok(value.to_owned())
+}
+
+fn kind(kind: ChangeKind) -> pb::ChangeKind {
+    match kind {
+        ChangeKind::Membership => pb::ChangeKind::Membership,
+        ChangeKind::TenantCreated => pb::ChangeKind::TenantCreated,
+        ChangeKind::TenantDeleted => pb::ChangeKind::TenantDeleted,
+    }
+}
+
+/// A history entry on the wire.
+pub fn to_pb(entry: HistoryEntry) -> pb::Change {
+    pb::Change {
+        tenant_id: entry.tenant_id,
+        user_id: entry.user_id,
+        roles: entry.roles,
+        kind: kind(entry.kind).into(),
+        caller: entry.caller,
+    }
 }

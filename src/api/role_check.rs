@@ -1,8 +1,8 @@
 //! The `RoleCheck` service: checks, membership writes, authorization objects.
 
-use std::{pin::Pin, sync::Arc};
+use std::sync::Arc;
 
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status};
 
 use super::{parse_expiry, tenant_or_application};
@@ -105,9 +105,6 @@ impl RoleCheckApi {
         self.roles.answer(user, min_revision).await
     }
 }
-
-/// The server stream type of `Watch`.
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RoleCheck for RoleCheckApi {
@@ -332,7 +329,7 @@ impl RoleCheck for RoleCheckApi {
         Ok(Response::new(pb::GetKeysResponse { jwks_json }))
     }
 
-    type WatchStream = WatchStream;
+    type WatchStream = super::watch::WatchStream;
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list_changes(

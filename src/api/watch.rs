@@ -32,12 +32,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::role_check::WatchStream;
 use crate::{
     coherence::Coherence,
     domain::Revision,
     pb,
-    store::{ChangeKind, HistoryEntry, Store},
+    store::{HistoryEntry, Store},
 };
 
 /// History rows read per query.
@@ -47,34 +46,21 @@ const POLL: Duration = Duration::from_secs(1);
 /// Revisions the broadcast buffers for a slow stream before it must catch up itself.
 const BUFFER: usize = 1024;
 
-fn kind(kind: ChangeKind) -> pb::ChangeKind {
-    match kind {
-        ChangeKind::Membership => pb::ChangeKind::Membership,
-        ChangeKind::TenantCreated => pb::ChangeKind::TenantCreated,
-        ChangeKind::TenantDeleted => pb::ChangeKind::TenantDeleted,
-    }
-}
-
-/// A history entry on the wire.
-pub fn to_pb(entry: HistoryEntry) -> pb::Change {
-    pb::Change {
-        tenant_id: entry.tenant_id,
-        user_id: entry.user_id,
-        roles: entry.roles,
-        kind: kind(entry.kind).into(),
-        caller: entry.caller,
-    }
-}
+/// The server stream type of `Watch`.
+pub type WatchStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
 /// Groups entries (in revision order) into one response per revision.
 fn responses(entries: Vec<HistoryEntry>) -> Vec<pb::WatchResponse> {
     let mut out: Vec<pb::WatchResponse> = Vec::new();
     for entry in entries {
         match out.last_mut() {
-            Some(last) if last.revision == entry.revision => last.changes.push(to_pb(entry)),
+            Some(last) if last.revision == entry.revision => {
+                last.changes.push(super::audit::to_pb(entry))
+            }
             _ => out.push(pb::WatchResponse {
                 revision: entry.revision,
-                changes: vec![to_pb(entry)],
+                changes: vec![super::audit::to_pb(entry)],
                 ..Default::default()
             }),
         }

@@ -13,36 +13,38 @@ use async_trait::async_trait;
 use crate::{
     domain::{Revision, TenantId, UnixSeconds, UserId},
     error::Result,
-    metrics::Metrics,
     store::{
         Answer, ChangeFilter, History, HistoryEntry, HistoryLog, Member, MembershipWrite,
         RoleReads, Store, Tenant, TenantReads, Writes,
     },
 };
 
+/// Where a store operation's duration goes (the server passes the metrics' recorder).
+pub type Record = Arc<dyn Fn(&'static str, Duration) + Send + Sync>;
+
 /// Times (and bounds) each part of the store it wraps.
 pub struct MeasuredStore<T: ?Sized> {
     inner: Arc<T>,
-    metrics: Arc<Metrics>,
+    record: Record,
     timeout: Duration,
 }
 
 impl MeasuredStore<()> {
-    /// `store` with every part but the change feed measured into `metrics`; an operation
-    /// past `timeout` is `UNAVAILABLE`.
-    pub fn wrap(store: Store, metrics: &Arc<Metrics>, timeout: Duration) -> Store {
+    /// `store` with every part but the change feed timed into `record`; an operation past
+    /// `timeout` is `UNAVAILABLE`.
+    pub fn wrap(store: Store, record: &Record, timeout: Duration) -> Store {
         fn part<T: ?Sized>(
             inner: Arc<T>,
-            metrics: &Arc<Metrics>,
+            record: &Record,
             timeout: Duration,
         ) -> Arc<MeasuredStore<T>> {
-            Arc::new(MeasuredStore { inner, metrics: metrics.clone(), timeout })
+            Arc::new(MeasuredStore { inner, record: record.clone(), timeout })
         }
         Store {
-            roles: part(store.roles, metrics, timeout),
-            tenants: part(store.tenants, metrics, timeout),
-            writes: part(store.writes, metrics, timeout),
-            history: part(store.history, metrics, timeout),
+            roles: part(store.roles, record, timeout),
+            tenants: part(store.tenants, record, timeout),
+            writes: part(store.writes, record, timeout),
+            history: part(store.history, record, timeout),
             backend: store.backend,
         }
     }
@@ -59,7 +61,7 @@ impl<T: ?Sized> MeasuredStore<T> {
             tracing::warn!(operation, timeout = ?self.timeout, "the store did not answer in time");
             Err(crate::error::Error::Unavailable("store unavailable: no answer in time".into()))
         });
-        self.metrics.store_query(operation, started);
+        (self.record)(operation, started.elapsed());
         out
     }
 }

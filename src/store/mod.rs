@@ -14,7 +14,7 @@
 //! The store-level conformance suite every backend runs is `tests/api/store.rs`.
 
 mod inspect;
-mod measured;
+pub mod measured;
 mod owner;
 mod postgres;
 mod sql;
