@@ -18,52 +18,12 @@ use tonic_reflection::pb::v1::{
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
 
+#[path = "support/postgres.rs"]
+mod postgres;
+
+use postgres::{Db, admin_url, database_url};
+
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-fn database_url(name: &str) -> String {
-    let admin = admin_url();
-    let base = admin.split('?').next().expect("url");
-    format!("{}/{name}", &base[..base.rfind('/').expect("path")])
-}
-
-/// A fresh Postgres database, dropped at the end of the test.
-struct Db(String);
-
-impl Db {
-    async fn create(tag: &str) -> Self {
-        let name = format!("rc_proc_{tag}_{}", std::process::id());
-        let mut admin = PgConnection::connect(&admin_url()).await.expect("admin");
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await
-            .expect("drop");
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create");
-        Db(name)
-    }
-
-    fn url(&self) -> String {
-        database_url(&self.0)
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            rt.block_on(async {
-                let mut admin = PgConnection::connect(&admin_url()).await.ok()?;
-                sqlx::query(&sql).execute(&mut admin).await.ok()
-            })
-        })
-        .join();
-    }
-}
 
 /// A running `rolecheck` process and the lines it writes to stderr.
 struct Proc {
@@ -115,6 +75,15 @@ impl Proc {
         let line = proc.wait_for_line("serving gRPC");
         proc.addr = Some(field(&line, "addr").parse().expect("socket address"));
         proc
+    }
+
+    /// A follower of the rolecheck at `upstream` (`host:port`), its data under `dir`.
+    fn follower(upstream: &str, dir: &std::path::Path) -> Self {
+        let data = dir.join("follower");
+        Proc::spawn(&[
+            ("ROLECHECK_UPSTREAM", &format!("http://{upstream}")),
+            ("ROLECHECK_DATA_DIR", data.to_str().expect("path")),
+        ])
     }
 
     fn wait_for_line(&mut self, needle: &str) -> String {
@@ -609,11 +578,7 @@ async fn a_follower_fails_closed_when_its_upstream_dies_and_resumes_when_it_retu
     let data = data.to_str().expect("path");
     let mut upstream = Proc::spawn(&[("ROLECHECK_DATA_DIR", data)]);
     let addr = upstream.addr.expect("addr").to_string();
-    let follower_data = dir.path().join("follower");
-    let follower = Proc::spawn(&[
-        ("ROLECHECK_UPSTREAM", &format!("http://{addr}")),
-        ("ROLECHECK_DATA_DIR", follower_data.to_str().expect("path")),
-    ]);
+    let follower = Proc::follower(&addr, dir.path());
     let (up, down) = (upstream.channel().await, follower.channel().await);
     TenantsClient::new(up.clone())
         .create_tenant(pb::CreateTenantRequest { tenant_id: "acme".into(), name: "Acme".into() })
@@ -820,11 +785,7 @@ async fn a_follower_starts_over_when_its_upstream_store_does() {
     }
     let mut upstream = Proc::spawn(&[("ROLECHECK_DATA_DIR", old)]);
     let addr = upstream.addr.expect("addr").to_string();
-    let follower_data = dir.path().join("follower");
-    let follower = Proc::spawn(&[
-        ("ROLECHECK_UPSTREAM", &format!("http://{addr}")),
-        ("ROLECHECK_DATA_DIR", follower_data.to_str().expect("path")),
-    ]);
+    let follower = Proc::follower(&addr, dir.path());
     let (up, down) = (upstream.channel().await, follower.channel().await);
     create_tenant(up.clone(), "acme").await;
     grant(up.clone(), "alice", "acme", "admin").await.expect("grant");
@@ -862,11 +823,7 @@ async fn a_restored_database_is_a_rewind_nobody_serves_past() {
     let dir = tempfile::tempdir().expect("dir");
     let central = Proc::spawn(&[("ROLECHECK_DATABASE_URL", &db.url())]);
     let addr = central.addr.expect("addr").to_string();
-    let follower_data = dir.path().join("follower");
-    let follower = Proc::spawn(&[
-        ("ROLECHECK_UPSTREAM", &format!("http://{addr}")),
-        ("ROLECHECK_DATA_DIR", follower_data.to_str().expect("path")),
-    ]);
+    let follower = Proc::follower(&addr, dir.path());
     let (up, down) = (central.channel().await, follower.channel().await);
     create_tenant(up.clone(), "acme").await;
     grant(up.clone(), "bob", "acme", "viewer").await.expect("grant");

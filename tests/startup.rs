@@ -14,43 +14,13 @@ use std::{
 
 use sqlx::{Connection, PgConnection};
 
+#[path = "support/postgres.rs"]
+mod postgres;
+
+use postgres::{Db, admin_url, database_url};
+
 /// Longest any mistake may take to be reported.
 const WITHIN: Duration = Duration::from_secs(10);
-
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// `admin_url` pointing at database `name` instead.
-fn url_of(name: &str) -> String {
-    let admin = admin_url();
-    let base = admin.split('?').next().expect("url");
-    format!("{}/{name}", &base[..base.rfind('/').expect("path")])
-}
-
-/// A database name no other test uses, dropped (if it was made) when this goes.
-struct DbName(String);
-
-impl DbName {
-    fn new(tag: &str) -> Self {
-        Self(format!("rc_start_{tag}_{}", std::process::id()))
-    }
-}
-
-impl Drop for DbName {
-    fn drop(&mut self) {
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            rt.block_on(async {
-                let mut admin = PgConnection::connect(&admin_url()).await.ok()?;
-                sqlx::query(&sql).execute(&mut admin).await.ok()
-            })
-        })
-        .join();
-    }
-}
 
 /// What a finished `rolecheck` run printed.
 struct Ran {
@@ -131,17 +101,13 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     path.to_str().expect("path").to_owned()
 }
 
-async fn migrated_database(name: &DbName) -> String {
-    let mut admin = PgConnection::connect(&admin_url()).await.expect("admin");
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", name.0))
-        .execute(&mut admin)
-        .await
-        .expect("drop");
-    sqlx::query(&format!("CREATE DATABASE {}", name.0)).execute(&mut admin).await.expect("create");
-    let url = url_of(&name.0);
+/// A fresh database migrated by `rolecheck migrate`, and its URL.
+async fn migrated_database(tag: &str) -> (Db, String) {
+    let db = Db::create(tag).await;
+    let url = db.url();
     let ran = run(&["migrate"], &[("ROLECHECK_DATABASE_URL", &url)]);
     assert_eq!(ran.code, Some(0), "{}", ran.stderr);
-    url
+    (db, url)
 }
 
 /// A real PgBouncer (Debian's, installed by `scripts/ensure-pgbouncer`) on a free
@@ -222,10 +188,9 @@ const SOME_HASH: &str = "5d41402abc4b2a76b9719d911017c5925d41402abc4b2a76b9719d9
 async fn every_start_up_mistake_says_what_where_and_the_fix() {
     let files = tempfile::tempdir().expect("dir");
     let dir = files.path();
-    let missing = DbName::new("missing");
-    let missing_url = url_of(&missing.0);
-    let newer = DbName::new("newer");
-    let newer_url = migrated_database(&newer).await;
+    let missing = Db::named("missing");
+    let missing_url = database_url(&missing.0);
+    let (_newer, newer_url) = migrated_database("newer").await;
     let mut conn = PgConnection::connect(&newer_url).await.expect("connect");
     sqlx::query(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
@@ -266,7 +231,14 @@ async fn every_start_up_mistake_says_what_where_and_the_fix() {
         for stream in web.incoming() {
             use std::io::Write;
             let Ok(mut stream) = stream else { return };
+            // As a web server would: read the request (here, Postgres's startup message),
+            // answer, and close after the client does (closing with unread bytes would
+            // reset the connection instead).
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
             let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            let _ = std::io::copy(&mut stream, &mut std::io::sink());
         }
     });
     let strict_pooler = Bouncer::start("");
@@ -409,8 +381,8 @@ async fn every_start_up_mistake_says_what_where_and_the_fix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_creates_the_database_on_an_empty_postgres() {
-    let name = DbName::new("create");
-    let url = url_of(&name.0);
+    let name = Db::named("create");
+    let url = database_url(&name.0);
     let ran = run(&["migrate", "--create-database"], &[("ROLECHECK_DATABASE_URL", &url)]);
     assert_eq!(ran.code, Some(0), "{}", ran.stderr);
     let doctor = run(&["doctor"], &[("ROLECHECK_DATABASE_URL", &url)]);
@@ -513,12 +485,12 @@ fn doctor_passes_a_good_configuration_and_warns_where_silence_misleads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_fails_what_serve_would_refuse_and_says_the_fix() {
-    let missing = DbName::new("doctor");
+    let missing = Db::named("doctor");
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken_addr = taken.local_addr().expect("addr").to_string();
     let ran = run(
         &["doctor"],
-        &[("ROLECHECK_DATABASE_URL", &url_of(&missing.0)), ("ROLECHECK_LISTEN", &taken_addr)],
+        &[("ROLECHECK_DATABASE_URL", &database_url(&missing.0)), ("ROLECHECK_LISTEN", &taken_addr)],
     );
     assert_eq!(ran.code, Some(1), "{}{}", ran.stdout, ran.stderr);
     let store = lines_of(&ran.stdout, "store");
