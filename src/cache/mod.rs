@@ -82,9 +82,8 @@ struct Place {
 pub struct CachedStore {
     inner: Arc<dyn RoleReads>,
     writes: Arc<dyn Writes>,
+    /// Deleted tenants, each kept until no entry read before its deletion can remain.
     tombstones: Tombstones,
-    /// How long a tombstone is kept: past it no entry read before it can remain.
-    tombstone_life: Duration,
     cache: Cache<u64, Bucket>,
     buckets: u64,
     bucket_limit: usize,
@@ -147,8 +146,8 @@ impl CachedStore {
         Self {
             inner,
             writes,
-            tombstones: Tombstones::default(),
-            tombstone_life: ttl * 2 + Duration::from_secs(60),
+            // Kept well past the longest an entry read before a deletion can be cached.
+            tombstones: Tombstones::new(ttl * 2 + Duration::from_secs(60)),
             cache,
             buckets: (capacity / USERS_PER_BUCKET).max(1),
             bucket_limit: BUCKET_LIMIT.min(capacity as usize),
@@ -344,7 +343,7 @@ impl Writes for CachedStore {
         // The caller reads its own deletion here at once; the change feed announces it
         // too (to every replica, and here when this caller went away after the COMMIT).
         let revision = self.writes.delete_tenant(id, caller).await?;
-        self.tombstones.bury(id.as_str(), revision, self.tombstone_life);
+        self.tombstones.bury(id.as_str(), revision);
         Ok(revision)
     }
 }
@@ -358,7 +357,7 @@ impl Invalidate for CachedStore {
             Stale::Tenant { tenant, revision } => {
                 // Loads in flight may have read before the deletion: the tombstone catches
                 // what they insert, as it does every entry already cached.
-                self.tombstones.bury(tenant, *revision, self.tombstone_life);
+                self.tombstones.bury(tenant, *revision);
             }
             Stale::Everyone => self.forget_all(),
         }

@@ -1,42 +1,58 @@
 //! Deleted tenants, remembered while roles read before their deletion may be cached.
 
 use std::{
-    collections::HashMap,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
+
+use moka::sync::Cache;
 
 use crate::domain::{Revision, UserRoles};
 
 /// Deleted tenants: roles read before the revision that deleted a tenant, naming it, are
-/// stale. Checked at read time only while any is kept, so a deletion costs the users of
-/// other tenants nothing.
-#[derive(Default)]
+/// stale. A tombstone is kept for `keep` after its deletion is heard of (no entry read
+/// before it can still be cached after that). The read side takes no lock: while no
+/// deletion was heard of within `keep` it looks no further than one atomic, and otherwise
+/// asks a moka cache, whose reads are lock-free, and which expires each tombstone by
+/// itself.
 pub(super) struct Tombstones {
-    /// How many are kept: a read looks no further while this is 0.
-    count: AtomicUsize,
-    /// Tenant -> (revision that deleted it, when it was heard of).
-    deleted: std::sync::RwLock<HashMap<Box<str>, (Revision, Instant)>>,
+    /// When the last deletion was heard of, in ms after `epoch` (0: never).
+    last_ms: AtomicU64,
+    epoch: Instant,
+    keep: Duration,
+    /// Tenant -> the revision that deleted it.
+    deleted: Cache<Box<str>, Revision>,
 }
 
 impl Tombstones {
-    /// Whether `roles` were read before the deletion of a tenant they name.
-    pub(super) fn buries(&self, roles: &UserRoles) -> bool {
-        if self.count.load(Ordering::Acquire) == 0 {
-            return false;
+    /// Tombstones kept for `keep` each.
+    pub(super) fn new(keep: Duration) -> Self {
+        Self {
+            last_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            keep,
+            deleted: Cache::builder().time_to_live(keep.max(Duration::from_millis(1))).build(),
         }
-        let Ok(deleted) = self.deleted.read() else { return true };
-        roles.names_tenant(|tenant| deleted.get(tenant).is_some_and(|(at, _)| roles.revision < *at))
     }
 
-    /// Records a deletion; drops tombstones older than `keep` (no entry read before them
-    /// can still be cached).
-    pub(super) fn bury(&self, tenant: &str, revision: Revision, keep: Duration) {
-        let Ok(mut deleted) = self.deleted.write() else { return };
-        let now = Instant::now();
-        deleted.retain(|_, (_, heard)| now.duration_since(*heard) < keep);
-        let entry = deleted.entry(tenant.into()).or_insert((revision, now));
-        *entry = (entry.0.max(revision), now);
-        self.count.store(deleted.len(), Ordering::Release);
+    /// Whether `roles` were read before the deletion of a tenant they name.
+    pub(super) fn buries(&self, roles: &UserRoles) -> bool {
+        let last = self.last_ms.load(Ordering::Acquire);
+        if last == 0 || self.now_ms() > last + self.keep.as_millis() as u64 {
+            return false;
+        }
+        roles.names_tenant(|tenant| self.deleted.get(tenant).is_some_and(|at| roles.revision < at))
+    }
+
+    /// Records the deletion of `tenant` at `revision`.
+    pub(super) fn bury(&self, tenant: &str, revision: Revision) {
+        self.deleted
+            .entry(tenant.into())
+            .and_upsert_with(|kept| kept.map_or(revision, |kept| kept.into_value().max(revision)));
+        self.last_ms.fetch_max(self.now_ms().max(1), Ordering::AcqRel);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
     }
 }
