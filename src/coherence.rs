@@ -145,11 +145,6 @@ impl Coherence {
         self.lease.saturating_sub(self.sync_age())
     }
 
-    /// The lease: how long the cache is trusted after the feed last proved it current.
-    pub fn lease(&self) -> Duration {
-        self.lease
-    }
-
     /// Time since the feed last proved it was current: how stale this replica could be.
     pub fn sync_age(&self) -> Duration {
         let now = self.epoch.elapsed().as_micros() as u64;
