@@ -21,7 +21,7 @@ use tonic_reflection::pb::v1::{
 #[path = "support/postgres.rs"]
 mod postgres;
 
-use postgres::{Db, admin_url, database_url};
+use postgres::{Db, admin_url};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -840,31 +840,19 @@ async fn a_restored_database_is_a_rewind_nobody_serves_past() {
     until_answer(&down, alice, Ok(true), Duration::from_secs(5), |_| true).await;
 
     // Restore the dump under the database's name: alice's grant is gone.
-    let restored = format!("{}_restored", db.0);
-    let mut admin = PgConnection::connect(&admin_url()).await.expect("admin");
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {restored}"))
-        .execute(&mut admin)
-        .await
-        .expect("drop");
-    sqlx::query(&format!("CREATE DATABASE {restored}")).execute(&mut admin).await.expect("create");
+    let restored = Db::create("restore_into").await;
     let loaded = Command::new("psql")
-        .args([
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-f",
-            dump.to_str().expect("path"),
-            &database_url(&restored),
-        ])
+        .args(["-q", "-v", "ON_ERROR_STOP=1", "-f", dump.to_str().expect("path"), &restored.url()])
         .stdout(Stdio::null())
         .status()
         .expect("psql");
     assert!(loaded.success());
+    let mut admin = PgConnection::connect(&admin_url()).await.expect("admin");
     sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", db.0))
         .execute(&mut admin)
         .await
         .expect("drop");
-    sqlx::query(&format!("ALTER DATABASE {restored} RENAME TO {}", db.0))
+    sqlx::query(&format!("ALTER DATABASE {} RENAME TO {}", restored.0, db.0))
         .execute(&mut admin)
         .await
         .expect("rename");

@@ -189,8 +189,11 @@ impl Drop for Pooled {
             // `return_to_pool` is sqlx's own drop path, run here so it can be bounded.
             let back = conn.return_to_pool();
             drop(conn);
+            // Without a runtime (one shutting down) the return is dropped: the
+            // connection closes and its slot is freed.
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
             let within = self.within;
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 if tokio::time::timeout(within, back).await.is_err() {
                     tracing::debug!(?within, "a connection given back did not answer; dropped");
                 }
