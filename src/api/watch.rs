@@ -180,7 +180,7 @@ impl WatchHub {
                  the old history and watch from after_revision 0"
             )));
         }
-        let revision = self.store.tenants.revision().await?;
+        let revision = self.store.tenants.revision_reaching(after).await?;
         if after > revision {
             return Err(Status::out_of_range(format!(
                 "after_revision {after} is ahead of the store (at revision {revision}): it \

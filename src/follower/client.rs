@@ -203,6 +203,18 @@ impl UpstreamStore {
         Ok(response.map_err(from_status)?.into_inner())
     }
 
+    /// The upstream's revision, from a Check at `min_revision` about a user nobody is
+    /// granted roles to.
+    async fn probe(&self, min_revision: Revision) -> std::result::Result<Revision, Status> {
+        let request = pb::CheckRequest {
+            user_id: PROBE_USER.into(),
+            tenant_id: String::new(),
+            role: "probe".into(),
+            min_revision,
+        };
+        Ok(self.checks.clone().check(request).await?.into_inner().revision)
+    }
+
     pub(super) async fn watch(
         &self,
         after: Revision,
@@ -355,16 +367,19 @@ impl TenantReads for UpstreamStore {
         .await
     }
 
-    /// The upstream's revision, from a Check about a user nobody is granted roles to.
+    /// The upstream's revision, as its cache knows it.
     async fn revision(&self) -> Result<Revision> {
-        let request = pb::CheckRequest {
-            user_id: PROBE_USER.into(),
-            tenant_id: String::new(),
-            role: "probe".into(),
-            min_revision: 0,
-        };
-        let answer = self.checks.clone().check(request).await.map_err(from_status)?;
-        Ok(answer.into_inner().revision)
+        self.probe(0).await.map_err(from_status)
+    }
+
+    /// The same probe at `min_revision` `at_least`: the upstream waits for its own feed,
+    /// then reads its store. `OUT_OF_RANGE` (its store never reached `at_least`) is
+    /// answered with the revision it is at.
+    async fn revision_reaching(&self, at_least: Revision) -> Result<Revision> {
+        match self.probe(at_least).await {
+            Err(status) if status.code() == Code::OutOfRange => self.revision().await,
+            answer => answer.map_err(from_status),
+        }
     }
 }
 

@@ -96,6 +96,10 @@ impl TenantReads for MeasuredStore<dyn TenantReads> {
     async fn revision(&self) -> Result<Revision> {
         self.timed("revision", self.inner.revision()).await
     }
+
+    async fn revision_reaching(&self, at_least: Revision) -> Result<Revision> {
+        self.timed("revision", self.inner.revision_reaching(at_least)).await
+    }
 }
 
 #[async_trait]

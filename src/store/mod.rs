@@ -168,6 +168,16 @@ pub trait TenantReads: Send + Sync + 'static {
 
     /// The current revision; doubles as the readiness probe.
     async fn revision(&self) -> Result<Revision>;
+
+    /// The current revision, read where it is decided: a store that only mirrors
+    /// another (a follower's upstream) first waits, briefly, to have mirrored
+    /// `at_least`, so a revision it has not heard of yet is not mistaken for one the
+    /// store never reached. A store that decides its own revision answers as
+    /// [`revision`](Self::revision) does.
+    async fn revision_reaching(&self, at_least: Revision) -> Result<Revision> {
+        let _ = at_least;
+        self.revision().await
+    }
 }
 
 /// Every write: each commits at a revision of its own, or not at all.
