@@ -215,7 +215,7 @@ impl Coherence {
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 match event {
-                    FeedEvent::Connected { revision, epoch } => {
+                    FeedEvent::Connected { revision, epoch, at } => {
                         let was = this.applied();
                         let rewound = this.rewound(revision, epoch);
                         this.applying.fetch_max(revision, Ordering::SeqCst);
@@ -229,7 +229,7 @@ impl Coherence {
                             );
                             this.restart_at(revision);
                         }
-                        this.synced_at(Instant::now());
+                        this.synced_at(at);
                         this.advance(revision);
                         this.connected.store(true, Ordering::SeqCst);
                         this.connections.fetch_add(1, Ordering::SeqCst);
@@ -258,9 +258,9 @@ impl Coherence {
                             this.reconnects.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    FeedEvent::Resumed { revision } => {
+                    FeedEvent::Resumed { revision, at } => {
                         this.applying.fetch_max(revision, Ordering::SeqCst);
-                        this.synced_at(Instant::now());
+                        this.synced_at(at);
                         this.advance(revision);
                         this.connected.store(true, Ordering::SeqCst);
                         this.connections.fetch_add(1, Ordering::SeqCst);

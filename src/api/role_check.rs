@@ -360,6 +360,7 @@ impl RoleCheck for RoleCheckApi {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let opened = std::time::Instant::now();
         let (after, progress_ms) =
             (request.get_ref().after_revision, request.get_ref().progress_ms);
         let progress = match progress_ms {
@@ -386,6 +387,6 @@ impl RoleCheck for RoleCheckApi {
             counted = format!("{counted}/{follower}");
         }
         let permit = self.watch_limits.admit(&counted)?;
-        Ok(Response::new(self.watch_hub.stream(after, permit, progress)))
+        Ok(Response::new(self.watch_hub.stream(after, permit, progress, opened)))
     }
 }

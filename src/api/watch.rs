@@ -25,7 +25,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
@@ -200,12 +200,14 @@ impl WatchHub {
 
     /// Streams every change committed after `after` until the client goes away; `permit`
     /// is held as long as the stream is open. With `progress`, also a response with no
-    /// changes about that often (see [`Progress`]).
+    /// changes about that often (see [`Progress`]), timed from `opened`, when the request
+    /// was received.
     pub fn stream(
         self: &Arc<Self>,
         after: Revision,
         permit: WatchPermit,
         progress: Option<Duration>,
+        opened: Instant,
     ) -> WatchStream {
         let (tx, rx) = mpsc::channel::<Result<pb::WatchResponse, Status>>(16);
         let hub = self.clone();
@@ -214,7 +216,7 @@ impl WatchHub {
         rewinds.mark_unchanged();
         tokio::spawn(async move {
             let _permit = permit;
-            let mut progress = Progress::new(progress);
+            let mut progress = Progress::new(progress, opened);
             let mut last = after;
             loop {
                 let mut live = {
@@ -307,16 +309,19 @@ struct Progress {
     ticker: Option<tokio::time::Interval>,
     /// The revision owed, and the store's epoch to send with it.
     owed: Option<(Revision, String)>,
+    /// When the Watch request was received: each response says when its proof ends
+    /// counted from here (`lease_end_ms`).
+    opened: Instant,
 }
 
 impl Progress {
-    fn new(every: Option<Duration>) -> Self {
+    fn new(every: Option<Duration>, opened: Instant) -> Self {
         let ticker = every.map(|every| {
             let mut ticker = tokio::time::interval(every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticker
         });
-        Self { ticker, owed: None }
+        Self { ticker, owed: None, opened }
     }
 
     /// The next tick; never, without progress responses.
@@ -344,12 +349,15 @@ impl Progress {
             return None;
         }
         let (_, epoch) = self.owed.take()?;
-        let left = coherence.lease_left().as_millis().min(u128::from(u32::MAX)) as u32;
+        let left = coherence.lease_left();
+        let end = (self.opened.elapsed() + left).as_millis();
+        let left = left.as_millis().min(u128::from(u32::MAX)) as u32;
         (left > 0).then(|| pb::WatchResponse {
             revision: sent,
             changes: Vec::new(),
             epoch,
             lease_left_ms: left,
+            lease_end_ms: end.min(u128::from(u64::MAX)) as u64,
         })
     }
 }

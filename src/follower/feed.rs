@@ -8,6 +8,13 @@
 //! upstream cannot resume from there (`OUT_OF_RANGE`: that revision was pruned from its
 //! history, or its store started over), the cache is dropped and the follower starts over
 //! from the upstream's current revision.
+//!
+//! Trust is timed from the request, not from arrivals: each progress response says when
+//! the upstream's own proof ends, counted from when it received the Watch request, and
+//! the follower counts that from when it sent the request (see [`proved_at`]). A response
+//! held up behind a backlog therefore buys no extra time. To keep the allowance for the
+//! two clocks' rates small, a stream is renewed after [`stream_lifetime`]; the renewal
+//! keeps the trust already proved, and resumes like any other.
 
 use std::time::{Duration, Instant};
 
@@ -53,16 +60,39 @@ fn stale_of(change: &pb::Change, revision: Revision) -> Stale {
 }
 
 /// When, for a lease of `lease`, the upstream last proved it was current, as a progress
-/// response that says `left_ms` of its own lease is left arrives now: trust then ends one
-/// lease after that proof, not one lease after the response arrived (which, behind a slow
-/// stream, would be nearly two). `0` is an upstream that does not say: now.
-fn proved_at(lease: Duration, left_ms: u32) -> Instant {
+/// response on a stream requested at `sent` says as it arrives now: trust then ends one
+/// lease after that proof. Of the response's two bounds the earlier counts:
+/// `lease_left_ms` runs from when the response was made, so counted from its arrival it
+/// is late by however long the response waited behind a backlog; `lease_end_ms` runs from
+/// when the upstream received the request, which was after `sent`, so counted from `sent`
+/// it is never late (less [`CLOCK_RATE_SLACK`] of it). Neither given (an upstream that
+/// does not say): now.
+fn proved_at(lease: Duration, sent: Instant, response: &pb::WatchResponse) -> Instant {
     let now = Instant::now();
-    if left_ms == 0 {
-        return now;
-    }
-    let left = Duration::from_millis(u64::from(left_ms)).min(lease);
-    now.checked_sub(lease - left).unwrap_or(now)
+    let left = (response.lease_left_ms > 0)
+        .then(|| now + Duration::from_millis(u64::from(response.lease_left_ms)).min(lease));
+    let from_request = (response.lease_end_ms > 0).then(|| {
+        let end = Duration::from_millis(response.lease_end_ms);
+        sent + end.saturating_sub(end.mul_f64(CLOCK_RATE_SLACK))
+    });
+    let end = match (left, from_request) {
+        (None, None) => return now,
+        (Some(end), None) | (None, Some(end)) => end,
+        (Some(a), Some(b)) => a.min(b),
+    };
+    // Only within one lease of the machine's start can this not be expressed.
+    end.checked_sub(lease).unwrap_or(sent)
+}
+
+/// How much the upstream's clock and this follower's may differ in rate, as a fraction of
+/// the time measured: 0.1 %, far more than two clocks kept by NTP (or even free-running
+/// crystals) drift apart.
+const CLOCK_RATE_SLACK: f64 = 0.001;
+
+/// How long a Watch stream is kept before it is renewed: by then the clock-rate slack
+/// taken off `lease_end_ms` reaches a quarter lease, and it grows with the stream's age.
+fn stream_lifetime(lease: Duration) -> Duration {
+    lease.mul_f64(0.25 / CLOCK_RATE_SLACK)
 }
 
 /// The feed: the upstream's Watch, resumed from the last applied revision after any
@@ -78,7 +108,9 @@ async fn follow(upstream: UpstreamStore, tx: tokio::sync::mpsc::Sender<FeedEvent
             Some(revision) => Some(revision),
             None => upstream.revision().await.ok(),
         };
+        let mut renew = false;
         if let Some(start) = start {
+            let sent = Instant::now();
             match upstream.watch(start, epoch.as_deref()).await {
                 Ok(mut stream) => {
                     let mut caught_up = false;
@@ -105,15 +137,14 @@ async fn follow(upstream: UpstreamStore, tx: tokio::sync::mpsc::Sender<FeedEvent
                                 }
                                 epoch = Some(response.epoch.clone());
                             }
+                            let at = proved_at(upstream.options.lease, sent, &response);
                             let event = match (caught_up, applied) {
-                                (true, _) => FeedEvent::Synced {
-                                    revision,
-                                    at: proved_at(upstream.options.lease, response.lease_left_ms),
-                                },
+                                (true, _) => FeedEvent::Synced { revision, at },
                                 (false, None) => {
-                                    FeedEvent::Connected { revision, epoch: response.epoch.clone() }
+                                    let epoch = response.epoch.clone();
+                                    FeedEvent::Connected { revision, epoch, at }
                                 }
-                                (false, Some(_)) => FeedEvent::Resumed { revision },
+                                (false, Some(_)) => FeedEvent::Resumed { revision, at },
                             };
                             caught_up = true;
                             let _ = tx.send(event).await;
@@ -128,8 +159,15 @@ async fn follow(upstream: UpstreamStore, tx: tokio::sync::mpsc::Sender<FeedEvent
                         if caught_up || applied.is_some() {
                             applied = Some(applied.unwrap_or(0).max(revision));
                         }
+                        if caught_up && sent.elapsed() > stream_lifetime(upstream.options.lease) {
+                            renew = true;
+                            break None;
+                        }
                     };
                     match ended {
+                        // A renewal keeps the trust the last proof gave until the new
+                        // stream's first progress response renews it (`Resumed`).
+                        None if renew => {}
                         Some(status) if status.code() == Code::OutOfRange => {
                             tracing::warn!(after = ?applied, reason = status.message(), "the upstream cannot resume this follower's history (pruned, or its store started over); dropping the cache");
                             (applied, epoch) = (None, None);
@@ -153,6 +191,9 @@ async fn follow(upstream: UpstreamStore, tx: tokio::sync::mpsc::Sender<FeedEvent
                     let _ = tx.send(FeedEvent::Interrupted).await;
                 }
             }
+        }
+        if renew {
+            continue;
         }
         // Jittered (0.5 to 1.5 times): a fleet that lost its upstream together does not
         // come back in step.

@@ -416,6 +416,8 @@ pub enum FeedEvent {
         /// The store's epoch (its identity): another than before means the store started
         /// over, as does a revision below what was applied (see `crate::coherence`).
         epoch: String,
+        /// When the store last proved the feed complete through `revision`.
+        at: std::time::Instant,
     },
     /// A write committed at `revision`.
     Changed {
@@ -441,6 +443,8 @@ pub enum FeedEvent {
     Resumed {
         /// The revision caught up to.
         revision: Revision,
+        /// When the upstream last proved it was current through `revision`.
+        at: std::time::Instant,
     },
 }
 

@@ -345,11 +345,12 @@ impl ChangeFeed for SqliteStore {
             .map_err(|_| Error::Internal("feed lock poisoned".into()))?
             .take()
             .ok_or_else(|| Error::Internal("the change feed has one subscriber".into()))?;
+        let at = std::time::Instant::now();
         let (revision, epoch): (i64, String) =
             sqlx::query_as(sql::IDENTITY).fetch_one(&self.read).await?;
         self.subscribed.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ =
-            self.feed_tx.send(FeedEvent::Connected { revision: revision as Revision, epoch }).await;
+        let revision = revision as Revision;
+        let _ = self.feed_tx.send(FeedEvent::Connected { revision, epoch, at }).await;
         Ok(Feed { events, needs_lease: false })
     }
 }

@@ -270,6 +270,20 @@ async fn a_follower_behind_a_silent_network_fails_closed_and_recovers() {
 /// of two leases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_trusts_at_most_one_lease_past_its_upstreams_last_proof() {
+    trust_ends_one_lease_after_the_upstreams_last_proof(None).await;
+}
+
+/// The same bound behind a backlog: every byte from the upstream reaches the follower
+/// 600 ms late, so each progress response arrives 600 ms after it was made. Trust is
+/// counted from when the follower asked for the stream, not from arrivals, so the
+/// follower still stops allowing within the lease, where counting from arrivals it would
+/// allow for 600 ms more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_backlogged_stream_a_follower_trusts_no_longer() {
+    trust_ends_one_lease_after_the_upstreams_last_proof(Some(Duration::from_millis(600))).await;
+}
+
+async fn trust_ends_one_lease_after_the_upstreams_last_proof(backlog: Option<Duration>) {
     let db = TestDb::create(Backend::Postgres).await;
     let TestDb::Postgres { url, .. } = &db else { unreachable!() };
     let proxy = crate::proxy::Proxy::start().await;
@@ -281,7 +295,17 @@ async fn a_follower_trusts_at_most_one_lease_past_its_upstreams_last_proof() {
     config.coherence_lease = lease;
     let upstream = start(config, db).await;
     let other = upstream.replica(|_| {}).await;
-    let follower = follower_with(&upstream, |c| c.coherence_lease = lease).await;
+    let stream = crate::proxy::Proxy::start_to(upstream.addr.to_string()).await;
+    if let Some(backlog) = backlog {
+        stream.delay(backlog);
+    }
+    let follower = follower_with(&upstream, |c| {
+        c.upstream = Some(format!("http://{}", stream.addr));
+        c.coherence_lease = lease;
+        c.request_timeout = Duration::from_secs(5);
+        c.db_query_timeout = Duration::from_secs(3);
+    })
+    .await;
     other.create_tenant("acme").await;
     let granted = other.grant("alice", "acme", &["admin"]).await;
     wait_trusted(&follower, granted).await;
@@ -290,7 +314,7 @@ async fn a_follower_trusts_at_most_one_lease_past_its_upstreams_last_proof() {
     proxy.silence();
     let silenced = std::time::Instant::now();
     other.revoke("alice", "acme", &["admin"]).await;
-    let bound = lease + Duration::from_millis(400);
+    let bound = lease + Duration::from_millis(250);
     loop {
         // The time a read is asked decides (a read that goes upstream may then wait).
         let asked = silenced.elapsed();

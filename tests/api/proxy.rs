@@ -8,6 +8,8 @@
 //!   stays open, and so does every connection made while silent (a failover behind a
 //!   virtual IP, a dropped conntrack entry). `restore` lets new connections through; the
 //!   silenced ones stay silent for good, so only a client that gives up on them recovers.
+//! - `delay`: every byte from the target reaches the client that much later (a deep
+//!   buffer on the way: whatever the target sends waits behind what it sent before).
 
 use std::{
     net::SocketAddr,
@@ -24,6 +26,7 @@ use tokio::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
     task::AbortHandle,
+    time::{Duration, Instant},
 };
 
 use crate::helpers::admin_url;
@@ -41,6 +44,8 @@ pub struct Proxy {
     silent: Arc<AtomicBool>,
     live: Arc<Mutex<Vec<Conn>>>,
     target_closed: Arc<AtomicU64>,
+    /// Milliseconds every byte from the target is held before the client gets it.
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -60,12 +65,14 @@ impl Proxy {
             silent: Arc::default(),
             live: Arc::default(),
             target_closed: Arc::default(),
+            delay_ms: Arc::default(),
         };
-        let (cut, silent, live, closed) = (
+        let (cut, silent, live, closed, delay) = (
             proxy.cut.clone(),
             proxy.silent.clone(),
             proxy.live.clone(),
             proxy.target_closed.clone(),
+            proxy.delay_ms.clone(),
         );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -76,12 +83,19 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(&target).await else { continue };
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                let up = tokio::spawn(pump(client_read, server_write, quiet.clone(), None));
+                let up = tokio::spawn(pump(
+                    client_read,
+                    server_write,
+                    quiet.clone(),
+                    None,
+                    Arc::default(),
+                ));
                 let down = tokio::spawn(pump(
                     server_read,
                     client_write,
                     quiet.clone(),
                     Some(closed.clone()),
+                    delay.clone(),
                 ));
                 live.lock().expect("lock").push(Conn {
                     tasks: vec![up.abort_handle(), down.abort_handle()],
@@ -115,43 +129,68 @@ impl Proxy {
         self.silent.store(false, Ordering::SeqCst);
     }
 
+    /// From now on, every byte from the target reaches its client `delay` later, in order.
+    pub fn delay(&self, delay: std::time::Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
     /// How many times the target side closed a connection (or failed it).
     pub fn target_closed(&self) -> u64 {
         self.target_closed.load(Ordering::SeqCst)
     }
 }
 
-/// Copies `from` to `to` until either ends; once `silent`, swallows whatever arrives and
-/// holds `to` open even after `from` ends. `closed` counts the end of `from`.
+/// Copies `from` to `to` until either ends, each chunk `delay_ms` after it was read; once
+/// `silent`, swallows whatever arrives and holds `to` open even after `from` ends.
+/// `closed` counts the end of `from`.
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     silent: Arc<AtomicBool>,
     closed: Option<Arc<AtomicU64>>,
+    delay_ms: Arc<AtomicU64>,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => {
-                if let Some(closed) = &closed {
-                    closed.fetch_add(1, Ordering::SeqCst);
+    let (queue, mut queued) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let quiet = silent.clone();
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    if let Some(closed) = &closed {
+                        closed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if silent.load(Ordering::SeqCst) {
+                        // Keep the queue, and so the other side's socket, open: it learns
+                        // nothing.
+                        let _keep = queue;
+                        std::future::pending::<()>().await;
+                    }
+                    return;
                 }
-                if silent.load(Ordering::SeqCst) {
-                    // Keep the other side's socket open: it learns nothing.
-                    let _keep = to;
-                    std::future::pending::<()>().await;
-                }
+                Ok(n) => n,
+            };
+            if silent.load(Ordering::SeqCst) {
+                continue; // swallowed: read (so a close is seen) but never delivered
+            }
+            let due = Instant::now() + Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+            if queue.send((due, buf[..n].to_vec())).is_err() {
                 return;
             }
-            Ok(n) => n,
-        };
-        if silent.load(Ordering::SeqCst) {
-            continue; // swallowed: read (so a close is seen) but never delivered
         }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
+    };
+    let write = async move {
+        while let Some((due, bytes)) = queued.recv().await {
+            tokio::time::sleep_until(due).await;
+            if quiet.load(Ordering::SeqCst) {
+                continue;
+            }
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
         }
-    }
+    };
+    tokio::join!(read, write);
 }
 
 /// `host:port` and the URL through `proxy` for a database URL `postgres://user@host:port/db`.

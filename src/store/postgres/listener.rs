@@ -69,11 +69,13 @@ pub(super) async fn listen(link: Link, tx: mpsc::Sender<FeedEvent>) {
             let mut listener = PgListener::connect_with(&own).await?;
             listener.eager_reconnect(false);
             listener.listen_all([CHANNEL, link.sync_channel.as_str()]).await?;
+            // Listening already: the revision read next is proof as of no later than now.
+            let at = Instant::now();
             let (revision, epoch): (i64, String) =
                 sqlx::query_as(sql::IDENTITY).fetch_one(&mut listener).await?;
-            Ok((listener, revision as Revision, epoch))
+            Ok((listener, revision as Revision, epoch, at))
         };
-        let (mut listener, revision, epoch) = match bounded(
+        let (mut listener, revision, epoch, at) = match bounded(
             link.timeout,
             &link.suspicion,
             connected,
@@ -94,7 +96,7 @@ pub(super) async fn listen(link: Link, tx: mpsc::Sender<FeedEvent>) {
         };
         tracing::info!(revision, "change listener connected");
         backoff = Duration::from_millis(50);
-        if tx.send(FeedEvent::Connected { revision, epoch }).await.is_err() {
+        if tx.send(FeedEvent::Connected { revision, epoch, at }).await.is_err() {
             return;
         }
         loop {
