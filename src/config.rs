@@ -77,6 +77,14 @@ pub struct MigrateArgs {
     #[arg(long, env = "ROLECHECK_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<DatabaseUrl>,
 
+    /// As for `serve`: `transaction` when --database-url is a transaction-mode pooler.
+    #[arg(long, env = "ROLECHECK_DATABASE_POOL_MODE", default_value = "direct", value_parser = ["direct", "transaction"])]
+    pub database_pool_mode: String,
+
+    /// As for `serve`: a URL straight to Postgres; migrations run through it.
+    #[arg(long, env = "ROLECHECK_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<DatabaseUrl>,
+
     /// Postgres: create the database --database-url names when it does not exist (as
     /// its user, connected to the `postgres` database), then migrate it.
     #[arg(long, env = "ROLECHECK_CREATE_DATABASE")]
@@ -104,6 +112,8 @@ impl MigrateArgs {
     pub fn config(&self) -> Config {
         let mut config = Config::defaults();
         config.database_url = self.database_url.clone();
+        config.database_pool_mode = self.database_pool_mode.clone();
+        config.listen_database_url = self.listen_database_url.clone();
         config.data_dir = self.data_dir.clone();
         config.application_id = self.application_id.clone();
         config.db_startup_wait = self.db_startup_wait;
@@ -238,6 +248,21 @@ pub struct Config {
     /// Default: the embedded SQLite file `rolecheck.db` in --data-dir.
     #[arg(long, env = "ROLECHECK_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<DatabaseUrl>,
+
+    /// Postgres: how --database-url reaches it. `direct`: Postgres itself, or a pooler in
+    /// session mode. `transaction`: a pooler in transaction mode (PgBouncer's
+    /// `pool_mode = transaction`): every statement runs inside a transaction of its own and
+    /// keeps no server-side state between transactions, and the change listener uses
+    /// --listen-database-url.
+    #[arg(long, env = "ROLECHECK_DATABASE_POOL_MODE", default_value = "direct", value_parser = ["direct", "transaction"])]
+    pub database_pool_mode: String,
+
+    /// Postgres: a URL straight to Postgres (not through a transaction-mode pooler) for
+    /// what needs a session of its own: the change listener (`LISTEN`), its heartbeat and
+    /// migrations. Default: --database-url. Required with --database-pool-mode
+    /// transaction.
+    #[arg(long, env = "ROLECHECK_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<DatabaseUrl>,
 
     /// Directory for the embedded store's files.
     #[arg(long, env = "ROLECHECK_DATA_DIR", default_value = "./rolecheck-data")]
@@ -376,6 +401,19 @@ impl Config {
                 "--tls-cert/--tls-key/--tls-client-ca apply to a TCP listener; a unix socket \
                  (--listen unix:…) is protected by its file mode instead: drop the TLS flags \
                  or listen on host:port"
+                    .into(),
+            ));
+        }
+        let postgres = self.database_url.as_ref().is_some_and(|url| !url.0.starts_with("sqlite:"));
+        if self.listen_database_url.is_some() && !postgres {
+            return Err(Error::FailedPrecondition(
+                "--listen-database-url is the change listener's way to a Postgres that                  --database-url reaches through a pooler: set --database-url to that                  Postgres (postgres://…) too, or drop --listen-database-url"
+                    .into(),
+            ));
+        }
+        if self.database_pool_mode == "transaction" && self.listen_database_url.is_none() {
+            return Err(Error::FailedPrecondition(
+                "--database-pool-mode transaction needs --listen-database-url: LISTEN does                  not survive a transaction-mode pooler, so the change listener (and                  migrations) need a URL straight to Postgres"
                     .into(),
             ));
         }

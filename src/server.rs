@@ -455,9 +455,12 @@ fn listener_silence(lease: Duration) -> Duration {
 /// database first with `--create-database`).
 pub async fn migrate(args: &crate::config::MigrateArgs) -> Result<()> {
     let config = args.config();
+    config.validate()?;
     let application_id = TenantId::parse("application_id", &config.application_id)?;
     if args.create_database {
-        match config.database_url.as_ref().filter(|_| !config.embedded_store()) {
+        // Straight to Postgres: a pooler knows only the databases that exist.
+        let direct = config.listen_database_url.as_ref().or(config.database_url.as_ref());
+        match direct.filter(|_| !config.embedded_store()) {
             Some(url) => {
                 let within = config.db_acquire_timeout.max(config.db_query_timeout);
                 let created =
@@ -521,6 +524,8 @@ async fn open_store(config: &Config, application_id: &TenantId, migrate: bool) -
         query_timeout: config.db_query_timeout,
         listener_silence: listener_silence(config.coherence_lease),
         fault_after_commit: config.fault_delay_after_commit,
+        transaction_pooling: config.database_pool_mode == "transaction",
+        listen_url: config.listen_database_url.as_ref().map(|url| url.0.clone()),
     };
     let url = config.database_url.as_ref().map(|url| url.0.as_str());
     retry_at_start(config, || store::open(url, &config.data_dir, application_id, &options, migrate))

@@ -14,8 +14,12 @@ use std::{
 
 use sqlx::{Connection, PgConnection};
 
+#[path = "support/pgbouncer.rs"]
+mod pgbouncer;
 #[path = "support/postgres.rs"]
 mod postgres;
+
+use pgbouncer::Bouncer;
 
 use postgres::{Db, admin_url, database_url};
 
@@ -110,73 +114,6 @@ async fn migrated_database(tag: &str) -> (Db, String) {
     (db, url)
 }
 
-/// A real PgBouncer (Debian's, installed by `scripts/ensure-pgbouncer`) on a free
-/// loopback port in front of the test Postgres, in transaction mode with md5 passwords;
-/// killed when this goes.
-struct Bouncer {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Bouncer {
-    /// `ignore`: its `ignore_startup_parameters`. The user `postgres` has the password
-    /// `right-password`.
-    fn start(ignore: &str) -> Self {
-        let admin = admin_url();
-        let rest = admin.split_once("://").expect("scheme").1;
-        let host = rest.split_once('@').map_or(rest, |(_, host)| host);
-        let (host, port) = host.split('/').next().expect("host").split_once(':').expect("port");
-        let dir = tempfile::tempdir().expect("dir");
-        let listen = TcpListener::bind("127.0.0.1:0").expect("free port");
-        let free = listen.local_addr().expect("addr").port();
-        drop(listen);
-        let ini = format!(
-            "[databases]\n* = host={host} port={port}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
-             listen_port = {free}\nauth_type = md5\nauth_file = {users}\npool_mode = transaction\n\
-             unix_socket_dir =\npidfile =\nlogfile =\nignore_startup_parameters = {ignore}\n",
-            users = dir.path().join("users.txt").display()
-        );
-        std::fs::write(dir.path().join("users.txt"), "\"postgres\" \"right-password\"\n")
-            .expect("users");
-        std::fs::write(dir.path().join("pgbouncer.ini"), ini).expect("ini");
-        // PgBouncer will not run as root: as root, it is told to become postgres.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("mode");
-        let mut command = Command::new("/usr/sbin/pgbouncer");
-        if std::fs::metadata("/proc/self")
-            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        {
-            command.args(["-u", "postgres"]);
-        }
-        let child = command
-            .arg(dir.path().join("pgbouncer.ini"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn pgbouncer (scripts/ensure-pgbouncer installs it)");
-        let bouncer = Self { child, port: free, _dir: dir };
-        let until = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", free)).is_err() {
-            assert!(Instant::now() < until, "pgbouncer never listened on {free}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bouncer
-    }
-
-    fn url(&self, password: &str) -> String {
-        format!("postgres://postgres:{password}@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for Bouncer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A mistake: what it is, the arguments and environment that make it, and what the
 /// message must say.
 type Mistake<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
@@ -241,16 +178,33 @@ async fn every_start_up_mistake_says_what_where_and_the_fix() {
             let _ = std::io::copy(&mut stream, &mut std::io::sink());
         }
     });
-    let strict_pooler = Bouncer::start("");
-    let strict_url = strict_pooler.url("right-password");
-    let pooler = Bouncer::start("extra_float_digits, options");
-    let wrong_password = pooler.url("wrong-password");
+    let strict_pooler = Bouncer::start(&admin_url(), "");
+    let strict_url = strict_pooler.url("postgres", "right-password");
+    let pooler = Bouncer::start(&admin_url(), "extra_float_digits, options");
+    let wrong_password = pooler.url("postgres", "wrong-password");
     let cases: Vec<Mistake> = vec![
         (
             "a pooler that refuses a startup parameter",
             vec!["serve"],
             vec![("ROLECHECK_DATABASE_URL", &strict_url)],
-            vec!["refused a connection parameter", "PgBouncer", "ignore_startup_parameters"],
+            vec![
+                "refused a connection parameter",
+                "PgBouncer",
+                "--database-pool-mode transaction",
+                "ignore_startup_parameters",
+            ],
+        ),
+        (
+            "transaction pooling without a way to listen",
+            vec!["serve", "--database-pool-mode", "transaction"],
+            vec![("ROLECHECK_DATABASE_URL", &strict_url)],
+            vec!["--listen-database-url", "LISTEN"],
+        ),
+        (
+            "a listen URL for the embedded store",
+            vec!["serve", "--listen-database-url", "postgres://postgres@127.0.0.1:5432/x"],
+            vec![],
+            vec!["--listen-database-url", "--database-url"],
         ),
         (
             "a wrong password",

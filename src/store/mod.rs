@@ -507,6 +507,12 @@ pub struct StoreOptions {
     /// A fault point for tests: every write waits this long right after its COMMIT,
     /// before it is announced and answered.
     pub fault_after_commit: Option<Duration>,
+    /// Postgres: the URL goes through a pooler in transaction mode (see
+    /// `postgres::Session`).
+    pub transaction_pooling: bool,
+    /// Postgres: a URL straight to Postgres for the change listener, its heartbeat and
+    /// migrations; `None`: the store's own URL.
+    pub listen_url: Option<String>,
 }
 
 /// Most writes waiting for their turn (the Postgres writer's queue, the SQLite write
@@ -561,6 +567,8 @@ impl StoreOptions {
             query_timeout: Duration::from_secs(5),
             listener_silence: Duration::from_secs(2),
             fault_after_commit: None,
+            transaction_pooling: false,
+            listen_url: None,
         }
     }
 }

@@ -158,7 +158,7 @@ async fn a_postgres_restart_under_load_ends_with_every_replica_correct() {
         config.database_url = Some(rolecheck::config::DatabaseUrl(through.clone()));
         config
     };
-    let replica_db = TestDb::Replica { url: db.url().to_owned() };
+    let replica_db = TestDb::Replica { url: db.url().to_owned(), via: None };
     let b_config = config(&replica_db);
     let a = start(config(&db), db).await;
     let b = start(b_config, replica_db).await;

@@ -99,7 +99,7 @@ impl Guarded {
             async move { client.issue(request).await.expect("Issue").into_inner().access_token }
         };
         let (alice, dave) = (issue("alice").await, issue("dave").await);
-        let replica = TestDb::Replica { url };
+        let replica = TestDb::Replica { url, via: None };
         let mut config = test_config(&replica);
         config.signing_key = signing;
         config.api_keys_file = Some(keys_file);

@@ -1,6 +1,6 @@
 //! The spawn helper: a real server on port 0 over a fresh database, and clients for it.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use rolecheck::{
     config::{Config, DatabaseUrl},
@@ -11,11 +11,16 @@ use sqlx::{Connection, PgConnection};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
+use crate::pgbouncer::Bouncer;
+
 /// Which store a test runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// Postgres through a real PgBouncer in transaction mode, the change listener straight
+    /// to Postgres (`--database-pool-mode transaction`, `--listen-database-url`).
+    PgBouncer,
 }
 
 /// The admin URL of the Postgres the tests use: `DATABASE_URL`, else the local one.
@@ -37,13 +42,17 @@ pub fn with_database(url: &str, name: &str) -> String {
 /// A database that exists for one test and is dropped with it.
 pub enum TestDb {
     Sqlite(tempfile::TempDir),
+    /// `url` is straight to Postgres (for looking into it); with `via`, servers reach it
+    /// through that pooler.
     Postgres {
         name: String,
         url: String,
+        via: Option<Arc<Bouncer>>,
     },
     /// Another replica's view of a Postgres database some other `TestDb` owns.
     Replica {
         url: String,
+        via: Option<Arc<Bouncer>>,
     },
 }
 
@@ -51,7 +60,7 @@ impl TestDb {
     pub async fn create(backend: Backend) -> Self {
         match backend {
             Backend::Sqlite => TestDb::Sqlite(tempfile::tempdir().expect("temp dir")),
-            Backend::Postgres => {
+            Backend::Postgres | Backend::PgBouncer => {
                 let name = format!("rc_test_{:016x}", rand_u64());
                 let mut admin =
                     PgConnection::connect(&admin_url()).await.expect("admin connection");
@@ -60,7 +69,9 @@ impl TestDb {
                     .await
                     .expect("create test database");
                 let url = with_database(&admin_url(), &name);
-                TestDb::Postgres { name, url }
+                let via = (backend == Backend::PgBouncer)
+                    .then(|| Arc::new(Bouncer::start(&admin_url(), "")));
+                TestDb::Postgres { name, url, via }
             }
         }
     }
@@ -72,16 +83,33 @@ impl TestDb {
                 config.data_dir = dir.path().to_owned();
                 config.database_url = None;
             }
-            TestDb::Postgres { url, .. } | TestDb::Replica { url } => {
-                config.database_url = Some(DatabaseUrl(url.clone()));
+            TestDb::Postgres { url, via, .. } | TestDb::Replica { url, via } => match via {
+                None => config.database_url = Some(DatabaseUrl(url.clone())),
+                Some(bouncer) => {
+                    let name = url.rsplit('/').next().expect("database name");
+                    let pooled = bouncer.url(name, crate::pgbouncer::PASSWORD);
+                    config.database_url = Some(DatabaseUrl(pooled));
+                    config.database_pool_mode = "transaction".into();
+                    config.listen_database_url = Some(DatabaseUrl(url.clone()));
+                }
+            },
+        }
+    }
+
+    /// Another replica's view of this Postgres database, the same way.
+    pub fn replica(&self) -> TestDb {
+        match self {
+            TestDb::Postgres { url, via, .. } | TestDb::Replica { url, via } => {
+                TestDb::Replica { url: url.clone(), via: via.clone() }
             }
+            TestDb::Sqlite(_) => panic!("not a Postgres database"),
         }
     }
 
     /// The Postgres URL of this database.
     pub fn url(&self) -> &str {
         match self {
-            TestDb::Postgres { url, .. } | TestDb::Replica { url } => url,
+            TestDb::Postgres { url, .. } | TestDb::Replica { url, .. } => url,
             TestDb::Sqlite(_) => panic!("not a Postgres database"),
         }
     }
@@ -175,10 +203,8 @@ async fn in_front_of(server: TestApp, mut config: Config) -> TestApp {
     config.signing_key.clear();
     config.upstream = Some(format!("http://{}", server.addr));
     let db = match &server.db {
-        TestDb::Postgres { url, .. } | TestDb::Replica { url } => {
-            TestDb::Replica { url: url.clone() }
-        }
         TestDb::Sqlite(_) => TestDb::Sqlite(dir),
+        postgres => postgres.replica(),
     };
     let mut follower = start(config, db).await;
     wait_trusted(&follower, 0).await;
@@ -233,7 +259,7 @@ impl TestApp {
     /// A second server over the same Postgres database: another replica. Of a follower:
     /// a follower of another replica of its upstream.
     pub async fn replica(&self, tweak: impl FnOnce(&mut Config)) -> TestApp {
-        let db = TestDb::Replica { url: self.db.url().to_owned() };
+        let db = self.db.replica();
         let mut config = test_config(&db);
         tweak(&mut config);
         let replica = start(config.clone(), db).await;
@@ -280,6 +306,14 @@ macro_rules! both_stores {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::helpers::Backend::Postgres).await;
+                }
+            )*
+        }
+        mod pgbouncer {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::PgBouncer).await;
                 }
             )*
         }

@@ -11,6 +11,8 @@ mod helpers;
 mod model;
 mod operations;
 mod outage;
+#[path = "../support/pgbouncer.rs"]
+mod pgbouncer;
 mod proxy;
 mod revisions;
 mod rpc;

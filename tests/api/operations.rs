@@ -121,6 +121,8 @@ async fn fresh_migrated_database() -> TestDb {
     let config = test_config(&db);
     let args = rolecheck::config::MigrateArgs {
         database_url: config.database_url.clone(),
+        database_pool_mode: config.database_pool_mode.clone(),
+        listen_database_url: config.listen_database_url.clone(),
         create_database: false,
         data_dir: config.data_dir.clone(),
         application_id: config.application_id.clone(),

@@ -25,10 +25,14 @@ fn app_tenant() -> TenantId {
 
 /// Opens the store of `db` (a second call opens a second instance over the same data).
 async fn open(db: &TestDb, migrate: bool) -> Result<Store, Error> {
-    let options = StoreOptions::new(8, Duration::from_secs(1));
+    let mut options = StoreOptions::new(8, Duration::from_secs(1));
+    // The way a server would reach it (through a pooler, for one).
+    let config = crate::helpers::test_config(db);
+    options.transaction_pooling = config.database_pool_mode == "transaction";
+    options.listen_url = config.listen_database_url.map(|url| url.0);
     let (url, dir) = match db {
         TestDb::Sqlite(dir) => (None, dir.path().to_owned()),
-        other => (Some(other.url().to_owned()), std::env::temp_dir()),
+        _ => (config.database_url.map(|url| url.0), std::env::temp_dir()),
     };
     store::open(url.as_deref(), &dir, &app_tenant(), &options, migrate).await
 }
@@ -103,14 +107,16 @@ async fn two_writers_on_the_same_rows_never_fail(backend: Backend) {
     let db = TestDb::create(backend).await;
     let first = open(&db, true).await.expect("open");
     let second = match backend {
-        Backend::Postgres => open(&db, false).await.expect("open a second instance"),
+        Backend::Postgres | Backend::PgBouncer => {
+            open(&db, false).await.expect("open a second instance")
+        }
         Backend::Sqlite => first.clone(),
     };
     for tenant in ["t0", "t1", "t2"] {
         create_tenant(&first, tenant).await;
     }
     let deadlocks = || async {
-        let TestDb::Postgres { name, url } = &db else { return 0 };
+        let TestDb::Postgres { name, url, .. } = &db else { return 0 };
         let mut conn = PgConnection::connect(url).await.expect("connect");
         let sql = "SELECT deadlocks FROM pg_stat_database WHERE datname = $1";
         let (count,): (i64,) =
@@ -279,8 +285,9 @@ async fn the_schema_check_classifies_what_it_finds(backend: Backend) {
     }
 
     match backend {
-        Backend::Postgres => {
-            let unreachable = TestDb::Replica { url: "postgres://postgres@127.0.0.1:1/x".into() };
+        Backend::Postgres | Backend::PgBouncer => {
+            let unreachable =
+                TestDb::Replica { url: "postgres://postgres@127.0.0.1:1/x".into(), via: None };
             match open(&unreachable, false).await {
                 Err(Error::Unavailable(_)) => {}
                 other => panic!("an unreachable database is UNAVAILABLE, got {other:?}"),

@@ -36,7 +36,7 @@ async fn cached_allow(app: &TestApp, user: &str, tenant: &str, granted: u64) {
 async fn a_write_whose_caller_leaves_after_commit_is_still_announced(backend: Backend) {
     let app = spawn_with(backend, |c| c.fault_delay_after_commit = Some(FAULT)).await;
     let other = match backend {
-        Backend::Postgres => Some(app.replica(|_| {}).await),
+        Backend::Postgres | Backend::PgBouncer => Some(app.replica(|_| {}).await),
         Backend::Sqlite => None, // the embedded file belongs to one process
     };
     app.create_tenant("acme").await;

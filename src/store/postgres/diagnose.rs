@@ -64,9 +64,11 @@ pub fn explain(err: sqlx::Error, connect: &PgConnectOptions) -> Error {
             } else if message.contains("startup parameter") {
                 Error::FailedPrecondition(format!(
                     "the server at {at} refused a connection parameter ({message}): it is a \
-                     pooler such as PgBouncer, and rolecheck needs session pooling there: \
-                     `pool_mode = session` and `ignore_startup_parameters = extra_float_digits, \
-                     options` in its pgbouncer.ini; or point --database-url at Postgres itself"
+                     pooler such as PgBouncer. In transaction mode (`pool_mode = transaction`) \
+                     set --database-pool-mode transaction and --listen-database-url to \
+                     Postgres itself: rolecheck then sends no such parameter. In session mode \
+                     set `ignore_startup_parameters = extra_float_digits, options` in its \
+                     pgbouncer.ini. Or point --database-url at Postgres itself"
                 ))
             } else if matches!(code, Some("3F000" | "42501")) {
                 Error::FailedPrecondition(format!(

@@ -7,7 +7,8 @@ use sqlx::PgPool;
 use tokio::sync::mpsc::{self, Receiver};
 
 use super::{
-    Held, LOAD_BATCH, LOAD_CONCURRENCY, PendingLoad, Suspicion, bounded, fail_all, take_batch,
+    Held, LOAD_BATCH, LOAD_CONCURRENCY, PendingLoad, Session, Suspicion, bounded, fail_all,
+    take_batch,
 };
 use crate::domain::{Revision, UserRoles};
 
@@ -25,8 +26,7 @@ const USERS_ROLES: &str = "\
 pub(super) async fn coalesce_loads(
     pool: PgPool,
     mut pending: Receiver<PendingLoad>,
-    timeout: Duration,
-    suspicion: Suspicion,
+    (timeout, suspicion, session): (Duration, Suspicion, Session),
 ) {
     // The loads in flight, each with the connection it keeps between batches.
     let (slots, mut free) = mpsc::channel::<Held>(LOAD_CONCURRENCY);
@@ -46,8 +46,9 @@ pub(super) async fn coalesce_loads(
         // Keep the connection for the next load only while loads are queued already.
         let busy = !pending.is_empty();
         let (pool, suspicion, slots) = (pool.clone(), suspicion.clone(), slots.clone());
+        let session = session.clone();
         tokio::spawn(async move {
-            load_batch(&pool, &mut slot, batch, timeout, &suspicion).await;
+            load_batch(&pool, &mut slot, batch, (timeout, &suspicion, &session)).await;
             if !busy {
                 slot.release();
             }
@@ -64,15 +65,24 @@ async fn load_batch(
     pool: &PgPool,
     held: &mut Held,
     batch: Vec<PendingLoad>,
-    timeout: Duration,
-    suspicion: &Suspicion,
+    (timeout, suspicion, session): (Duration, &Suspicion, &Session),
 ) {
     let mut users: Vec<&str> = batch.iter().map(|(user, _)| user.as_str()).collect();
     users.sort_unstable();
     users.dedup();
     let read = async {
         let conn = held.get(pool, timeout).await?;
-        Ok(sqlx::query_as::<_, UsersRolesRow>(USERS_ROLES).bind(&users).fetch_all(conn).await?)
+        let query = sqlx::query_as::<_, UsersRolesRow>(USERS_ROLES)
+            .persistent(session.persistent())
+            .bind(&users);
+        if !session.pooled {
+            return Ok(query.fetch_all(conn).await?);
+        }
+        // Through a transaction-mode pooler, in a transaction (see `Session`).
+        let mut tx = session.begin(conn).await?;
+        let rows = query.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
     };
     let rows = match bounded(timeout, suspicion, read).await {
         Ok(rows) => rows,

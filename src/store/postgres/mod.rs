@@ -108,6 +108,54 @@ fn ping_timeout(query_timeout: Duration) -> Duration {
     (query_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
+/// How statements meet the server. Straight to Postgres (or through a session-mode
+/// pooler), a connection is one server session: statements are prepared once and kept
+/// (sqlx's statement cache), and the session's timeouts come with its startup options.
+/// Through a transaction-mode pooler (PgBouncer's `pool_mode = transaction`), each
+/// transaction may run on another server session, so nothing may outlive one:
+/// - statements are unnamed and never kept (sqlx's `persistent(false)`): a named one would
+///   be missing, or already taken, on the next session;
+/// - every statement runs inside a transaction: sqlx parses a statement in one round trip
+///   and runs it in the next, and between the two, outside a transaction, the pooler
+///   may hand the client another session;
+/// - the timeouts are `SET LOCAL` at each transaction's start (a pooler refuses the
+///   startup options that would set them for the session), and no startup parameter
+///   but `application_name` is sent.
+#[derive(Clone)]
+pub(super) struct Session {
+    pooled: bool,
+    /// What begins a transaction, with its timeouts when pooled.
+    begin: String,
+}
+
+impl Session {
+    fn new(pooled: bool, timeout: Duration) -> Self {
+        let millis = timeout.as_millis().max(1);
+        let begin = if pooled {
+            format!(
+                "BEGIN; SET LOCAL statement_timeout = {millis}; \
+                 SET LOCAL idle_in_transaction_session_timeout = {millis}"
+            )
+        } else {
+            "BEGIN".to_owned()
+        };
+        Self { pooled, begin }
+    }
+
+    /// Whether statements are prepared once and kept.
+    pub(super) fn persistent(&self) -> bool {
+        !self.pooled
+    }
+
+    /// Begins a transaction on `conn`.
+    pub(super) async fn begin<'c>(
+        &self,
+        conn: &'c mut PgConnection,
+    ) -> sqlx::Result<Transaction<'c, Postgres>> {
+        conn.begin_with(self.begin.clone()).await
+    }
+}
+
 /// Pool connections idle this long are closed (the server's `idle_session_timeout` is
 /// longer, so it only ever ends sessions whose client went silent).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -149,11 +197,17 @@ impl Held {
 /// until the kernel gives the socket up. Given back through this, the whole return (the
 /// hook's ping, then sqlx's) has [`release_within`] of the query timeout; a return that
 /// runs out is dropped, which closes the connection and frees its slot. Every pool use in
-/// this store goes through it, but the transactions of tenant writes and pruning (rare;
-/// sqlx gives an owned transaction's connection back itself).
+/// this store goes through it, but the transactions of tenant writes (rare; sqlx gives an
+/// owned transaction's connection back itself).
+///
+/// Through a transaction-mode pooler, a connection taken for reads ([`Pooled::read`])
+/// holds a transaction of its own from the start, committed as it is given back (see
+/// [`Session`]).
 pub(super) struct Pooled {
     conn: Option<sqlx::pool::PoolConnection<Postgres>>,
     within: Duration,
+    /// A transaction this opened, to end as the connection is given back.
+    open: bool,
 }
 
 /// How long giving a connection back may take: our ping and sqlx's, each at most
@@ -165,7 +219,20 @@ fn release_within(query_timeout: Duration) -> Duration {
 impl Pooled {
     /// A connection from `pool`, given back within [`release_within`] of `timeout`.
     pub(super) async fn acquire(pool: &PgPool, timeout: Duration) -> Result<Self> {
-        Ok(Self { conn: Some(pool.acquire().await?), within: release_within(timeout) })
+        let conn = Some(pool.acquire().await?);
+        Ok(Self { conn, within: release_within(timeout), open: false })
+    }
+
+    /// A connection for statements run on it directly: through a transaction-mode
+    /// pooler, inside a transaction begun here.
+    pub(super) async fn read(pool: &PgPool, timeout: Duration, session: &Session) -> Result<Self> {
+        let mut pooled = Self::acquire(pool, timeout).await?;
+        if session.pooled {
+            let conn: &mut PgConnection = &mut pooled;
+            sqlx::Executor::execute(conn, session.begin.as_str()).await?;
+            pooled.open = true;
+        }
+        Ok(pooled)
     }
 }
 
@@ -186,16 +253,27 @@ impl std::ops::DerefMut for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(mut conn) = self.conn.take() {
-            // `return_to_pool` is sqlx's own drop path, run here so it can be bounded.
-            let back = conn.return_to_pool();
-            drop(conn);
-            // Without a runtime (one shutting down) the return is dropped: the
-            // connection closes and its slot is freed.
+            // Without a runtime (one shutting down) the connection is dropped: it closes
+            // (ending any transaction) and its slot is freed.
             let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-            let within = self.within;
+            let (within, open) = (self.within, self.open);
             runtime.spawn(async move {
-                if tokio::time::timeout(within, back).await.is_err() {
-                    tracing::debug!(?within, "a connection given back did not answer; dropped");
+                let back = async {
+                    let raw: &mut PgConnection = &mut conn;
+                    if open && let Err(err) = sqlx::Executor::execute(raw, "COMMIT").await {
+                        let _ = conn.close().await;
+                        return Err(err);
+                    }
+                    // sqlx's own drop path, run here so it can be bounded.
+                    conn.return_to_pool().await;
+                    Ok(())
+                };
+                match tokio::time::timeout(within, back).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => tracing::debug!(%err, "a connection given back failed; closed"),
+                    Err(_) => {
+                        tracing::debug!(?within, "a connection given back did not answer; dropped")
+                    }
                 }
             });
         }
@@ -275,7 +353,10 @@ type PendingLoad = (String, oneshot::Sender<Result<UserRoles>>);
 /// Memberships in Postgres. One pool serves reads and writes.
 pub struct PgStore {
     pool: PgPool,
-    /// How to open a connection outside the pool (the heartbeat's).
+    /// How statements meet the server (see [`Session`]).
+    session: Session,
+    /// How to open a connection of its own, straight to Postgres: the listener's, the
+    /// heartbeat's, and migrations'.
     connect: PgConnectOptions,
     query_timeout: Duration,
     listener_silence: Duration,
@@ -296,14 +377,36 @@ impl PgStore {
         application_id: &TenantId,
         options: &StoreOptions,
     ) -> Result<Self> {
-        let connect: PgConnectOptions = url.parse().map_err(|_| {
-            crate::error::Error::invalid("database_url", "not a valid postgres:// URL")
-        })?;
-        let connect = session_options(connect, options.query_timeout);
-        // One connection first, alone: its failure is explained (the pool's would read
-        // as a timeout), and a mistake of the operator's is refused at once.
+        let parse = |url: &str, field: &str| {
+            url.parse::<PgConnectOptions>()
+                .map_err(|_| Error::invalid(field, "not a valid postgres:// URL"))
+        };
+        let session = Session::new(options.transaction_pooling, options.query_timeout);
+        let pooled = parse(url, "database_url")?;
+        let (pooled, connect) = match (&options.listen_url, options.transaction_pooling) {
+            (Some(listen), true) => (
+                pooled
+                    .application_name("rolecheck")
+                    .extra_float_digits(None)
+                    .statement_cache_capacity(0),
+                session_options(parse(listen, "listen_database_url")?, options.query_timeout),
+            ),
+            (Some(listen), false) => (
+                session_options(pooled, options.query_timeout),
+                session_options(parse(listen, "listen_database_url")?, options.query_timeout),
+            ),
+            (None, _) => {
+                let pooled = session_options(pooled, options.query_timeout);
+                (pooled.clone(), pooled)
+            }
+        };
+        // One connection first, alone, each way: its failure is explained (the pool's
+        // would read as a timeout), and a mistake of the operator's is refused at once.
         let within = options.acquire_timeout.max(options.query_timeout);
-        let _ = diagnose::probe(&connect, within).await?.close().await;
+        let _ = diagnose::probe(&pooled, within).await?.close().await;
+        if options.listen_url.is_some() {
+            let _ = diagnose::probe(&connect, within).await?.close().await;
+        }
         let suspicion = Suspicion::new();
         let (on_acquire, on_release) = (suspicion.clone(), suspicion.clone());
         let ping = ping_timeout(options.query_timeout);
@@ -333,20 +436,26 @@ impl PgStore {
                     Ok(alive)
                 })
             })
-            .connect_with(connect.clone());
+            .connect_with(pooled);
         let pool =
             tokio::time::timeout(options.acquire_timeout.max(options.query_timeout), connecting)
                 .await
                 .map_err(|_| Error::Unavailable("store unavailable: no answer in time".into()))??;
         let (loads, pending) = mpsc::channel(MAX_QUEUED_LOADS);
         let timeout = options.query_timeout;
-        tokio::spawn(coalesce_loads(pool.clone(), pending, timeout, suspicion.clone()));
+        let reader = (timeout, suspicion.clone(), session.clone());
+        tokio::spawn(coalesce_loads(pool.clone(), pending, reader));
         let (writes, queued) = mpsc::channel(MAX_QUEUED_WRITES);
-        let writer =
-            Writer { timeout, suspicion: suspicion.clone(), fault: options.fault_after_commit };
+        let writer = Writer {
+            timeout,
+            suspicion: suspicion.clone(),
+            fault: options.fault_after_commit,
+            session: session.clone(),
+        };
         tokio::spawn(write_batches(pool.clone(), queued, writer));
         Ok(Self {
             pool,
+            session,
             connect,
             application_id: application_id.clone(),
             loads,
@@ -380,7 +489,7 @@ impl PgStore {
 
     /// A connection of the pool, given back within a deadline (see [`Pooled`]).
     async fn conn(&self) -> Result<Pooled> {
-        Pooled::acquire(&self.pool, self.query_timeout).await
+        Pooled::read(&self.pool, self.query_timeout, &self.session).await
     }
 
     /// The pool, for callers that need raw access (tests, benches).
@@ -392,7 +501,10 @@ impl PgStore {
     /// still needs `rolecheck migrate`.
     pub async fn check_schema(&self) -> Result<()> {
         let known = self.migrator().iter().map(|m| m.version).max().unwrap_or(0);
-        let applied = sqlx::query_as(sql::APPLIED_SCHEMA).fetch_one(&mut *self.conn().await?).await;
+        let applied = sqlx::query_as(sql::APPLIED_SCHEMA)
+            .persistent(self.session.persistent())
+            .fetch_one(&mut *self.conn().await?)
+            .await;
         sql::schema_status(applied, known)
     }
 
@@ -400,6 +512,7 @@ impl PgStore {
     /// application tenant is part of the schema's starting state.
     pub async fn ensure_application_tenant(&self, id: &TenantId) -> Result<()> {
         sqlx::query(sql::ENSURE_TENANT)
+            .persistent(self.session.persistent())
             .bind(id.as_str())
             .bind("Application")
             .bind(crate::domain::now_millis())
@@ -447,11 +560,13 @@ impl PgStore {
         op: TenantOp<'_>,
         change: &ChangeRef<'_>,
     ) -> std::result::Result<Result<(Transaction<'static, Postgres>, Revision)>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(LOCK_REVISION).execute(&mut *tx).await?;
+        let mut tx = self.pool.begin_with(self.session.begin.clone()).await?;
+        let persistent = self.session.persistent();
+        sqlx::query(LOCK_REVISION).persistent(persistent).execute(&mut *tx).await?;
         match op {
             TenantOp::Create(tenant) => {
                 sqlx::query(sql::INSERT_TENANT)
+                    .persistent(persistent)
                     .bind(tenant.id.as_str())
                     .bind(tenant.name.as_str())
                     .bind(tenant.created_at_ms)
@@ -459,15 +574,23 @@ impl PgStore {
                     .await?;
             }
             TenantOp::Delete(id) => {
-                sqlx::query(sql::DELETE_TENANT_MEMBERS).bind(id.as_str()).execute(&mut *tx).await?;
-                let deleted =
-                    sqlx::query(sql::DELETE_TENANT).bind(id.as_str()).execute(&mut *tx).await?;
+                sqlx::query(sql::DELETE_TENANT_MEMBERS)
+                    .persistent(persistent)
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                let deleted = sqlx::query(sql::DELETE_TENANT)
+                    .persistent(persistent)
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
                 if deleted.rows_affected() == 0 {
                     return Ok(Err(Error::NotFound(format!("tenant {id} not found"))));
                 }
             }
         }
         let (revision,): (i64,) = sqlx::query_as(RECORD)
+            .persistent(persistent)
             .bind(change.kind.code())
             .bind(change.tenant)
             .bind(change.user)
@@ -521,6 +644,7 @@ impl TenantReads for PgStore {
         now: UnixSeconds,
     ) -> Result<(Vec<Member>, Revision)> {
         let rows: Vec<sql::MemberRow> = sqlx::query_as(sql::LIST_MEMBERS)
+            .persistent(self.session.persistent())
             .bind(tenant.as_str())
             .bind(after.map_or("", |user| user.as_str()))
             .bind(now)
@@ -532,6 +656,7 @@ impl TenantReads for PgStore {
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
         let row: Option<sql::TenantRow> = sqlx::query_as(sql::GET_TENANT)
+            .persistent(self.session.persistent())
             .bind(id.as_str())
             .fetch_optional(&mut *self.conn().await?)
             .await?;
@@ -540,6 +665,7 @@ impl TenantReads for PgStore {
 
     async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
         let rows: Vec<sql::TenantRow> = sqlx::query_as(sql::LIST_TENANTS)
+            .persistent(self.session.persistent())
             .bind(after.map_or("", |id| id.as_str()))
             .bind(i64::from(limit))
             .fetch_all(&mut *self.conn().await?)
@@ -548,8 +674,10 @@ impl TenantReads for PgStore {
     }
 
     async fn revision(&self) -> Result<Revision> {
-        let (revision,): (i64,) =
-            sqlx::query_as(sql::REVISION).fetch_one(&mut *self.conn().await?).await?;
+        let (revision,): (i64,) = sqlx::query_as(sql::REVISION)
+            .persistent(self.session.persistent())
+            .fetch_one(&mut *self.conn().await?)
+            .await?;
         Ok(revision as Revision)
     }
 }
@@ -608,6 +736,7 @@ impl ChangeFeed for PgStore {
 impl HistoryLog for PgStore {
     async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
         let rows: Vec<sql::ChangeRow> = sqlx::query_as(sql::CHANGES_AFTER)
+            .persistent(self.session.persistent())
             .bind(after as i64)
             .bind(i64::from(limit))
             .fetch_all(&mut *self.conn().await?)
@@ -622,7 +751,9 @@ impl HistoryLog for PgStore {
         limit: u32,
     ) -> Result<Vec<HistoryEntry>> {
         let statement = sql::list_changes_sql(filter);
-        let mut query = sqlx::query_as::<_, sql::AuditRow>(&statement).bind(after as i64);
+        let mut query = sqlx::query_as::<_, sql::AuditRow>(&statement)
+            .persistent(self.session.persistent())
+            .bind(after as i64);
         for value in filter.values() {
             query = query.bind(value);
         }
@@ -631,13 +762,21 @@ impl HistoryLog for PgStore {
     }
 
     async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
-        let mut conn = self.conn().await?;
-        let mut tx = conn.begin().await?;
-        let (floor,): (Option<i64>,) =
-            sqlx::query_as(sql::PRUNE_FLOOR).bind(older_than_ms).fetch_one(&mut *tx).await?;
+        let mut conn = Pooled::acquire(&self.pool, self.query_timeout).await?;
+        let mut tx = self.session.begin(&mut conn).await?;
+        let persistent = self.session.persistent();
+        let (floor,): (Option<i64>,) = sqlx::query_as(sql::PRUNE_FLOOR)
+            .persistent(persistent)
+            .bind(older_than_ms)
+            .fetch_one(&mut *tx)
+            .await?;
         let Some(floor) = floor else { return Ok(0) };
-        sqlx::query(sql::PRUNE_CHANGES).bind(floor).execute(&mut *tx).await?;
-        sqlx::query(sql::RAISE_FLOOR).bind(floor).execute(&mut *tx).await?;
+        sqlx::query(sql::PRUNE_CHANGES)
+            .persistent(persistent)
+            .bind(floor)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sql::RAISE_FLOOR).persistent(persistent).bind(floor).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(floor as Revision)
     }

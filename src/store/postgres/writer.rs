@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use sqlx::{Connection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::mpsc;
 
-use super::{Held, PendingWrite, Suspicion, WRITE_BATCH, bounded, fail_all, take_batch};
+use super::{Held, PendingWrite, Session, Suspicion, WRITE_BATCH, bounded, fail_all, take_batch};
 use crate::{
     domain::Revision,
     error::Error,
@@ -22,6 +22,7 @@ pub(super) struct Writer {
     pub(super) timeout: Duration,
     pub(super) suspicion: Suspicion,
     pub(super) fault: Option<Duration>,
+    pub(super) session: Session,
 }
 
 /// Runs the writes queued on `queued`, a batch at a time. Ends when the store is dropped.
@@ -55,8 +56,9 @@ async fn write_batch(pool: &PgPool, held: &mut Held, batch: Vec<PendingWrite>, w
         let once = async {
             let conn = held.get(pool, writer.timeout).await?;
             let run = async {
-                let mut tx = conn.begin().await?;
+                let mut tx = writer.session.begin(conn).await?;
                 let revisions: Vec<(i64,)> = sqlx::query_as(APPLY)
+                    .persistent(writer.session.persistent())
                     .bind(&body)
                     .bind(crate::domain::now_unix())
                     .bind(crate::domain::now_millis())

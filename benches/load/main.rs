@@ -40,6 +40,10 @@
 //!    round; with `BENCH_PERF=DIR`, `perf record` samples each server during its first
 //!    round into `DIR/central.data` and `DIR/follower.data`.
 //!
+//! 7. with `BENCH_AB` (e.g. `12`) rounds, `BENCH_COMPARE_BIN` and a Postgres: before and
+//!    after interleaved, a cached Check on a central server and on a follower of each
+//!    build, the order flipping every round (`load/ab.rs`); `BENCH_AB_SECONDS` (3) each.
+//!
 //! `scripts/bench` runs it all; `BENCH_SECONDS` (5) sets each time-bound scenario's length.
 
 use std::{
@@ -52,6 +56,8 @@ use std::{
     },
     time::{Duration, Instant},
 };
+
+mod ab;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::client::SendRequest;
@@ -757,6 +763,13 @@ async fn run() {
         for (bin, label) in &builds {
             followers_phase(&admin_url, &followers, concurrency, &baseline, (bin, label)).await;
         }
+    }
+    let ab_rounds: usize = env_or("BENCH_AB", 0);
+    if let (Ok(admin_url), Some(before), true) =
+        (std::env::var("BENCH_DATABASE_URL"), std::env::var_os("BENCH_COMPARE_BIN"), ab_rounds > 0)
+    {
+        let noop = (&noop, &noop_conn, &health);
+        ab::ab_phase(&admin_url, Path::new(&before), ab_rounds, concurrency, noop).await;
     }
     let tail_rounds: usize = env_or("BENCH_TAIL", 0);
     if tail_rounds > 0 {
