@@ -40,6 +40,8 @@
 //!    round; with `BENCH_PERF=DIR`, `perf record` samples each server during its first
 //!    round into `DIR/central.data` and `DIR/follower.data`.
 //!
+//!    With `BENCH_PGBOUNCER`, each size also runs on this build through a real PgBouncer
+//!    in transaction mode (`--database-pool-mode transaction`), against direct above it.
 //! 7. with `BENCH_AB` (e.g. `12`) rounds, `BENCH_COMPARE_BIN` and a Postgres: before and
 //!    after interleaved, a cached Check on a central server and on a follower of each
 //!    build, the order flipping every round (`load/ab.rs`); `BENCH_AB_SECONDS` (3) each.
@@ -58,6 +60,10 @@ use std::{
 };
 
 mod ab;
+#[path = "../../tests/support/pgbouncer.rs"]
+mod pgbouncer;
+
+use pgbouncer::Bouncer;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::client::SendRequest;
@@ -790,10 +796,20 @@ async fn run() {
             bins.push((std::path::PathBuf::from(other), "before: BENCH_COMPARE_BIN"));
         }
         bins.push((env!("CARGO_BIN_EXE_rolecheck").into(), "this build"));
+        // With `BENCH_PGBOUNCER`, this build again through PgBouncer in transaction mode.
+        let pooler = std::env::var_os("BENCH_PGBOUNCER").map(|_| Bouncer::start(&admin_url, ""));
         let mut scaling = Vec::new();
         for size in sizes.split(',').filter_map(|s| s.trim().parse::<u64>().ok()) {
             for (bin, label) in &bins {
-                let row = postgres_phase(&admin_url, bin, label, size, concurrency, &baseline);
+                let build = (bin.as_path(), *label, None);
+                let row = postgres_phase(&admin_url, build, size, concurrency, &baseline);
+                scaling.push(row.await);
+            }
+            if let Some(pooler) = &pooler {
+                let this = Path::new(env!("CARGO_BIN_EXE_rolecheck"));
+                let build =
+                    (this, "this build, through PgBouncer (transaction mode)", Some(pooler));
+                let row = postgres_phase(&admin_url, build, size, concurrency, &baseline);
                 scaling.push(row.await);
             }
         }
@@ -929,8 +945,7 @@ async fn sqlite_phase(noop: &Server, health: &Bytes, concurrency: usize, baselin
 /// Dataset `size` in a fresh Postgres database: every scenario, then one scaling row.
 async fn postgres_phase(
     admin_url: &str,
-    bin: &Path,
-    label: &str,
+    (bin, label, pooler): (&Path, &str, Option<&Bouncer>),
     size: u64,
     concurrency: usize,
     baseline: &Outcome,
@@ -943,7 +958,18 @@ async fn postgres_phase(
     assert!(status.success(), "migrate");
     let loaded = generate(&url, dataset).await;
 
-    let server = spawn(rolecheck_from(bin, data.path(), &db));
+    let server = match pooler {
+        None => spawn(rolecheck_from(bin, data.path(), &db)),
+        Some(pooler) => {
+            let name = format!("rolecheck_bench_{size}");
+            let through = [
+                ("ROLECHECK_DATABASE_URL", pooler.url(&name, pgbouncer::PASSWORD)),
+                ("ROLECHECK_DATABASE_POOL_MODE", "transaction".to_owned()),
+                ("ROLECHECK_LISTEN_DATABASE_URL", url.clone()),
+            ];
+            spawn(rolecheck_from(bin, data.path(), &through))
+        }
+    };
     let conn = connect(&server.grpc).await;
     let rss_start = rss_mib(server.pid);
     let (hits, misses) = ("rolecheck_cache_hits_total", "rolecheck_cache_misses_total");
