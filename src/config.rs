@@ -407,13 +407,17 @@ impl Config {
         let postgres = self.database_url.as_ref().is_some_and(|url| !url.0.starts_with("sqlite:"));
         if self.listen_database_url.is_some() && !postgres {
             return Err(Error::FailedPrecondition(
-                "--listen-database-url is the change listener's way to a Postgres that                  --database-url reaches through a pooler: set --database-url to that                  Postgres (postgres://…) too, or drop --listen-database-url"
+                "--listen-database-url is the change listener's way to a Postgres that \
+                 --database-url reaches through a pooler: set --database-url to that \
+                 Postgres (postgres://…) too, or drop --listen-database-url"
                     .into(),
             ));
         }
         if self.database_pool_mode == "transaction" && self.listen_database_url.is_none() {
             return Err(Error::FailedPrecondition(
-                "--database-pool-mode transaction needs --listen-database-url: LISTEN does                  not survive a transaction-mode pooler, so the change listener (and                  migrations) need a URL straight to Postgres"
+                "--database-pool-mode transaction needs --listen-database-url: LISTEN does \
+                 not survive a transaction-mode pooler, so the change listener (and \
+                 migrations) need a URL straight to Postgres"
                     .into(),
             ));
         }

@@ -355,10 +355,11 @@ async fn migrate_creates_the_database_on_an_empty_postgres() {
 fn migrate_help_lists_only_what_migrate_uses() {
     let ran = run(&["migrate", "--help"], &[]);
     assert_eq!(ran.code, Some(0));
-    for flag in ["--database-url", "--create-database", "--data-dir"] {
+    let flags = ["--database-url", "--listen-database-url", "--create-database", "--data-dir"];
+    for flag in flags {
         assert!(ran.stdout.contains(flag), "{flag} missing:\n{}", ran.stdout);
     }
-    for flag in ["--listen", "--api-keys-file", "--authz-policy", "--cache-ttl"] {
+    for flag in ["--listen <", "--api-keys-file", "--authz-policy", "--cache-ttl"] {
         assert!(!ran.stdout.contains(flag), "{flag} listed:\n{}", ran.stdout);
     }
 }
