@@ -264,6 +264,12 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_LISTEN_DATABASE_URL", hide_env_values = true)]
     pub listen_database_url: Option<DatabaseUrl>,
 
+    /// Postgres: a hot standby of --database-url's database, straight (no pooler). A
+    /// cache miss of a current cache is read there when the standby has replayed the
+    /// revision the cache has applied, and from the primary otherwise; nothing else is.
+    #[arg(long, env = "ROLECHECK_READ_DATABASE_URL", hide_env_values = true)]
+    pub read_database_url: Option<DatabaseUrl>,
+
     /// Directory for the embedded store's files.
     #[arg(long, env = "ROLECHECK_DATA_DIR", default_value = "./rolecheck-data")]
     pub data_dir: PathBuf,
@@ -405,6 +411,14 @@ impl Config {
             ));
         }
         let postgres = self.database_url.as_ref().is_some_and(|url| !url.0.starts_with("sqlite:"));
+        if self.read_database_url.is_some() && !postgres {
+            return Err(Error::FailedPrecondition(
+                "--read-database-url names a standby of the Postgres --database-url names: \
+                 set --database-url to that Postgres (postgres://…) too, or drop \
+                 --read-database-url"
+                    .into(),
+            ));
+        }
         if self.listen_database_url.is_some() && !postgres {
             return Err(Error::FailedPrecondition(
                 "--listen-database-url is the change listener's way to a Postgres that \

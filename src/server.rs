@@ -526,6 +526,7 @@ async fn open_store(config: &Config, application_id: &TenantId, migrate: bool) -
         fault_after_commit: config.fault_delay_after_commit,
         transaction_pooling: config.database_pool_mode == "transaction",
         listen_url: config.listen_database_url.as_ref().map(|url| url.0.clone()),
+        read_url: config.read_database_url.as_ref().map(|url| url.0.clone()),
     };
     let url = config.database_url.as_ref().map(|url| url.0.as_str());
     retry_at_start(config, || store::open(url, &config.data_dir, application_id, &options, migrate))

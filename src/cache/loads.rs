@@ -68,7 +68,7 @@ impl CachedStore {
             // A floor a moment ahead of what the store shows (a notification can arrive
             // before its transaction is visible to other sessions) is waited out briefly.
             for _ in 0..FLOOR_ATTEMPTS {
-                match inner.user_roles(&owned, floor).await {
+                match inner.user_roles_at_least(&owned, floor).await {
                     Ok(answer) if answer.revision >= floor => {
                         return Ok(Loaded { generation, roles: answer.roles });
                     }

@@ -71,6 +71,10 @@ impl RoleReads for MeasuredStore<dyn RoleReads> {
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
         self.timed("user_roles", self.inner.user_roles(user, min_revision)).await
     }
+
+    async fn user_roles_at_least(&self, user: &UserId, floor: Revision) -> Result<Answer> {
+        self.timed("user_roles", self.inner.user_roles_at_least(user, floor)).await
+    }
 }
 
 #[async_trait]

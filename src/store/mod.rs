@@ -145,6 +145,13 @@ pub trait RoleReads: Send + Sync + 'static {
     /// Everything `user` holds, and the revision the answer reflects. An answer older
     /// than `min_revision` is never returned.
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer>;
+
+    /// [`user_roles`](Self::user_roles) for a cache that is current through `floor`: any
+    /// copy of the store that has reached `floor` may answer (a standby, on Postgres with
+    /// `--read-database-url`), since the cache learns of every later change itself.
+    async fn user_roles_at_least(&self, user: &UserId, floor: Revision) -> Result<Answer> {
+        self.user_roles(user, floor).await
+    }
 }
 
 /// Tenants, their members, and the store's revision.
@@ -513,6 +520,9 @@ pub struct StoreOptions {
     /// Postgres: a URL straight to Postgres for the change listener, its heartbeat and
     /// migrations; `None`: the store's own URL.
     pub listen_url: Option<String>,
+    /// Postgres: a hot standby that answers a current cache's misses once it has replayed
+    /// the revision they need (the primary answers otherwise).
+    pub read_url: Option<String>,
 }
 
 /// Most writes waiting for their turn (the Postgres writer's queue, the SQLite write
@@ -569,6 +579,7 @@ impl StoreOptions {
             fault_after_commit: None,
             transaction_pooling: false,
             listen_url: None,
+            read_url: None,
         }
     }
 }

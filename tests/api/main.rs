@@ -16,6 +16,9 @@ mod pgbouncer;
 mod proxy;
 mod revisions;
 mod rpc;
+mod standby;
+#[path = "../support/standby.rs"]
+mod standby_pair;
 mod store;
 mod tokens;
 mod transport;

@@ -344,6 +344,74 @@ async fn bounded<T>(
     }
 }
 
+fn parse_url(url: &str, field: &str) -> Result<PgConnectOptions> {
+    url.parse::<PgConnectOptions>()
+        .map_err(|_| Error::invalid(field, "not a valid postgres:// URL"))
+}
+
+/// The pool's connect options and those of a connection of its own straight to
+/// Postgres (the listener's, the heartbeat's, migrations'): through a transaction-mode
+/// pooler, the pool sends no startup options (see [`Session`]).
+fn connect_options(
+    url: &str,
+    options: &StoreOptions,
+) -> Result<(PgConnectOptions, PgConnectOptions)> {
+    let timeout = options.query_timeout;
+    let pooled = parse_url(url, "database_url")?;
+    let direct = match &options.listen_url {
+        Some(listen) => session_options(parse_url(listen, "listen_database_url")?, timeout),
+        None => session_options(pooled.clone(), timeout),
+    };
+    let pooled = if options.transaction_pooling {
+        pooled.application_name("rolecheck").extra_float_digits(None).statement_cache_capacity(0)
+    } else {
+        session_options(pooled, timeout)
+    };
+    Ok((pooled, direct))
+}
+
+/// A pool of `connect` with this store's deadlines: a connection is pinged before use
+/// only after a silence, and given back only if it answers a ping in time.
+async fn open_pool(
+    connect: PgConnectOptions,
+    options: &StoreOptions,
+    suspicion: &Suspicion,
+) -> Result<PgPool> {
+    let (on_acquire, on_release) = (suspicion.clone(), suspicion.clone());
+    let ping = ping_timeout(options.query_timeout);
+    let connecting = PgPoolOptions::new()
+        .max_connections(options.max_connections)
+        .acquire_timeout(options.acquire_timeout)
+        .idle_timeout(POOL_IDLE_TIMEOUT)
+        // No ping round trip before every query: a dead connection fails the query
+        // itself (UNAVAILABLE, fail closed) and is dropped from the pool. Only after a
+        // silence are connections that sat idle through it pinged first.
+        .test_before_acquire(false)
+        .before_acquire(move |conn, meta| {
+            let suspicion = on_acquire.clone();
+            Box::pin(
+                async move { Ok(!suspicion.covers(meta.idle_for) || answers(conn, ping).await) },
+            )
+        })
+        // sqlx pings every released connection and waits for the answer with no
+        // deadline; this ping has one, and a connection that misses it is closed.
+        .after_release(move |conn, _| {
+            let suspicion = on_release.clone();
+            Box::pin(async move {
+                let alive = answers(conn, ping).await;
+                if !alive {
+                    suspicion.raise();
+                }
+                Ok(alive)
+            })
+        })
+        .connect_with(connect);
+    tokio::time::timeout(options.acquire_timeout.max(options.query_timeout), connecting)
+        .await
+        .map_err(|_| Error::Unavailable("store unavailable: no answer in time".into()))?
+        .map_err(Error::from)
+}
+
 /// A membership write, and where its revision goes.
 type PendingWrite = (MembershipWrite, oneshot::Sender<Result<Revision>>);
 
@@ -364,6 +432,9 @@ pub struct PgStore {
     application_id: TenantId,
     /// Misses for the coalescing loader (see the module docs).
     loads: mpsc::Sender<PendingLoad>,
+    /// With `--read-database-url`: a current cache's misses, for the standby's loader.
+    read_loads: Option<mpsc::Sender<PendingLoad>>,
+    read_pool: Option<PgPool>,
     /// Membership writes for the batch writer (see the module docs), at most
     /// [`MAX_QUEUED_WRITES`] waiting.
     writes: mpsc::Sender<PendingWrite>,
@@ -377,28 +448,13 @@ impl PgStore {
         application_id: &TenantId,
         options: &StoreOptions,
     ) -> Result<Self> {
-        let parse = |url: &str, field: &str| {
-            url.parse::<PgConnectOptions>()
-                .map_err(|_| Error::invalid(field, "not a valid postgres:// URL"))
-        };
         let session = Session::new(options.transaction_pooling, options.query_timeout);
-        let pooled = parse(url, "database_url")?;
-        let (pooled, connect) = match (&options.listen_url, options.transaction_pooling) {
-            (Some(listen), true) => (
-                pooled
-                    .application_name("rolecheck")
-                    .extra_float_digits(None)
-                    .statement_cache_capacity(0),
-                session_options(parse(listen, "listen_database_url")?, options.query_timeout),
-            ),
-            (Some(listen), false) => (
-                session_options(pooled, options.query_timeout),
-                session_options(parse(listen, "listen_database_url")?, options.query_timeout),
-            ),
-            (None, _) => {
-                let pooled = session_options(pooled, options.query_timeout);
-                (pooled.clone(), pooled)
+        let (pooled, connect) = connect_options(url, options)?;
+        let read = match &options.read_url {
+            Some(read) => {
+                Some(session_options(parse_url(read, "read_database_url")?, options.query_timeout))
             }
+            None => None,
         };
         // One connection first, alone, each way: its failure is explained (the pool's
         // would read as a timeout), and a mistake of the operator's is refused at once.
@@ -407,44 +463,26 @@ impl PgStore {
         if options.listen_url.is_some() {
             let _ = diagnose::probe(&connect, within).await?.close().await;
         }
+        if let Some(read) = &read {
+            let _ = diagnose::probe(read, within).await?.close().await;
+        }
         let suspicion = Suspicion::new();
-        let (on_acquire, on_release) = (suspicion.clone(), suspicion.clone());
-        let ping = ping_timeout(options.query_timeout);
-        let connecting = PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout)
-            .idle_timeout(POOL_IDLE_TIMEOUT)
-            // No ping round trip before every query: a dead connection fails the query
-            // itself (UNAVAILABLE, fail closed) and is dropped from the pool. Only after a
-            // silence are connections that sat idle through it pinged first.
-            .test_before_acquire(false)
-            .before_acquire(move |conn, meta| {
-                let suspicion = on_acquire.clone();
-                Box::pin(async move {
-                    Ok(!suspicion.covers(meta.idle_for) || answers(conn, ping).await)
-                })
-            })
-            // sqlx pings every released connection and waits for the answer with no
-            // deadline; this ping has one, and a connection that misses it is closed.
-            .after_release(move |conn, _| {
-                let suspicion = on_release.clone();
-                Box::pin(async move {
-                    let alive = answers(conn, ping).await;
-                    if !alive {
-                        suspicion.raise();
-                    }
-                    Ok(alive)
-                })
-            })
-            .connect_with(pooled);
-        let pool =
-            tokio::time::timeout(options.acquire_timeout.max(options.query_timeout), connecting)
-                .await
-                .map_err(|_| Error::Unavailable("store unavailable: no answer in time".into()))??;
+        let pool = open_pool(pooled, options, &suspicion).await?;
         let (loads, pending) = mpsc::channel(MAX_QUEUED_LOADS);
         let timeout = options.query_timeout;
         let reader = (timeout, suspicion.clone(), session.clone());
         tokio::spawn(coalesce_loads(pool.clone(), pending, reader));
+        // The standby's loader: a pool of its own, direct (no pooler between).
+        let (read_loads, read_pool) = match read {
+            Some(read) => {
+                let read_pool = open_pool(read, options, &suspicion).await?;
+                let (read_loads, pending) = mpsc::channel(MAX_QUEUED_LOADS);
+                let reader = (timeout, suspicion.clone(), Session::new(false, timeout));
+                tokio::spawn(coalesce_loads(read_pool.clone(), pending, reader));
+                (Some(read_loads), Some(read_pool))
+            }
+            None => (None, None),
+        };
         let (writes, queued) = mpsc::channel(MAX_QUEUED_WRITES);
         let writer = Writer {
             timeout,
@@ -459,6 +497,8 @@ impl PgStore {
             connect,
             application_id: application_id.clone(),
             loads,
+            read_loads,
+            read_pool,
             writes,
             fault_after_commit: options.fault_after_commit,
             query_timeout: timeout,
@@ -620,18 +660,40 @@ const RECORD: &str = "SELECT rolecheck_record($1, $2, $3, $4, $5, $6)";
 impl RoleReads for PgStore {
     /// Through the coalescing loader (see the module docs).
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
-        let (tx, rx) = oneshot::channel();
-        let closed = || Error::Unavailable("store closed".into());
-        self.loads.try_send((user.as_str().to_owned(), tx)).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => {
-                Error::Unavailable("too many cache loads queued; retry".into())
-            }
-            mpsc::error::TrySendError::Closed(_) => closed(),
-        })?;
-        let snapshot = rx.await.map_err(|_| closed())??;
+        let snapshot = load(&self.loads, user).await?;
         check_min_revision(snapshot.revision, min_revision)?;
         Ok(Answer::new(Arc::new(snapshot)))
     }
+
+    /// From the standby when it has replayed `floor`; from the primary when it has not,
+    /// or does not answer.
+    async fn user_roles_at_least(&self, user: &UserId, floor: Revision) -> Result<Answer> {
+        if let Some(read) = &self.read_loads {
+            match load(read, user).await {
+                Ok(snapshot) if snapshot.revision >= floor => {
+                    return Ok(Answer::new(Arc::new(snapshot)));
+                }
+                Ok(snapshot) => {
+                    tracing::debug!(standby = snapshot.revision, floor, "the standby is behind")
+                }
+                Err(err) => tracing::debug!(%err, "the standby did not answer"),
+            }
+        }
+        self.user_roles(user, floor).await
+    }
+}
+
+/// `user`'s roles from the loader fed by `loads`.
+async fn load(loads: &mpsc::Sender<PendingLoad>, user: &UserId) -> Result<UserRoles> {
+    let (tx, rx) = oneshot::channel();
+    let closed = || Error::Unavailable("store closed".into());
+    loads.try_send((user.as_str().to_owned(), tx)).map_err(|err| match err {
+        mpsc::error::TrySendError::Full(_) => {
+            Error::Unavailable("too many cache loads queued; retry".into())
+        }
+        mpsc::error::TrySendError::Closed(_) => closed(),
+    })?;
+    rx.await.map_err(|_| closed())?
 }
 
 #[async_trait]
@@ -785,6 +847,9 @@ impl HistoryLog for PgStore {
 #[async_trait]
 impl Backend for PgStore {
     async fn close(&self) {
+        if let Some(read_pool) = &self.read_pool {
+            read_pool.close().await;
+        }
         self.pool.close().await;
     }
 }

@@ -1,0 +1,99 @@
+//! Misses from a hot standby (`--read-database-url`): a real primary and a real streaming
+//! standby of it (`pg_basebackup`), both throwaway clusters on their own ports.
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+
+use crate::{
+    helpers::{TestApp, TestDb, check_req, start, test_config, wait_for, wait_trusted},
+    standby_pair::Pair,
+};
+
+async fn allowed(app: &TestApp, user: &str) -> bool {
+    let answer = app.checks.clone().check(check_req(user, "acme", "admin", 0)).await;
+    answer.expect("Check").into_inner().allowed
+}
+
+async fn query_i64(url: &str, sql: &str) -> i64 {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    let (value,): (i64,) = sqlx::query_as(sql).fetch_one(&mut conn).await.expect(sql);
+    value
+}
+
+/// The standby's revision, once it has replayed at least `revision`.
+async fn replayed(standby: &str, revision: u64) {
+    wait_for(Duration::from_secs(10), "the standby to replay", || async {
+        let at = query_i64(standby, "SELECT value FROM store_revision WHERE id = 1").await;
+        (at as u64 >= revision).then_some(())
+    })
+    .await;
+}
+
+/// With `--read-database-url`, a current cache's miss is read on the standby once it
+/// has replayed what the cache applied, and on the primary while it lags: a standby
+/// paused before a revoke never brings the revoked role back, and a user granted after
+/// the pause is read from the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_come_from_a_standby_only_once_it_has_replayed_what_the_cache_applied() {
+    let pair = tokio::task::spawn_blocking(Pair::start).await.expect("clusters");
+    let mut admin = PgConnection::connect(&pair.primary_url("postgres")).await.expect("admin");
+    sqlx::query("CREATE DATABASE rc").execute(&mut admin).await.expect("create");
+    let (primary, standby) = (pair.primary_url("rc"), pair.standby_url("rc"));
+    wait_for(Duration::from_secs(10), "the standby to have the database", || async {
+        PgConnection::connect(&standby).await.ok().map(|_| ())
+    })
+    .await;
+    let db = TestDb::Replica { url: primary.clone(), via: None };
+    let mut config = test_config(&db);
+    config.read_database_url = Some(rolecheck::config::DatabaseUrl(standby.clone()));
+    let app = start(config, db).await;
+    app.create_tenant("acme").await;
+    let granted = app.grant("alice", "acme", &["admin"]).await;
+    replayed(&standby, granted).await;
+    wait_trusted(&app, granted).await;
+    // A load whose query started on the standby after `since`.
+    let loads_since = |since: String| {
+        let standby = standby.clone();
+        async move {
+            let mut conn = PgConnection::connect(&standby).await.expect("standby");
+            let sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'rc' AND pid <> pg_backend_pid() \
+                       AND query LIKE '%unnest(%::text[])%' AND query_start >= $1::timestamptz";
+            let (n,): (i64,) =
+                sqlx::query_as(sql).bind(since).fetch_one(&mut conn).await.expect("activity");
+            n
+        }
+    };
+    let now = || async {
+        let mut conn = PgConnection::connect(&standby).await.expect("standby");
+        let (now,): (String,) = sqlx::query_as("SELECT clock_timestamp()::text")
+            .fetch_one(&mut conn)
+            .await
+            .expect("now");
+        now
+    };
+    let before = now().await;
+    assert!(allowed(&app, "alice").await);
+    assert_eq!(loads_since(before).await, 1, "alice's miss was read on the standby");
+
+    // The standby stops replaying; a revoke lands on the primary and in the cache.
+    let mut on_standby = PgConnection::connect(&standby).await.expect("standby");
+    sqlx::query("SELECT pg_wal_replay_pause()").execute(&mut on_standby).await.expect("pause");
+    let revoked = app.revoke("alice", "acme", &["admin"]).await;
+    let bob = app.grant("bob", "acme", &["admin"]).await;
+    wait_trusted(&app, bob).await;
+    let standby_at = query_i64(&standby, "SELECT value FROM store_revision WHERE id = 1").await;
+    assert!((standby_at as u64) < revoked, "the standby is behind the revoke");
+    let before = now().await;
+    assert!(!allowed(&app, "alice").await, "a lagging standby brings no revoked role back");
+    assert_eq!(loads_since(before).await, 1, "the standby was asked first");
+    assert!(allowed(&app, "bob").await, "a user the standby has not seen is read on the primary");
+
+    sqlx::query("SELECT pg_wal_replay_resume()").execute(&mut on_standby).await.expect("resume");
+    replayed(&standby, bob).await;
+    let carol = app.grant("carol", "acme", &["admin"]).await;
+    replayed(&standby, carol).await;
+    assert!(allowed(&app, "carol").await);
+    app.stop().await;
+    drop(pair);
+}
