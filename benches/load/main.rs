@@ -42,6 +42,9 @@
 //!
 //!    With `BENCH_PGBOUNCER`, each size also runs on this build through a real PgBouncer
 //!    in transaction mode (`--database-pool-mode transaction`), against direct above it.
+//!    With `BENCH_STANDBY`, each size also runs on this build over a throwaway primary
+//!    and a streaming standby of it (`tests/support/standby.rs`): misses from the primary,
+//!    then from the standby (`--read-database-url`).
 //! 7. with `BENCH_AB` (e.g. `12`) rounds, `BENCH_COMPARE_BIN` and a Postgres: before and
 //!    after interleaved, a cached Check on a central server and on a follower of each
 //!    build, the order flipping every round (`load/ab.rs`); `BENCH_AB_SECONDS` (3) each.
@@ -63,7 +66,18 @@ mod ab;
 #[path = "../../tests/support/pgbouncer.rs"]
 mod pgbouncer;
 
+#[path = "../../tests/support/standby.rs"]
+mod standby;
+
 use pgbouncer::Bouncer;
+
+/// How a Postgres phase's server reaches its database.
+#[derive(Clone, Copy)]
+enum Via<'a> {
+    Direct,
+    PgBouncer(&'a Bouncer),
+    Standby(&'a standby::Pair),
+}
 
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::client::SendRequest;
@@ -798,19 +812,36 @@ async fn run() {
         bins.push((env!("CARGO_BIN_EXE_rolecheck").into(), "this build"));
         // With `BENCH_PGBOUNCER`, this build again through PgBouncer in transaction mode.
         let pooler = std::env::var_os("BENCH_PGBOUNCER").map(|_| Bouncer::start(&admin_url, ""));
+        // With `BENCH_STANDBY`, this build on a throwaway primary, without and with a hot
+        // standby of it answering misses.
+        let pair = match std::env::var_os("BENCH_STANDBY") {
+            Some(_) => Some(
+                tokio::task::spawn_blocking(standby::Pair::start).await.expect("primary, standby"),
+            ),
+            None => None,
+        };
+        let this = Path::new(env!("CARGO_BIN_EXE_rolecheck"));
         let mut scaling = Vec::new();
         for size in sizes.split(',').filter_map(|s| s.trim().parse::<u64>().ok()) {
             for (bin, label) in &bins {
-                let build = (bin.as_path(), *label, None);
+                let build = (bin.as_path(), *label, Via::Direct);
                 let row = postgres_phase(&admin_url, build, size, concurrency, &baseline);
                 scaling.push(row.await);
             }
             if let Some(pooler) = &pooler {
-                let this = Path::new(env!("CARGO_BIN_EXE_rolecheck"));
-                let build =
-                    (this, "this build, through PgBouncer (transaction mode)", Some(pooler));
+                let label = "this build, through PgBouncer (transaction mode)";
+                let build = (this, label, Via::PgBouncer(pooler));
                 let row = postgres_phase(&admin_url, build, size, concurrency, &baseline);
                 scaling.push(row.await);
+            }
+            if let Some(pair) = &pair {
+                let primary = pair.primary_url("postgres");
+                let label = "this build, on a primary with a standby, misses from the primary";
+                let build = (this, label, Via::Direct);
+                scaling.push(postgres_phase(&primary, build, size, concurrency, &baseline).await);
+                let label = "this build, misses from the standby (--read-database-url)";
+                let build = (this, label, Via::Standby(pair));
+                scaling.push(postgres_phase(&primary, build, size, concurrency, &baseline).await);
             }
         }
         println!("\n### How cost grows with the dataset (Postgres)\n");
@@ -945,7 +976,7 @@ async fn sqlite_phase(noop: &Server, health: &Bytes, concurrency: usize, baselin
 /// Dataset `size` in a fresh Postgres database: every scenario, then one scaling row.
 async fn postgres_phase(
     admin_url: &str,
-    (bin, label, pooler): (&Path, &str, Option<&Bouncer>),
+    (bin, label, via): (&Path, &str, Via<'_>),
     size: u64,
     concurrency: usize,
     baseline: &Outcome,
@@ -958,9 +989,31 @@ async fn postgres_phase(
     assert!(status.success(), "migrate");
     let loaded = generate(&url, dataset).await;
 
-    let server = match pooler {
-        None => spawn(rolecheck_from(bin, data.path(), &db)),
-        Some(pooler) => {
+    let server = match via {
+        Via::Direct => spawn(rolecheck_from(bin, data.path(), &db)),
+        Via::Standby(pair) => {
+            let standby = pair.standby_url(&format!("rolecheck_bench_{size}"));
+            let memberships = "SELECT count(*) FROM memberships";
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let replayed = match PgConnection::connect(&standby).await {
+                    Ok(mut conn) => sqlx::query_as::<_, (i64,)>(memberships)
+                        .fetch_one(&mut conn)
+                        .await
+                        .is_ok_and(|(n,)| n as u64 >= size),
+                    Err(_) => false,
+                };
+                if replayed {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the standby never replayed the dataset");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let with_standby =
+                [("ROLECHECK_DATABASE_URL", url.clone()), ("ROLECHECK_READ_DATABASE_URL", standby)];
+            spawn(rolecheck_from(bin, data.path(), &with_standby))
+        }
+        Via::PgBouncer(pooler) => {
             let name = format!("rolecheck_bench_{size}");
             let through = [
                 ("ROLECHECK_DATABASE_URL", pooler.url(&name, pgbouncer::PASSWORD)),
