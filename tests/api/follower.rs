@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// A follower of `upstream`, over loopback, with the default lease.
-async fn follower_of(upstream: &TestApp) -> TestApp {
+pub(crate) async fn follower_of(upstream: &TestApp) -> TestApp {
     follower_with(upstream, |_| {}).await
 }
 

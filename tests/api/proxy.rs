@@ -8,6 +8,8 @@
 //!   stays open, and so does every connection made while silent (a failover behind a
 //!   virtual IP, a dropped conntrack entry). `restore` lets new connections through; the
 //!   silenced ones stay silent for good, so only a client that gives up on them recovers.
+//! - `retarget`: new connections go to another target (a virtual IP moved to a promoted
+//!   standby).
 //! - `delay`: every byte from the target reaches the client that much later (a deep
 //!   buffer on the way: whatever the target sends waits behind what it sent before).
 
@@ -46,6 +48,8 @@ pub struct Proxy {
     target_closed: Arc<AtomicU64>,
     /// Milliseconds every byte from the target is held before the client gets it.
     delay_ms: Arc<AtomicU64>,
+    /// Where new connections go (`host:port`).
+    target: Arc<Mutex<String>>,
 }
 
 impl Proxy {
@@ -66,7 +70,9 @@ impl Proxy {
             live: Arc::default(),
             target_closed: Arc::default(),
             delay_ms: Arc::default(),
+            target: Arc::new(Mutex::new(target)),
         };
+        let target = proxy.target.clone();
         let (cut, silent, live, closed, delay) = (
             proxy.cut.clone(),
             proxy.silent.clone(),
@@ -80,7 +86,8 @@ impl Proxy {
                     continue; // dropped: connection closed at once
                 }
                 let quiet = Arc::new(AtomicBool::new(silent.load(Ordering::SeqCst)));
-                let Ok(server) = TcpStream::connect(&target).await else { continue };
+                let to = target.lock().expect("lock").clone();
+                let Ok(server) = TcpStream::connect(&to).await else { continue };
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
                 let up = tokio::spawn(pump(
@@ -127,6 +134,12 @@ impl Proxy {
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
         self.silent.store(false, Ordering::SeqCst);
+    }
+
+    /// New connections go to `target` (`host:port`) from now on: the address an HA
+    /// manager moves to a promoted standby.
+    pub fn retarget(&self, target: String) {
+        *self.target.lock().expect("lock") = target;
     }
 
     /// From now on, every byte from the target reaches its client `delay` later, in order.

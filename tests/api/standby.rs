@@ -97,3 +97,86 @@ async fn misses_come_from_a_standby_only_once_it_has_replayed_what_the_cache_app
     app.stop().await;
     drop(pair);
 }
+
+/// An asynchronous failover that lost a write is a new store to every cache, even once
+/// the promoted standby's revisions have caught up with the lost ones. A grant to
+/// mallory is acknowledged by the primary but never reaches the standby (its replication
+/// is stopped); a follower caches mallory's role. The primary dies, the standby is
+/// promoted, another replica writes on it until its revision is the lost grant's, and
+/// the address the replicas use moves to it. The follower never allows mallory again:
+/// its replica sees another timeline (another epoch) and every cache starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_that_lost_writes_is_a_new_store_to_every_cache() {
+    let pair = tokio::task::spawn_blocking(Pair::start).await.expect("clusters");
+    let mut admin = PgConnection::connect(&pair.primary_url("postgres")).await.expect("admin");
+    sqlx::query("CREATE DATABASE rc").execute(&mut admin).await.expect("create");
+    let standby = pair.standby_url("rc");
+    let (primary_addr, standby_addr) = pair.addrs();
+    // The address the replicas use, which an HA manager moves on failover.
+    let vip = crate::proxy::Proxy::start_to(primary_addr).await;
+    let through_vip = format!("postgres://postgres@{}/rc", vip.addr);
+    let db = TestDb::Replica { url: through_vip, via: None };
+    let mut config = test_config(&db);
+    config.db_query_timeout = Duration::from_secs(1);
+    config.request_timeout = Duration::from_secs(3);
+    let replica = start(config, db).await;
+    let follower = crate::follower::follower_of(&replica).await;
+    replica.create_tenant("acme").await;
+    let seeded = replica.grant("alice", "acme", &["viewer"]).await;
+    replayed(&standby, seeded).await;
+
+    // Replication stops; the grant to mallory exists on the primary alone.
+    let mut on_standby = PgConnection::connect(&standby).await.expect("standby");
+    for sql in ["ALTER SYSTEM SET primary_conninfo = ''", "SELECT pg_reload_conf()"] {
+        sqlx::query(sql).execute(&mut on_standby).await.expect(sql);
+    }
+    drop(on_standby);
+    wait_for(Duration::from_secs(10), "the standby to stop receiving", || async {
+        let mut conn = PgConnection::connect(&standby).await.ok()?;
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM pg_stat_wal_receiver")
+            .fetch_one(&mut conn)
+            .await
+            .ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+    let lost = replica.grant("mallory", "acme", &["admin"]).await;
+    wait_trusted(&follower, lost).await;
+    let mallory = |min| check_req("mallory", "acme", "admin", min);
+    let answer = follower.checks.clone().check(mallory(lost)).await.expect("Check");
+    assert!(answer.into_inner().allowed, "the follower caches mallory's role");
+
+    // Failover: the primary dies, the standby is promoted and written to until its
+    // revision is the lost grant's, then the address moves to it.
+    vip.cut();
+    let pair = tokio::task::spawn_blocking(move || {
+        pair.kill_primary();
+        pair.promote();
+        pair
+    })
+    .await
+    .expect("failover");
+    let promoted = TestDb::Replica { url: pair.standby_url("rc"), via: None };
+    let other = start(test_config(&promoted), promoted).await;
+    let mut revision = 0;
+    while revision < lost {
+        revision = other.grant("bob", "acme", &[&format!("r{revision}")]).await;
+    }
+    assert_eq!(revision, lost, "the new primary's revisions caught up with the lost one");
+    vip.retarget(standby_addr);
+    vip.restore();
+
+    // Every cache starts over: once the follower trusts its cache again, mallory is
+    // denied there (a cache that took the new store for the old would still allow).
+    wait_trusted(&replica, lost).await;
+    wait_trusted(&follower, lost).await;
+    let answer = follower.checks.clone().check(mallory(0)).await.expect("Check");
+    assert!(!answer.into_inner().allowed, "the lost grant is gone from every cache");
+    let answer = replica.checks.clone().check(mallory(0)).await.expect("Check");
+    assert!(!answer.into_inner().allowed);
+    let bob = check_req("bob", "acme", "r0", 0);
+    let answer = follower.checks.clone().check(bob).await.expect("Check");
+    assert!(answer.into_inner().allowed, "the follower answers from the new store");
+    drop((follower, replica, other));
+    drop(pair);
+}

@@ -121,6 +121,24 @@ impl Pair {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.primary.port)
     }
 
+    /// `host:port` of the primary and of the standby.
+    pub fn addrs(&self) -> (String, String) {
+        let addr = |cluster: &Cluster| format!("127.0.0.1:{}", cluster.port);
+        (addr(&self.primary), addr(&self.standby))
+    }
+
+    /// The primary dies (an immediate stop: no shutdown checkpoint, as in a crash).
+    pub fn kill_primary(&self) {
+        self.primary.stop();
+    }
+
+    /// Promotes the standby and waits until it accepts writes.
+    pub fn promote(&self) {
+        let mut promote = as_postgres("pg_ctl");
+        promote.args(["-w", "-t", "30", "-D"]).arg(&self.standby.data).arg("promote");
+        run(&mut promote, "pg_ctl promote");
+    }
+
     /// The URL of `database` on the standby.
     pub fn standby_url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.standby.port)

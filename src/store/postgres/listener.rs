@@ -12,8 +12,17 @@ use tokio::sync::mpsc;
 use super::{CHANNEL, SYNC_INTERVAL, Suspicion, bounded};
 use crate::{
     domain::Revision,
-    store::{ChangeKind, FeedEvent, Stale, sql},
+    store::{ChangeKind, FeedEvent, Stale},
 };
+
+/// The store's revision and identity: its epoch and the server's WAL timeline, which a
+/// promotion moves to a new one. A standby promoted after an asynchronous failover may
+/// lack writes the old primary acknowledged, and its revisions may have caught up with
+/// them by the time a listener reconnects; as another timeline it is another store, so
+/// every cache built on the old one starts over. (A synchronous failover loses nothing
+/// and pays one cold cache for it.)
+const IDENTITY: &str = "SELECT value, epoch || '.' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) \
+                        FROM store_revision WHERE id = 1";
 
 /// Parses `<revision>:<kind>:<user>`.
 fn parse_change(payload: &str) -> Option<FeedEvent> {
@@ -72,7 +81,7 @@ pub(super) async fn listen(link: Link, tx: mpsc::Sender<FeedEvent>) {
             // Listening already: the revision read next is proof as of no later than now.
             let at = Instant::now();
             let (revision, epoch): (i64, String) =
-                sqlx::query_as(sql::IDENTITY).fetch_one(&mut listener).await?;
+                sqlx::query_as(IDENTITY).fetch_one(&mut listener).await?;
             Ok((listener, revision as Revision, epoch, at))
         };
         let (mut listener, revision, epoch, at) = match bounded(
