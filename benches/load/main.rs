@@ -66,6 +66,8 @@ mod ab;
 #[path = "../../tests/support/pgbouncer.rs"]
 mod pgbouncer;
 
+// Shared with the tests, whose failover helpers the bench does not use.
+#[allow(dead_code)]
 #[path = "../../tests/support/standby.rs"]
 mod standby;
 
