@@ -180,3 +180,146 @@ async fn a_failover_that_lost_writes_is_a_new_store_to_every_cache() {
     drop((follower, replica, other));
     drop(pair);
 }
+
+/// A synchronous failover under load: two replicas and a follower of one, a writer and
+/// readers running throughout. The primary dies, the standby is promoted and the address
+/// moves to it. Every grant acknowledged before, during or after the switch is on the new
+/// primary; writes fail only after the primary died, only with `UNAVAILABLE`, and work
+/// again within seconds of the address moving (the outage is printed); a user revoked
+/// before the failover is never allowed anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_failover_loses_no_acknowledged_write_and_allows_nothing_stale() {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+
+    let pair = tokio::task::spawn_blocking(|| {
+        let pair = Pair::start();
+        pair.synchronous();
+        pair
+    })
+    .await
+    .expect("clusters");
+    let mut admin = PgConnection::connect(&pair.primary_url("postgres")).await.expect("admin");
+    sqlx::query("CREATE DATABASE rc").execute(&mut admin).await.expect("create");
+    drop(admin);
+    let (primary_addr, standby_addr) = pair.addrs();
+    let vip = crate::proxy::Proxy::start_to(primary_addr).await;
+    let through_vip = format!("postgres://postgres@{}/rc", vip.addr);
+    let configured = || {
+        let db = TestDb::Replica { url: through_vip.clone(), via: None };
+        let mut config = test_config(&db);
+        config.db_query_timeout = Duration::from_secs(1);
+        config.request_timeout = Duration::from_secs(3);
+        (config, db)
+    };
+    let (config, db) = configured();
+    let a = start(config, db).await;
+    let (config, db) = configured();
+    let b = start(config, db).await;
+    let follower = crate::follower::follower_of(&a).await;
+    a.create_tenant("acme").await;
+    a.grant("gone", "acme", &["admin"]).await;
+    let revoked = a.revoke("gone", "acme", &["admin"]).await;
+    wait_trusted(&follower, revoked).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = std::time::Instant::now();
+    // The writer: acknowledged users, and (when, code) of every failed write.
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let failures = Arc::new(Mutex::new(Vec::<(Duration, tonic::Code)>::new()));
+    let writer = {
+        let (mut checks, stop) = (b.checks.clone(), stop.clone());
+        let (acknowledged, failures) = (acknowledged.clone(), failures.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let user = format!("w{i}");
+                let request = rolecheck::pb::GrantRequest {
+                    user_id: user.clone(),
+                    tenant_id: "acme".into(),
+                    roles: vec!["viewer".into()],
+                    expires_at: None,
+                };
+                match checks.grant(request).await {
+                    Ok(_) => acknowledged.lock().expect("lock").push(user),
+                    Err(status) => {
+                        failures.lock().expect("lock").push((started.elapsed(), status.code()))
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // The readers: the revoked user, on the follower and on the other replica.
+    let stale = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = [follower.checks.clone(), b.checks.clone()]
+        .into_iter()
+        .map(|mut checks| {
+            let (stop, stale) = (stop.clone(), stale.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let answer = checks.check(check_req("gone", "acme", "admin", 0)).await;
+                    if answer.is_ok_and(|a| a.into_inner().allowed) {
+                        stale.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let died = started.elapsed();
+    vip.cut();
+    let pair = tokio::task::spawn_blocking(move || {
+        pair.kill_primary();
+        pair.promote();
+        pair
+    })
+    .await
+    .expect("failover");
+    vip.retarget(standby_addr);
+    vip.restore();
+    let moved = started.elapsed();
+    let at_move = acknowledged.lock().expect("lock").len();
+    wait_for(Duration::from_secs(20), "writes to work again", || async {
+        (acknowledged.lock().expect("lock").len() > at_move + 10).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    writer.await.expect("writer");
+    for reader in readers {
+        reader.await.expect("reader");
+    }
+
+    let failures = failures.lock().expect("lock").clone();
+    let acknowledged = acknowledged.lock().expect("lock").clone();
+    let (first, last) = (failures.first().map(|f| f.0), failures.last().map(|f| f.0));
+    eprintln!(
+        "primary killed at {died:?}, address moved at {moved:?}; {} writes refused, from \
+         {first:?} to {last:?}; {} acknowledged",
+        failures.len(),
+        acknowledged.len()
+    );
+    assert!(failures.iter().all(|(_, code)| *code == tonic::Code::Unavailable), "{failures:?}");
+    assert!(failures.iter().all(|(at, _)| *at >= died), "a write failed before the failover");
+    assert!(
+        failures.iter().all(|(at, _)| *at < moved + Duration::from_secs(5)),
+        "writes still failed 5 s after the address moved: {failures:?}"
+    );
+    assert_eq!(stale.load(Ordering::SeqCst), 0, "a revoked user was allowed");
+    let mut promoted = PgConnection::connect(&pair.standby_url("rc")).await.expect("connect");
+    let (present,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM memberships WHERE tenant_id = 'acme' AND user_id = ANY($1)",
+    )
+    .bind(&acknowledged)
+    .fetch_one(&mut promoted)
+    .await
+    .expect("count");
+    assert_eq!(present as usize, acknowledged.len(), "an acknowledged write was lost");
+    drop((follower, a, b));
+    drop(pair);
+}

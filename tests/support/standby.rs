@@ -121,6 +121,30 @@ impl Pair {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.primary.port)
     }
 
+    /// Makes the standby synchronous: from now on a commit on the primary returns only
+    /// once the standby has it.
+    pub fn synchronous(&self) {
+        let mut psql = as_postgres("psql");
+        psql.args(["-h", "127.0.0.1", "-p", &self.primary.port.to_string(), "-U", "postgres"])
+            .args(["-c", "ALTER SYSTEM SET synchronous_standby_names = '*'"])
+            .args(["-c", "SELECT pg_reload_conf()"]);
+        run(&mut psql, "synchronous_standby_names");
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut psql = as_postgres("psql");
+            psql.args(["-h", "127.0.0.1", "-p", &self.primary.port.to_string(), "-U", "postgres"])
+                .args([
+                    "-Atc",
+                    "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+                ]);
+            if psql.output().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "1") {
+                return;
+            }
+            assert!(Instant::now() < until, "the standby never became synchronous");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `host:port` of the primary and of the standby.
     pub fn addrs(&self) -> (String, String) {
         let addr = |cluster: &Cluster| format!("127.0.0.1:{}", cluster.port);
