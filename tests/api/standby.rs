@@ -30,6 +30,19 @@ async fn replayed(standby: &str, revision: u64) {
     .await;
 }
 
+/// The failover: the address the replicas use leads nowhere (`vip` cut), the primary
+/// dies (an immediate stop, as in a crash) and the standby is promoted.
+async fn fail_over(pair: Pair, vip: &crate::proxy::Proxy) -> Pair {
+    vip.cut();
+    tokio::task::spawn_blocking(move || {
+        pair.kill_primary();
+        pair.promote();
+        pair
+    })
+    .await
+    .expect("failover")
+}
+
 /// With `--read-database-url`, a current cache's miss is read on the standby once it
 /// has replayed what the cache applied, and on the primary while it lags: a standby
 /// paused before a revoke never brings the revoked role back, and a user granted after
@@ -148,14 +161,7 @@ async fn a_failover_that_lost_writes_is_a_new_store_to_every_cache() {
 
     // Failover: the primary dies, the standby is promoted and written to until its
     // revision is the lost grant's, then the address moves to it.
-    vip.cut();
-    let pair = tokio::task::spawn_blocking(move || {
-        pair.kill_primary();
-        pair.promote();
-        pair
-    })
-    .await
-    .expect("failover");
+    let pair = fail_over(pair, &vip).await;
     let promoted = TestDb::Replica { url: pair.standby_url("rc"), via: None };
     let other = start(test_config(&promoted), promoted).await;
     let mut revision = 0;
@@ -271,16 +277,12 @@ async fn a_synchronous_failover_loses_no_acknowledged_write_and_allows_nothing_s
         })
         .collect();
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let died = started.elapsed();
-    vip.cut();
-    let pair = tokio::task::spawn_blocking(move || {
-        pair.kill_primary();
-        pair.promote();
-        pair
+    wait_for(Duration::from_secs(10), "writes before the failover", || async {
+        (acknowledged.lock().expect("lock").len() >= 10).then_some(())
     })
-    .await
-    .expect("failover");
+    .await;
+    let died = started.elapsed();
+    let pair = fail_over(pair, &vip).await;
     vip.retarget(standby_addr);
     vip.restore();
     let moved = started.elapsed();
