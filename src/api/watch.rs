@@ -202,6 +202,10 @@ impl WatchHub {
     /// is held as long as the stream is open. With `progress`, also a response with no
     /// changes about that often (see [`Progress`]), timed from `opened`, when the request
     /// was received.
+    ///
+    /// One piece (past 80 lines) on purpose: catching up from the store and following
+    /// the hub share the stream's position, its subscription and its progress, and the
+    /// order between subscribing and reading is what makes the stream gapless.
     pub fn stream(
         self: &Arc<Self>,
         after: Revision,

@@ -56,6 +56,9 @@ pub(super) struct Link {
 /// Hearing nothing at all (not even this replica's own sync, sent every
 /// [`SYNC_INTERVAL`]) for `link.silence` means the connection went silent: it is dropped
 /// and a new one made, as for a closed one.
+///
+/// One piece (past 80 lines) on purpose: connecting, proving the revision, and hearing
+/// share one connection and one backoff, in the order that makes the proof valid.
 pub(super) async fn listen(link: Link, tx: mpsc::Sender<FeedEvent>) {
     let mut backoff = Duration::from_millis(50);
     while !tx.is_closed() {
