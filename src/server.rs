@@ -533,7 +533,9 @@ async fn open_store(config: &Config, application_id: &TenantId, migrate: bool) -
         .await
 }
 
-/// Drops history older than `retention`, now and then. Not a write: no revision.
+/// Drops history older than `retention`, and purges the memberships of deleted tenants,
+/// now and then (every tenth of the retention, between 1 s and 1 min). Neither is a write:
+/// no revision.
 async fn prune_history(store: Arc<dyn HistoryLog>, retention: Duration) {
     let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
@@ -542,6 +544,9 @@ async fn prune_history(store: Arc<dyn HistoryLog>, retention: Duration) {
             Ok(0) => {}
             Ok(floor) => tracing::debug!(floor, "pruned history"),
             Err(err) => tracing::debug!(%err, "history pruning skipped"),
+        }
+        if let Err(err) = store.purge_deleted_tenants().await {
+            tracing::warn!(%err, "purging deleted tenants failed; retried on the next round");
         }
         tokio::time::sleep(every).await;
     }

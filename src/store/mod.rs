@@ -17,6 +17,7 @@ mod inspect;
 pub mod measured;
 mod owner;
 mod postgres;
+mod shared;
 mod sql;
 mod sqlite;
 
@@ -32,6 +33,7 @@ use crate::{
 pub use inspect::{Inspection, inspect};
 pub use measured::MeasuredStore;
 pub use postgres::{PgStore, diagnose};
+pub use shared::CHUNK as PURGE_CHUNK;
 pub use sql::list_changes_sql;
 pub use sqlite::SqliteStore;
 
@@ -232,6 +234,12 @@ pub trait HistoryLog: Send + Sync + 'static {
     /// Drops history committed before `older_than_ms` (unix ms); returns the new floor.
     /// Not a write: no revision is committed.
     async fn prune_history(&self, older_than_ms: i64) -> Result<Revision>;
+
+    /// Deletes the memberships of tenants marked deleted (see `shared`); returns how many.
+    /// Not a write: readers already treat them as gone. A store that marks none has none.
+    async fn purge_deleted_tenants(&self) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// A storage backend: every part, and a way to close it. SQLite and Postgres are two;

@@ -25,9 +25,15 @@ pub const REVISION: &str = "SELECT value FROM store_revision WHERE id = 1";
 pub const IDENTITY: &str = "SELECT value, epoch FROM store_revision WHERE id = 1";
 
 /// Everything a user holds, with the revision, in one statement (one snapshot).
+///
+/// Memberships of a tenant marked deleted (being purged, see [`crate::store::shared`])
+/// are never read: the `NOT IN` here (and in [`LIST_MEMBERS`] and the Postgres loader)
+/// leaves them out, at the cost of one probe of the partial index `tenants_deleted`,
+/// which is empty but while a purge runs.
 pub const USER_ROLES: &str = "\
     SELECT r.value, m.tenant_id, m.role, m.expires_at \
     FROM store_revision r LEFT JOIN memberships m ON m.user_id = $1 \
+      AND m.tenant_id NOT IN (SELECT tenant_id FROM tenants WHERE deleted_at IS NOT NULL) \
     WHERE r.id = 1 ORDER BY m.tenant_id, m.role";
 
 /// A page of a tenant's members with their live roles, with the revision.
@@ -38,21 +44,33 @@ pub const LIST_MEMBERS: &str = "\
           AND m.user_id IN ( \
             SELECT DISTINCT u.user_id FROM memberships u \
             WHERE u.tenant_id = $1 AND u.user_id > $2 \
+              AND $1 NOT IN (SELECT tenant_id FROM tenants WHERE deleted_at IS NOT NULL) \
               AND (u.expires_at IS NULL OR u.expires_at > $3) \
             ORDER BY u.user_id LIMIT $4) \
     ) x ON TRUE \
     WHERE r.id = 1 ORDER BY x.user_id, x.role";
 
-pub const TENANT_EXISTS: &str = "SELECT 1 FROM tenants WHERE tenant_id = $1";
+pub const TENANT_EXISTS: &str = "SELECT 1 FROM tenants WHERE tenant_id = $1 AND deleted_at IS NULL";
 pub const INSERT_TENANT: &str =
     "INSERT INTO tenants (tenant_id, name, created_at) VALUES ($1, $2, $3)";
 pub const ENSURE_TENANT: &str = "INSERT INTO tenants (tenant_id, name, created_at) \
     VALUES ($1, $2, $3) ON CONFLICT (tenant_id) DO NOTHING";
-pub const GET_TENANT: &str = "SELECT tenant_id, name, created_at FROM tenants WHERE tenant_id = $1";
+pub const GET_TENANT: &str = "SELECT tenant_id, name, created_at FROM tenants \
+    WHERE tenant_id = $1 AND deleted_at IS NULL";
 pub const LIST_TENANTS: &str = "SELECT tenant_id, name, created_at FROM tenants \
-    WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2";
+    WHERE tenant_id > $1 AND deleted_at IS NULL ORDER BY tenant_id LIMIT $2";
+/// How many memberships a tenant has, counting no further than `$2`.
+pub const TENANT_SIZE: &str = "SELECT count(*) FROM \
+    (SELECT 1 FROM memberships WHERE tenant_id = $1 LIMIT $2) s";
 pub const DELETE_TENANT_MEMBERS: &str = "DELETE FROM memberships WHERE tenant_id = $1";
-pub const DELETE_TENANT: &str = "DELETE FROM tenants WHERE tenant_id = $1";
+pub const DELETE_TENANT: &str = "DELETE FROM tenants WHERE tenant_id = $1 AND deleted_at IS NULL";
+/// Marks a tenant deleted (`$2`: unix ms), for the purge to empty (see
+/// [`crate::store::shared`]).
+pub const MARK_TENANT_DELETED: &str =
+    "UPDATE tenants SET deleted_at = $2 WHERE tenant_id = $1 AND deleted_at IS NULL";
+/// Whether a tenant is marked deleted and not yet purged.
+pub const TENANT_PURGING: &str =
+    "SELECT 1 FROM tenants WHERE tenant_id = $1 AND deleted_at IS NOT NULL";
 pub const DELETE_MEMBER: &str = "DELETE FROM memberships WHERE tenant_id = $1 AND user_id = $2";
 pub const UPSERT_ROLES_PREFIX: &str =
     "INSERT INTO memberships (tenant_id, user_id, role, expires_at) ";
@@ -145,10 +163,26 @@ pub type ChangeRow = (
     Option<i64>,
 );
 
-pub const PRUNE_FLOOR: &str = "SELECT max(revision) FROM changes WHERE committed_at < $1";
-pub const PRUNE_CHANGES: &str = "DELETE FROM changes WHERE revision <= $1";
+/// The newest revision committed before `$1` (unix ms): one probe of `changes_by_time`
+/// and its ties (writes of the same millisecond), not a scan of everything older.
+pub const PRUNE_FLOOR: &str = "SELECT revision FROM changes WHERE committed_at < $1 \
+    ORDER BY committed_at DESC, revision DESC LIMIT 1";
+pub const OLDEST_CHANGE: &str = "SELECT min(revision) FROM changes";
+pub const PRUNE_CHANGES: &str = "DELETE FROM changes WHERE revision >= $1 AND revision <= $2";
 pub const RAISE_FLOOR: &str = "UPDATE store_revision SET pruned_through = $1 \
     WHERE id = 1 AND pruned_through < $1";
+
+/// Tenants marked deleted whose memberships are still to purge.
+pub const DELETED_TENANTS: &str = "SELECT tenant_id FROM tenants WHERE deleted_at IS NOT NULL";
+/// The user id `$3` memberships past user `$2` in tenant `$1`: where a purge chunk ends.
+pub const PURGE_BOUND: &str = "SELECT user_id FROM memberships \
+    WHERE tenant_id = $1 AND user_id > $2 ORDER BY user_id LIMIT 1 OFFSET $3";
+pub const PURGE_RANGE: &str =
+    "DELETE FROM memberships WHERE tenant_id = $1 AND user_id > $2 AND user_id <= $3";
+pub const PURGE_REST: &str = "DELETE FROM memberships WHERE tenant_id = $1 AND user_id > $2";
+/// The row of a purged tenant, which frees its id.
+pub const DROP_PURGED_TENANT: &str =
+    "DELETE FROM tenants WHERE tenant_id = $1 AND deleted_at IS NOT NULL";
 
 /// Folds [`CHANGES_AFTER`] rows into history entries and the pruning floor.
 pub fn history_from(rows: Vec<ChangeRow>) -> crate::store::History {

@@ -22,12 +22,14 @@ use sqlx::{
 use tokio::sync::{Mutex, OwnedMutexGuard, Semaphore, mpsc};
 
 use crate::{
-    domain::{Revision, TenantId, UnixSeconds, UserId},
+    domain::{Revision, TenantId, UserId},
     error::{Error, Result},
     store::{
-        Announcer, Answer, Backend, ChangeFeed, ChangeFilter, ChangeKind, ChangeRef, Feed,
-        FeedEvent, History, HistoryEntry, HistoryLog, MAX_QUEUED_WRITES, Member, MembershipWrite,
-        Remove, RoleReads, StoreOptions, Tenant, TenantReads, Writes, check_min_revision, sql,
+        Announcer, Answer, Backend, ChangeFeed, ChangeKind, ChangeRef, Feed, FeedEvent,
+        MAX_QUEUED_WRITES, MembershipWrite, Remove, RoleReads, StoreOptions, Tenant, Writes,
+        check_min_revision,
+        shared::{self, Bind},
+        sql,
     },
 };
 
@@ -205,53 +207,39 @@ impl SqliteStore {
 }
 
 #[async_trait]
-impl RoleReads for SqliteStore {
-    async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
-        let rows: Vec<sql::UserRoleRow> =
-            sqlx::query_as(sql::USER_ROLES).bind(user.as_str()).fetch_all(&self.read).await?;
-        let snapshot = sql::user_roles_from(user.as_str(), rows);
-        check_min_revision(snapshot.revision, min_revision)?;
-        Ok(Answer::new(Arc::new(snapshot)))
+impl shared::Run for SqliteStore {
+    /// On the read pool.
+    async fn rows<O: shared::Row>(&self, statement: &str, binds: &[Bind<'_>]) -> Result<Vec<O>> {
+        let mut query = sqlx::query_as::<Sqlite, O>(statement);
+        for bind in binds {
+            query = match *bind {
+                Bind::Text(text) => query.bind(text),
+                Bind::Int(int) => query.bind(int),
+            };
+        }
+        Ok(query.fetch_all(&self.read).await?)
+    }
+
+    /// On the write connection, between writes (it takes no turn among them: it announces
+    /// nothing, so it needs no place in their order).
+    async fn execute(&self, statement: &str, binds: &[Bind<'_>]) -> Result<u64> {
+        let mut query = sqlx::query::<Sqlite>(statement);
+        for bind in binds {
+            query = match *bind {
+                Bind::Text(text) => query.bind(text),
+                Bind::Int(int) => query.bind(int),
+            };
+        }
+        Ok(query.execute(&self.write).await?.rows_affected())
     }
 }
 
 #[async_trait]
-impl TenantReads for SqliteStore {
-    async fn list_members(
-        &self,
-        tenant: &TenantId,
-        after: Option<&UserId>,
-        limit: u32,
-        now: UnixSeconds,
-    ) -> Result<(Vec<Member>, Revision)> {
-        let rows: Vec<sql::MemberRow> = sqlx::query_as(sql::LIST_MEMBERS)
-            .bind(tenant.as_str())
-            .bind(after.map_or("", |user| user.as_str()))
-            .bind(now)
-            .bind(i64::from(limit))
-            .fetch_all(&self.read)
-            .await?;
-        Ok(sql::members_from(rows))
-    }
-
-    async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
-        let row: Option<sql::TenantRow> =
-            sqlx::query_as(sql::GET_TENANT).bind(id.as_str()).fetch_optional(&self.read).await?;
-        sql::tenant_found(id, row)
-    }
-
-    async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
-        let rows: Vec<sql::TenantRow> = sqlx::query_as(sql::LIST_TENANTS)
-            .bind(after.map_or("", |id| id.as_str()))
-            .bind(i64::from(limit))
-            .fetch_all(&self.read)
-            .await?;
-        Ok(rows.into_iter().map(sql::tenant_from_row).collect())
-    }
-
-    async fn revision(&self) -> Result<Revision> {
-        let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&self.read).await?;
-        Ok(revision as Revision)
+impl RoleReads for SqliteStore {
+    async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
+        let snapshot = shared::user_roles(self, user).await?;
+        check_min_revision(snapshot.revision, min_revision)?;
+        Ok(Answer::new(Arc::new(snapshot)))
     }
 }
 
@@ -311,13 +299,16 @@ impl Writes for SqliteStore {
 
     async fn create_tenant(&self, tenant: &Tenant, caller: &str) -> Result<(Revision, Tenant)> {
         let (mut tx, serial) = self.begin().await?;
-        sqlx::query(sql::INSERT_TENANT)
+        let inserted = sqlx::query(sql::INSERT_TENANT)
             .bind(tenant.id.as_str())
             .bind(tenant.name.as_str())
             .bind(tenant.created_at_ms)
             .execute(&mut *tx)
-            .await
-            .map_err(|err| sql::tenant_taken(&tenant.id, err))?;
+            .await;
+        if let Err(err) = inserted {
+            drop((tx, serial));
+            return Err(shared::taken(self, &tenant.id, sql::tenant_taken(&tenant.id, err)).await);
+        }
         let change = ChangeRef::tenant(ChangeKind::TenantCreated, &tenant.id, caller);
         Ok((self.commit(tx, serial, change).await?, tenant.clone()))
     }
@@ -325,8 +316,22 @@ impl Writes for SqliteStore {
     async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
         sql::deletable(id, &self.application_id)?;
         let (mut tx, serial) = self.begin().await?;
-        sqlx::query(sql::DELETE_TENANT_MEMBERS).bind(id.as_str()).execute(&mut *tx).await?;
-        let deleted = sqlx::query(sql::DELETE_TENANT).bind(id.as_str()).execute(&mut *tx).await?;
+        let (size,): (i64,) = sqlx::query_as(sql::TENANT_SIZE)
+            .bind(id.as_str())
+            .bind(shared::CHUNK + 1)
+            .fetch_one(&mut *tx)
+            .await?;
+        // A big tenant is marked deleted here and purged in chunks (see `shared`).
+        let deleted = if size > shared::CHUNK {
+            sqlx::query(sql::MARK_TENANT_DELETED)
+                .bind(id.as_str())
+                .bind(crate::domain::now_millis())
+                .execute(&mut *tx)
+                .await?
+        } else {
+            sqlx::query(sql::DELETE_TENANT_MEMBERS).bind(id.as_str()).execute(&mut *tx).await?;
+            sqlx::query(sql::DELETE_TENANT).bind(id.as_str()).execute(&mut *tx).await?
+        };
         if deleted.rows_affected() == 0 {
             return Err(Error::NotFound(format!("tenant {id} not found")));
         }
@@ -352,44 +357,6 @@ impl ChangeFeed for SqliteStore {
         let revision = revision as Revision;
         let _ = self.feed_tx.send(FeedEvent::Connected { revision, epoch, at }).await;
         Ok(Feed { events, needs_lease: false })
-    }
-}
-
-#[async_trait]
-impl HistoryLog for SqliteStore {
-    async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
-        let rows: Vec<sql::ChangeRow> = sqlx::query_as(sql::CHANGES_AFTER)
-            .bind(after as i64)
-            .bind(i64::from(limit))
-            .fetch_all(&self.read)
-            .await?;
-        Ok(sql::history_from(rows))
-    }
-
-    async fn list_changes(
-        &self,
-        filter: &ChangeFilter,
-        after: Revision,
-        limit: u32,
-    ) -> Result<Vec<HistoryEntry>> {
-        let statement = sql::list_changes_sql(filter);
-        let mut query = sqlx::query_as::<_, sql::AuditRow>(&statement).bind(after as i64);
-        for value in filter.values() {
-            query = query.bind(value);
-        }
-        let rows = query.bind(i64::from(limit)).fetch_all(&self.read).await?;
-        Ok(sql::audit_from(rows))
-    }
-
-    async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
-        let mut tx = self.write.begin().await?;
-        let (floor,): (Option<i64>,) =
-            sqlx::query_as(sql::PRUNE_FLOOR).bind(older_than_ms).fetch_one(&mut *tx).await?;
-        let Some(floor) = floor else { return Ok(0) };
-        sqlx::query(sql::PRUNE_CHANGES).bind(floor).execute(&mut *tx).await?;
-        sqlx::query(sql::RAISE_FLOOR).bind(floor).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(floor as Revision)
     }
 }
 

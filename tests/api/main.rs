@@ -22,5 +22,6 @@ mod standby_pair;
 mod store;
 mod tokens;
 mod transport;
+mod upkeep;
 mod validation;
 mod writes;

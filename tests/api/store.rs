@@ -25,7 +25,15 @@ fn app_tenant() -> TenantId {
 
 /// Opens the store of `db` (a second call opens a second instance over the same data).
 async fn open(db: &TestDb, migrate: bool) -> Result<Store, Error> {
-    let mut options = StoreOptions::new(8, Duration::from_secs(1));
+    open_with(db, migrate, StoreOptions::new(8, Duration::from_secs(1))).await
+}
+
+/// [`open`] with `options`.
+pub(crate) async fn open_with(
+    db: &TestDb,
+    migrate: bool,
+    mut options: StoreOptions,
+) -> Result<Store, Error> {
     // The way a server would reach it (through a pooler, for one).
     let config = crate::helpers::test_config(db);
     options.transaction_pooling = config.database_pool_mode == "transaction";
@@ -37,7 +45,7 @@ async fn open(db: &TestDb, migrate: bool) -> Result<Store, Error> {
     store::open(url.as_deref(), &dir, &app_tenant(), &options, migrate).await
 }
 
-fn write(kind: WriteKind, tenant: &str, user: &str, roles: &[&str]) -> MembershipWrite {
+pub(crate) fn write(kind: WriteKind, tenant: &str, user: &str, roles: &[&str]) -> MembershipWrite {
     MembershipWrite {
         kind,
         tenant: TenantId::parse("tenant_id", tenant).expect("tenant"),
@@ -48,7 +56,7 @@ fn write(kind: WriteKind, tenant: &str, user: &str, roles: &[&str]) -> Membershi
     }
 }
 
-async fn create_tenant(store: &Store, id: &str) -> u64 {
+pub(crate) async fn create_tenant(store: &Store, id: &str) -> u64 {
     let tenant = Tenant {
         id: TenantId::parse("tenant_id", id).expect("tenant"),
         name: id.into(),

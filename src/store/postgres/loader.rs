@@ -18,6 +18,7 @@ const USERS_ROLES: &str = "\
     SELECT r.value, u.user_id, m.tenant_id, m.role, m.expires_at \
     FROM store_revision r CROSS JOIN unnest($1::text[]) AS u(user_id) \
     LEFT JOIN memberships m ON m.user_id = u.user_id \
+      AND m.tenant_id NOT IN (SELECT tenant_id FROM tenants WHERE deleted_at IS NOT NULL) \
     WHERE r.id = 1";
 
 /// Runs the loads queued on `pending`: each takes every user queued by the time it

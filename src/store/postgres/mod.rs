@@ -75,12 +75,13 @@ use loader::coalesce_loads;
 use writer::{WRITE_ATTEMPTS, Writer, is_retryable, write_batches};
 
 use crate::{
-    domain::{Revision, TenantId, UnixSeconds, UserId, UserRoles},
+    domain::{Revision, TenantId, UserId, UserRoles},
     error::{Error, Result},
     store::{
-        Announcer, Answer, Backend, ChangeFeed, ChangeFilter, ChangeKind, ChangeRef, Feed, History,
-        HistoryEntry, HistoryLog, MAX_QUEUED_WRITES, Member, MembershipWrite, RoleReads,
-        StoreOptions, Tenant, TenantReads, Writes, check_min_revision, sql,
+        Announcer, Answer, Backend, ChangeFeed, ChangeKind, ChangeRef, Feed, MAX_QUEUED_WRITES,
+        MembershipWrite, RoleReads, StoreOptions, Tenant, Writes, check_min_revision,
+        shared::{self, Bind},
+        sql,
     },
 };
 
@@ -579,7 +580,7 @@ impl PgStore {
                     tracing::debug!(error = %err, attempt, "tenant write retried");
                     attempt += 1;
                 }
-                Err(err) => return Err(sql::tenant_taken(id, err)),
+                Err(err) => return Err(shared::taken(self, id, sql::tenant_taken(id, err)).await),
             }
         };
         let announcement = sql::Announcement {
@@ -614,16 +615,32 @@ impl PgStore {
                     .await?;
             }
             TenantOp::Delete(id) => {
-                sqlx::query(sql::DELETE_TENANT_MEMBERS)
+                let (size,): (i64,) = sqlx::query_as(sql::TENANT_SIZE)
                     .persistent(persistent)
                     .bind(id.as_str())
-                    .execute(&mut *tx)
+                    .bind(shared::CHUNK + 1)
+                    .fetch_one(&mut *tx)
                     .await?;
-                let deleted = sqlx::query(sql::DELETE_TENANT)
-                    .persistent(persistent)
-                    .bind(id.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+                // A big tenant is marked deleted here and purged in chunks (see `shared`).
+                let deleted = if size > shared::CHUNK {
+                    sqlx::query(sql::MARK_TENANT_DELETED)
+                        .persistent(persistent)
+                        .bind(id.as_str())
+                        .bind(crate::domain::now_millis())
+                        .execute(&mut *tx)
+                        .await?
+                } else {
+                    sqlx::query(sql::DELETE_TENANT_MEMBERS)
+                        .persistent(persistent)
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(sql::DELETE_TENANT)
+                        .persistent(persistent)
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?
+                };
                 if deleted.rows_affected() == 0 {
                     return Ok(Err(Error::NotFound(format!("tenant {id} not found"))));
                 }
@@ -697,50 +714,34 @@ async fn load(loads: &mpsc::Sender<PendingLoad>, user: &UserId) -> Result<UserRo
 }
 
 #[async_trait]
-impl TenantReads for PgStore {
-    async fn list_members(
-        &self,
-        tenant: &TenantId,
-        after: Option<&UserId>,
-        limit: u32,
-        now: UnixSeconds,
-    ) -> Result<(Vec<Member>, Revision)> {
-        let rows: Vec<sql::MemberRow> = sqlx::query_as(sql::LIST_MEMBERS)
-            .persistent(self.session.persistent())
-            .bind(tenant.as_str())
-            .bind(after.map_or("", |user| user.as_str()))
-            .bind(now)
-            .bind(i64::from(limit))
-            .fetch_all(&mut *self.conn().await?)
-            .await?;
-        Ok(sql::members_from(rows))
+impl shared::Run for PgStore {
+    /// On a pooled connection (inside a transaction of its own when pooled).
+    async fn rows<O: shared::Row>(&self, statement: &str, binds: &[Bind<'_>]) -> Result<Vec<O>> {
+        let mut query =
+            sqlx::query_as::<Postgres, O>(statement).persistent(self.session.persistent());
+        for bind in binds {
+            query = match *bind {
+                Bind::Text(text) => query.bind(text),
+                Bind::Int(int) => query.bind(int),
+            };
+        }
+        Ok(query.fetch_all(&mut *self.conn().await?).await?)
     }
 
-    async fn get_tenant(&self, id: &TenantId) -> Result<Tenant> {
-        let row: Option<sql::TenantRow> = sqlx::query_as(sql::GET_TENANT)
-            .persistent(self.session.persistent())
-            .bind(id.as_str())
-            .fetch_optional(&mut *self.conn().await?)
-            .await?;
-        sql::tenant_found(id, row)
-    }
-
-    async fn list_tenants(&self, after: Option<&TenantId>, limit: u32) -> Result<Vec<Tenant>> {
-        let rows: Vec<sql::TenantRow> = sqlx::query_as(sql::LIST_TENANTS)
-            .persistent(self.session.persistent())
-            .bind(after.map_or("", |id| id.as_str()))
-            .bind(i64::from(limit))
-            .fetch_all(&mut *self.conn().await?)
-            .await?;
-        Ok(rows.into_iter().map(sql::tenant_from_row).collect())
-    }
-
-    async fn revision(&self) -> Result<Revision> {
-        let (revision,): (i64,) = sqlx::query_as(sql::REVISION)
-            .persistent(self.session.persistent())
-            .fetch_one(&mut *self.conn().await?)
-            .await?;
-        Ok(revision as Revision)
+    /// In a transaction of its own, under the statement timeout.
+    async fn execute(&self, statement: &str, binds: &[Bind<'_>]) -> Result<u64> {
+        let mut conn = Pooled::acquire(&self.pool, self.query_timeout).await?;
+        let mut tx = self.session.begin(&mut conn).await?;
+        let mut query = sqlx::query::<Postgres>(statement).persistent(self.session.persistent());
+        for bind in binds {
+            query = match *bind {
+                Bind::Text(text) => query.bind(text),
+                Bind::Int(int) => query.bind(int),
+            };
+        }
+        let affected = query.execute(&mut *tx).await?.rows_affected();
+        tx.commit().await?;
+        Ok(affected)
     }
 }
 
@@ -791,56 +792,6 @@ impl ChangeFeed for PgStore {
         tokio::spawn(listen(link.clone(), tx.clone()));
         tokio::spawn(heartbeat(link, tx));
         Ok(Feed { events, needs_lease: true })
-    }
-}
-
-#[async_trait]
-impl HistoryLog for PgStore {
-    async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
-        let rows: Vec<sql::ChangeRow> = sqlx::query_as(sql::CHANGES_AFTER)
-            .persistent(self.session.persistent())
-            .bind(after as i64)
-            .bind(i64::from(limit))
-            .fetch_all(&mut *self.conn().await?)
-            .await?;
-        Ok(sql::history_from(rows))
-    }
-
-    async fn list_changes(
-        &self,
-        filter: &ChangeFilter,
-        after: Revision,
-        limit: u32,
-    ) -> Result<Vec<HistoryEntry>> {
-        let statement = sql::list_changes_sql(filter);
-        let mut query = sqlx::query_as::<_, sql::AuditRow>(&statement)
-            .persistent(self.session.persistent())
-            .bind(after as i64);
-        for value in filter.values() {
-            query = query.bind(value);
-        }
-        let rows = query.bind(i64::from(limit)).fetch_all(&mut *self.conn().await?).await?;
-        Ok(sql::audit_from(rows))
-    }
-
-    async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
-        let mut conn = Pooled::acquire(&self.pool, self.query_timeout).await?;
-        let mut tx = self.session.begin(&mut conn).await?;
-        let persistent = self.session.persistent();
-        let (floor,): (Option<i64>,) = sqlx::query_as(sql::PRUNE_FLOOR)
-            .persistent(persistent)
-            .bind(older_than_ms)
-            .fetch_one(&mut *tx)
-            .await?;
-        let Some(floor) = floor else { return Ok(0) };
-        sqlx::query(sql::PRUNE_CHANGES)
-            .persistent(persistent)
-            .bind(floor)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(sql::RAISE_FLOOR).persistent(persistent).bind(floor).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(floor as Revision)
     }
 }
 
