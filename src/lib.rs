@@ -20,6 +20,7 @@ pub mod follower;
 pub mod http;
 pub mod listen;
 pub mod metrics;
+pub mod model;
 pub mod paging;
 pub mod reload;
 pub mod server;
