@@ -47,6 +47,7 @@ async fn replica(url: &str) -> (Channel, oneshot::Sender<()>) {
 
 fn check(user: &str) -> pb::CheckRequest {
     pb::CheckRequest {
+        permission: String::new(),
         user_id: user.into(),
         tenant_id: "acme".into(),
         role: "admin".into(),

@@ -132,6 +132,9 @@ const NEVER: UnixSeconds = UnixSeconds::MAX;
 pub struct UserRoles {
     /// The revision the snapshot was read at.
     pub revision: Revision,
+    /// The revision that set the model in effect when it was read (0: none ever set):
+    /// the roles are only ever judged under that model (see `crate::cache::model`).
+    pub model_revision: Revision,
     names: Box<str>,
     /// `count` pairs, sorted by (tenant, role); then, if any role expires, `count`
     /// expiries in the same order, each as two words, high first ([`NEVER`] for a role
@@ -328,6 +331,7 @@ impl UserRoles {
         }
         Self {
             revision,
+            model_revision: 0,
             // A copy of exactly its length: mimalloc shrinks a block in place, so
             // `into_boxed_str` would keep the capacity's size class.
             names: Box::from(names.as_str()),
@@ -336,6 +340,14 @@ impl UserRoles {
             user_len: user.len() as u8,
             wide,
         }
+    }
+}
+
+impl UserRoles {
+    /// This snapshot, read under the model set at `model_revision`.
+    pub fn under_model(mut self, model_revision: Revision) -> Self {
+        self.model_revision = model_revision;
+        self
     }
 }
 

@@ -173,6 +173,7 @@ async fn grant(
 
 async fn check(channel: Channel, user: &str, tenant: &str, role: &str) -> bool {
     let req = pb::CheckRequest {
+        permission: String::new(),
         user_id: user.into(),
         tenant_id: tenant.into(),
         role: role.into(),
@@ -355,6 +356,7 @@ async fn sigterm_goes_unready_first_and_json_logs_hold_no_secrets() {
         request
     };
     let check = || pb::CheckRequest {
+        permission: String::new(),
         user_id: "u".into(),
         tenant_id: String::new(),
         role: "r".into(),
@@ -587,6 +589,7 @@ async fn a_follower_fails_closed_when_its_upstream_dies_and_resumes_when_it_retu
     grant(up.clone(), "alice", "acme", "admin").await.expect("grant");
     let ask = |channel: Channel| async move {
         let req = pb::CheckRequest {
+            permission: String::new(),
             user_id: "alice".into(),
             tenant_id: "acme".into(),
             role: "admin".into(),
@@ -666,6 +669,7 @@ async fn abandoned_loads_are_removed() {
                 let calls = chunk.iter().map(|i| {
                     let mut client = client.clone();
                     let mut request = tonic::Request::new(pb::CheckRequest {
+                        permission: String::new(),
                         user_id: format!("gone-{i}"),
                         tenant_id: String::new(),
                         role: "r".into(),
@@ -706,6 +710,7 @@ async fn abandoned_loads_are_removed() {
 /// A Check's answer: `Ok(allowed)` or the status.
 async fn ask(channel: Channel, user: &str, tenant: &str, role: &str) -> Result<bool, tonic::Code> {
     let req = pb::CheckRequest {
+        permission: String::new(),
         user_id: user.into(),
         tenant_id: tenant.into(),
         role: role.into(),

@@ -13,7 +13,9 @@
 //!
 //! Phases:
 //! 1. the embedded SQLite store: no-op, cached Check, CheckBatch of 100, GetAuthorization
-//!    over 50 tenants, Issue with each key type, Grant;
+//!    over 50 tenants, Issue with each key type, Grant; then the model
+//!    (`BENCH_SKIP_MODEL` skips it): Check and CheckBatch by permission against by role,
+//!    in alternating rounds (`load/model.rs`);
 //! 2. when `BENCH_DATABASE_URL` names a Postgres server (an admin URL; the bench creates
 //!    and drops `rolecheck_bench_*` databases there), for each size in `BENCH_SIZES`
 //!    (memberships; default `10000,1000000`): a dataset loaded with COPY, then cache-miss
@@ -66,6 +68,7 @@ mod ab;
 mod authz;
 mod fleet;
 mod followers;
+mod model;
 #[path = "../../tests/support/pgbouncer.rs"]
 mod pgbouncer;
 mod postgres;
@@ -452,7 +455,13 @@ const CREATE_TENANT: &str = "/rolecheck.v1.Tenants/CreateTenant";
 const HEALTH: &str = "/grpc.health.v1.Health/Check";
 
 fn check(user: String, tenant: String, role: &str) -> pb::CheckRequest {
-    pb::CheckRequest { user_id: user, tenant_id: tenant, role: role.into(), min_revision: 0 }
+    pb::CheckRequest {
+        user_id: user,
+        tenant_id: tenant,
+        role: role.into(),
+        min_revision: 0,
+        permission: String::new(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -774,6 +783,9 @@ async fn run() {
 
     if std::env::var_os("BENCH_SKIP_SQLITE").is_none() {
         sqlite::sqlite_phase(&noop, &health, concurrency, &baseline).await;
+    }
+    if std::env::var_os("BENCH_SKIP_MODEL").is_none() {
+        model::model_phase(concurrency, &baseline).await;
     }
     if std::env::var_os("BENCH_SKIP_AUTHZ").is_none() {
         authz::authz_phase(concurrency, &baseline).await;

@@ -30,6 +30,7 @@ pub(super) async fn sqlite_phase(
     scenario.items = 100;
     scenarios.push(scenario);
     let wide = frame(&pb::GetAuthorizationRequest {
+        expand: false,
         user_id: "wide".into(),
         min_revision: 0,
         with_expiry: false,

@@ -65,6 +65,7 @@ fn kind(kind: ChangeKind) -> pb::ChangeKind {
         ChangeKind::Membership => pb::ChangeKind::Membership,
         ChangeKind::TenantCreated => pb::ChangeKind::TenantCreated,
         ChangeKind::TenantDeleted => pb::ChangeKind::TenantDeleted,
+        ChangeKind::ModelChanged => pb::ChangeKind::ModelChanged,
     }
 }
 

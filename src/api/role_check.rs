@@ -9,12 +9,16 @@ use super::{parse_expiry, tenant_or_application};
 use crate::paging::{decode_page_token, encode_page_token, page_size};
 use crate::{
     auth::caller_name,
-    cache::{CachedStore, RoleLookup},
+    cache::{
+        CachedStore, RoleLookup,
+        model::{Asked, CurrentModel, Models},
+    },
     coherence::Coherence,
-    domain::{Revision, Role, TenantId, UserId, now_unix, parse_roles},
+    domain::{Revision, Role, TenantId, UserId, UserRoles, now_unix, parse_roles},
     error::{Error, Result},
+    model::{Model, ModelSpec},
     pb::{self, role_check_server::RoleCheck},
-    store::{Answer, MembershipWrite, Store, WriteKind},
+    store::{Answer, MembershipWrite, Store, WriteKind, check_min_revision},
 };
 
 /// Most checks in one `CheckBatch`.
@@ -30,6 +34,8 @@ const BATCH_LOAD_CONCURRENCY: usize = 16;
 pub struct RoleCheckApi {
     store: Store,
     roles: RoleLookup,
+    /// The model checks are judged by.
+    models: Arc<Models>,
     /// Who mints tokens: this process, or a follower's upstream.
     issuing: Arc<dyn super::Issuing>,
     application_id: TenantId,
@@ -45,12 +51,12 @@ impl RoleCheckApi {
         cache: Option<Arc<CachedStore>>,
         issuing: Arc<dyn super::Issuing>,
         application_id: TenantId,
-        coherence: Arc<Coherence>,
+        (coherence, models): (Arc<Coherence>, Arc<Models>),
         watch_limits: super::watch::WatchLimits,
     ) -> Self {
         let watch_hub = super::watch::WatchHub::start(store.clone(), coherence);
         let roles = RoleLookup::new(store.roles.clone(), cache);
-        Self { store, roles, issuing, application_id, watch_hub, watch_limits }
+        Self { store, roles, models, issuing, application_id, watch_hub, watch_limits }
     }
 
     /// The Watch hub, to end its streams when the server drains.
@@ -67,13 +73,35 @@ impl RoleCheckApi {
         if tenant_id.is_empty() { self.application_id.as_str() } else { tenant_id }
     }
 
-    /// Validates a check without copying its strings.
+    /// Validates a check without copying its strings: a role or a permission, not both.
     fn validate_check(&self, req: &pb::CheckRequest) -> Result<()> {
         UserId::validate("user_id", &req.user_id)?;
         if !req.tenant_id.is_empty() {
             TenantId::validate("tenant_id", &req.tenant_id)?;
         }
-        Role::validate("role", &req.role)
+        match (req.role.is_empty(), req.permission.is_empty()) {
+            (true, false) => Role::validate("permission", &req.permission),
+            (false, false) => {
+                Err(Error::invalid("permission", "ask a role or a permission, not both"))
+            }
+            _ => Role::validate("role", &req.role),
+        }
+    }
+
+    /// Whether `roles` allow `check` under `model`.
+    fn allows(
+        &self,
+        model: &CurrentModel,
+        roles: &UserRoles,
+        check: &pb::CheckRequest,
+        now: i64,
+    ) -> bool {
+        let asked = match check.permission.is_empty() {
+            true => Asked::Role(&check.role),
+            false => Asked::Permission(&check.permission),
+        };
+        let tenants = (self.application_id.as_str(), self.tenant_str(&check.tenant_id));
+        model.allows(roles, tenants, asked, now)
     }
 
     fn parse_write(
@@ -99,6 +127,48 @@ impl RoleCheckApi {
         })
     }
 
+    /// Under a strict model, a role the model does not declare is refused (Grant and
+    /// SetRoles; a Revoke may always take one away).
+    async fn declared(&self, write: &MembershipWrite) -> Result<()> {
+        let model = self.models.fresh().await?;
+        if !model.model.strict() {
+            return Ok(());
+        }
+        match write.roles.iter().find(|role| !model.model.declares(role.as_str())) {
+            None => Ok(()),
+            Some(role) => Err(Error::invalid(
+                "roles",
+                format!("{role} is not a role the model declares, and the model is strict"),
+            )),
+        }
+    }
+
+    /// The authorization object with, in each tenant the user holds a role in (and the
+    /// application tenant), the roles held by implication and the permissions they give.
+    fn expanded(
+        &self,
+        model: &Model,
+        roles: &UserRoles,
+        mut granted: std::collections::BTreeMap<String, Vec<String>>,
+        now: i64,
+    ) -> std::collections::HashMap<String, pb::Roles> {
+        let application = self.application_id.as_str();
+        let everywhere = model.everywhere(roles.roles_in(application, now));
+        granted.entry(application.to_owned()).or_default();
+        granted
+            .into_iter()
+            .filter_map(|(tenant, mut names)| {
+                let held = model.held(roles.roles_in(&tenant, now), &everywhere);
+                let (implied, permissions) = model.expand(&held);
+                names.extend(implied.into_iter().map(str::to_owned));
+                names.sort_unstable();
+                names.dedup();
+                let permissions = permissions.into_iter().map(str::to_owned).collect();
+                (!names.is_empty()).then_some((tenant, pb::Roles { roles: names, permissions }))
+            })
+            .collect()
+    }
+
     /// `user`'s answer: see [`RoleLookup::answer`]. Every RPC reads roles through here
     /// or, for a batch, through the same lookup.
     async fn answer(&self, user: &str, min_revision: Revision) -> Result<Answer> {
@@ -115,13 +185,10 @@ impl RoleCheck for RoleCheckApi {
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let req = request.get_ref();
         self.validate_check(req)?;
-        let answer = self.answer(&req.user_id, req.min_revision).await?;
+        let (answer, model) =
+            self.models.answer(&self.roles, &req.user_id, req.min_revision).await?;
         Ok(Response::new(pb::CheckResponse {
-            allowed: answer.roles.allows_str(
-                self.tenant_str(&req.tenant_id),
-                &req.role,
-                now_unix(),
-            ),
+            allowed: self.allows(&model, &answer.roles, req, now_unix()),
             revision: answer.revision,
         }))
     }
@@ -150,45 +217,44 @@ impl RoleCheck for RoleCheckApi {
         order.sort_unstable_by(|&a, &b| checks[a].user_id.cmp(&checks[b].user_id));
         let mut results = vec![pb::CheckResponse::default(); checks.len()];
         let mut revision = if checks.is_empty() { 0 } else { Revision::MAX };
-        let mut answer_group = |group: &[usize], answer: &Answer, now| {
+        let mut answer_group = |group: &[usize], answer: &Answer, model: &CurrentModel, now| {
             for &i in group {
-                let check = &checks[i];
-                results[i] = pb::CheckResponse {
-                    allowed: answer.roles.allows_str(
-                        self.tenant_str(&check.tenant_id),
-                        &check.role,
-                        now,
-                    ),
-                    revision: answer.revision,
-                };
+                let allowed = self.allows(model, &answer.roles, &checks[i], now);
+                results[i] = pb::CheckResponse { allowed, revision: answer.revision };
             }
             revision = revision.min(answer.revision);
         };
         let (now, mut hits, mut waiting, mut start) = (now_unix(), 0, Vec::new(), 0);
+        let held = self.models.current();
         for group in order.chunk_by(|&a, &b| checks[a].user_id == checks[b].user_id) {
             let user = &checks[group[0]].user_id;
+            // From memory when read under the model held; else loaded (and judged) below.
             match self.roles.in_memory(user, min_revision) {
-                Some(answer) => {
+                Some(answer) if answer.roles.model_revision == held.revision => {
                     hits += 1;
-                    answer_group(group, &answer, now);
+                    answer_group(group, &answer, &held, now);
                 }
-                None => waiting.push((start..start + group.len(), UserId::trusted(user.clone()))),
+                _ => waiting.push((start..start + group.len(), UserId::trusted(user.clone()))),
             }
             start += group.len();
         }
         self.roles.count_hits(hits);
         if !waiting.is_empty() {
-            let roles = &self.roles;
-            let fetched: Vec<(std::ops::Range<usize>, Answer)> = futures::stream::iter(waiting)
-                .map(|(group, id)| async move {
-                    Ok::<_, Error>((group, roles.load(&id, min_revision).await?))
-                })
-                .buffer_unordered(BATCH_LOAD_CONCURRENCY)
-                .try_collect()
-                .await?;
+            let (roles, models) = (&self.roles, &self.models);
+            let fetched: Vec<(std::ops::Range<usize>, (Answer, Arc<CurrentModel>))> =
+                futures::stream::iter(waiting)
+                    .map(|(group, id)| async move {
+                        Ok::<_, Error>((
+                            group,
+                            models.answer(roles, id.as_str(), min_revision).await?,
+                        ))
+                    })
+                    .buffer_unordered(BATCH_LOAD_CONCURRENCY)
+                    .try_collect()
+                    .await?;
             let now = now_unix();
-            for (group, answer) in fetched {
-                answer_group(&order[group], &answer, now);
+            for (group, (answer, model)) in fetched {
+                answer_group(&order[group], &answer, &model, now);
             }
         }
         Ok(Response::new(pb::CheckBatchResponse { results, revision }))
@@ -208,6 +274,7 @@ impl RoleCheck for RoleCheckApi {
             &req.roles,
             req.expires_at.as_ref(),
         )?;
+        self.declared(&write).await?;
         let revision = self.store.writes.write_membership(&write).await?;
         Ok(Response::new(pb::GrantResponse { revision }))
     }
@@ -244,6 +311,7 @@ impl RoleCheck for RoleCheckApi {
             &req.roles,
             req.expires_at.as_ref(),
         )?;
+        self.declared(&write).await?;
         let revision = self.store.writes.write_membership(&write).await?;
         Ok(Response::new(pb::SetRolesResponse { revision }))
     }
@@ -255,14 +323,25 @@ impl RoleCheck for RoleCheckApi {
     ) -> Result<Response<pb::GetAuthorizationResponse>, Status> {
         let req = request.get_ref();
         UserId::validate("user_id", &req.user_id)?;
-        let answer = self.answer(&req.user_id, req.min_revision).await?;
+        let (answer, model) = match req.expand {
+            false => (self.answer(&req.user_id, req.min_revision).await?, None),
+            true => {
+                let (answer, model) =
+                    self.models.answer(&self.roles, &req.user_id, req.min_revision).await?;
+                (answer, Some(model))
+            }
+        };
         let now = now_unix();
-        let authorization = answer
-            .roles
-            .authorization(now)
-            .into_iter()
-            .map(|(tenant, roles)| (tenant, pb::Roles { roles }))
-            .collect();
+        let granted = answer.roles.authorization(now);
+        let authorization = match &model {
+            Some(model) if !model.model.is_empty() => {
+                self.expanded(&model.model, &answer.roles, granted, now)
+            }
+            _ => granted
+                .into_iter()
+                .map(|(tenant, roles)| (tenant, pb::Roles { roles, permissions: Vec::new() }))
+                .collect(),
+        };
         let held = match req.with_expiry {
             false => Vec::new(),
             true => answer
@@ -280,6 +359,41 @@ impl RoleCheck for RoleCheckApi {
             authorization,
             revision: answer.revision,
             held,
+            model_revision: answer.roles.model_revision,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_model(
+        &self,
+        request: Request<pb::SetModelRequest>,
+    ) -> Result<Response<pb::SetModelResponse>, Status> {
+        let spec = &request.get_ref().model;
+        ModelSpec::from_toml(spec).and_then(Model::compile).map_err(|problems| {
+            let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            Error::invalid("model", problems.join("; "))
+        })?;
+        let revision = self.store.writes.set_model(spec, &caller_name(&request)).await;
+        // Whatever the outcome (a failed COMMIT may have committed), the next write here
+        // reads the model again; other replicas hear of it from the feed.
+        self.models.doubt();
+        let revision = revision?;
+        Ok(Response::new(pb::SetModelResponse { revision }))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::GetModelResponse>, Status> {
+        let min_revision = request.get_ref().min_revision;
+        if min_revision > 0 {
+            let at = self.store.tenants.revision_reaching(min_revision).await?;
+            check_min_revision(at, min_revision)?;
+        }
+        let stored = self.store.tenants.get_model().await?;
+        Ok(Response::new(pb::GetModelResponse {
+            model: stored.spec,
+            model_revision: stored.revision,
         }))
     }
 

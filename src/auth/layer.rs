@@ -50,6 +50,8 @@ pub const RULES: &[(&str, Access)] = &[
     ("/rolecheck.v1.RoleCheck/Grant", WRITE),
     ("/rolecheck.v1.RoleCheck/Revoke", WRITE),
     ("/rolecheck.v1.RoleCheck/SetRoles", WRITE),
+    ("/rolecheck.v1.RoleCheck/SetModel", WRITE),
+    ("/rolecheck.v1.RoleCheck/GetModel", CHECK),
     ("/rolecheck.v1.RoleCheck/Issue", ISSUE),
     // A follower reads history for its own Watch streams (what Watch shows it anyway).
     ("/rolecheck.v1.RoleCheck/ListChanges", AUDIT_OR_FOLLOW),
@@ -303,10 +305,10 @@ mod tests {
     fn scopes_are_as_the_contract_says() {
         let rc = |m: &str| required_scope(&format!("/rolecheck.v1.RoleCheck/{m}"));
         let tn = |m: &str| required_scope(&format!("/rolecheck.v1.Tenants/{m}"));
-        for m in ["Check", "CheckBatch", "GetAuthorization", "ListMembers"] {
+        for m in ["Check", "CheckBatch", "GetAuthorization", "ListMembers", "GetModel"] {
             assert_eq!(rc(m), Some(CHECK), "{m}");
         }
-        for m in ["Grant", "Revoke", "SetRoles"] {
+        for m in ["Grant", "Revoke", "SetRoles", "SetModel"] {
             assert_eq!(rc(m), Some(WRITE), "{m}");
         }
         assert_eq!(rc("Issue"), Some(ISSUE));

@@ -28,6 +28,7 @@
 mod bucket;
 mod loads;
 mod lookup;
+pub mod model;
 mod tombstones;
 
 use std::{
@@ -345,6 +346,13 @@ impl Writes for CachedStore {
         let revision = self.writes.delete_tenant(id, caller).await?;
         self.tombstones.bury(id.as_str(), revision);
         Ok(revision)
+    }
+
+    /// The feed announces it, and every cached answer goes (see [`Stale::of`]); a check
+    /// meanwhile never judges roles under another model than they were read under (see
+    /// `model`).
+    async fn set_model(&self, spec: &str, caller: &str) -> Result<Revision> {
+        self.writes.set_model(spec, caller).await
     }
 }
 

@@ -21,6 +21,7 @@ use crate::{
     error::{Error, Result},
     paging::encode_page_token,
     pb::{self, role_check_client::RoleCheckClient, tenants_client::TenantsClient},
+    store::StoredModel,
     store::{
         Answer, Backend, ChangeFilter, History, HistoryEntry, HistoryLog, Member, MembershipWrite,
         RoleReads, Tenant, TenantReads, WriteKind, Writes,
@@ -211,6 +212,7 @@ impl UpstreamStore {
             tenant_id: String::new(),
             role: "probe".into(),
             min_revision,
+            permission: String::new(),
         };
         Ok(self.checks.clone().check(request).await?.into_inner().revision)
     }
@@ -302,6 +304,7 @@ where
 impl RoleReads for UpstreamStore {
     async fn user_roles(&self, user: &UserId, min_revision: Revision) -> Result<Answer> {
         let request = pb::GetAuthorizationRequest {
+            expand: false,
             user_id: user.as_str().to_owned(),
             min_revision,
             with_expiry: true,
@@ -313,7 +316,9 @@ impl RoleReads for UpstreamStore {
             .held
             .into_iter()
             .map(|held| (held.tenant_id, held.role, held.expires_at.map(|t| t.seconds)));
-        Ok(Answer::new(Arc::new(UserRoles::from_rows(user.as_str(), response.revision, rows))))
+        let roles = UserRoles::from_rows(user.as_str(), response.revision, rows)
+            .under_model(response.model_revision);
+        Ok(Answer::new(Arc::new(roles)))
     }
 }
 
@@ -365,6 +370,13 @@ impl TenantReads for UpstreamStore {
             }
         })
         .await
+    }
+
+    async fn get_model(&self) -> Result<StoredModel> {
+        let request = pb::GetModelRequest { min_revision: 0 };
+        let model = self.checks.clone().get_model(request).await.map_err(from_status)?;
+        let model = model.into_inner();
+        Ok(StoredModel { spec: model.model, revision: model.model_revision })
     }
 
     /// The upstream's revision, as its cache knows it.
@@ -434,6 +446,12 @@ impl Writes for UpstreamStore {
     async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
         let request = pb::DeleteTenantRequest { tenant_id: id.as_str().to_owned() };
         let response = self.tenants.clone().delete_tenant(relayed(request, caller)?).await;
+        Ok(response.map_err(from_status)?.into_inner().revision)
+    }
+
+    async fn set_model(&self, spec: &str, caller: &str) -> Result<Revision> {
+        let request = pb::SetModelRequest { model: spec.to_owned() };
+        let response = self.checks.clone().set_model(relayed(request, caller)?).await;
         Ok(response.map_err(from_status)?.into_inner().revision)
     }
 }

@@ -44,6 +44,7 @@ pub(super) fn kind_from(kind: pb::ChangeKind) -> Option<ChangeKind> {
         pb::ChangeKind::Membership => Some(ChangeKind::Membership),
         pb::ChangeKind::TenantCreated => Some(ChangeKind::TenantCreated),
         pb::ChangeKind::TenantDeleted => Some(ChangeKind::TenantDeleted),
+        pb::ChangeKind::ModelChanged => Some(ChangeKind::ModelChanged),
         pb::ChangeKind::Unspecified => None,
     }
 }

@@ -121,6 +121,11 @@ impl Model {
         &self.spec
     }
 
+    /// Whether the model declares nothing: every role exact, no permission granted.
+    pub fn is_empty(&self) -> bool {
+        self.spec.roles.is_empty() && self.spec.permissions.is_empty()
+    }
+
     /// Whether a role the model does not declare is refused by Grant and SetRoles.
     pub fn strict(&self) -> bool {
         self.spec.strict

@@ -22,7 +22,10 @@ use crate::{
     auth::Keys,
     authz::Authz,
     authz::trust::{Exposure, ProxyTrust},
-    cache::{CacheOptions, CachedStore, RoleLookup},
+    cache::{
+        CacheOptions, CachedStore, RoleLookup,
+        model::{ModelFeed, Models},
+    },
     coherence::{Coherence, Invalidate, NoCache},
     config::Config,
     domain::TenantId,
@@ -50,6 +53,8 @@ pub struct Server {
     tokens: Arc<Tokens>,
     metrics: Arc<Metrics>,
     coherence: Arc<Coherence>,
+    /// The model checks are judged by.
+    models: Arc<Models>,
     /// The store's change feed and what it invalidates, applied once `run` starts (a
     /// server bound and dropped unrun leaves no task holding the store).
     feed: Option<(crate::store::Feed, Arc<dyn Invalidate>)>,
@@ -95,6 +100,8 @@ impl Server {
         let coherence =
             Coherence::with_fault_delay(config.coherence_lease, config.fault_delay_feed);
         let (store, cache, sink) = cached(store, &config, &coherence, &metrics);
+        let models = Models::new(store.tenants.clone());
+        let sink = Arc::new(ModelFeed { models: models.clone(), inner: sink });
         let authz = match &config.authz_policy {
             Some(path) => Some(Authz::load(
                 path,
@@ -118,6 +125,7 @@ impl Server {
             tokens,
             metrics,
             coherence,
+            models,
             feed: Some((feed, sink)),
             config,
             application_id,

@@ -189,7 +189,7 @@ impl Server {
             self.cache.clone(),
             issuing,
             self.application_id.clone(),
-            self.coherence.clone(),
+            (self.coherence.clone(), self.models.clone()),
             crate::api::WatchLimits::new(
                 self.config.max_watch_streams,
                 self.config.max_watch_streams_per_caller,

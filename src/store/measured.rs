@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use crate::{
     domain::{Revision, TenantId, UnixSeconds, UserId},
     error::Result,
+    store::StoredModel,
     store::{
         Answer, ChangeFilter, History, HistoryEntry, HistoryLog, Member, MembershipWrite,
         RoleReads, Store, Tenant, TenantReads, Writes,
@@ -101,6 +102,10 @@ impl TenantReads for MeasuredStore<dyn TenantReads> {
         self.timed("revision", self.inner.revision()).await
     }
 
+    async fn get_model(&self) -> Result<StoredModel> {
+        self.timed("get_model", self.inner.get_model()).await
+    }
+
     async fn revision_reaching(&self, at_least: Revision) -> Result<Revision> {
         self.timed("revision", self.inner.revision_reaching(at_least)).await
     }
@@ -118,6 +123,10 @@ impl Writes for MeasuredStore<dyn Writes> {
 
     async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
         self.timed("delete_tenant", self.inner.delete_tenant(id, caller)).await
+    }
+
+    async fn set_model(&self, spec: &str, caller: &str) -> Result<Revision> {
+        self.timed("set_model", self.inner.set_model(spec, caller)).await
     }
 }
 
@@ -138,5 +147,9 @@ impl HistoryLog for MeasuredStore<dyn HistoryLog> {
 
     async fn prune_history(&self, older_than_ms: i64) -> Result<Revision> {
         self.timed("prune_history", self.inner.prune_history(older_than_ms)).await
+    }
+
+    async fn purge_deleted_tenants(&self) -> Result<u64> {
+        self.timed("purge_deleted_tenants", self.inner.purge_deleted_tenants()).await
     }
 }

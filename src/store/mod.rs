@@ -178,6 +178,9 @@ pub trait TenantReads: Send + Sync + 'static {
     /// The current revision; doubles as the readiness probe.
     async fn revision(&self) -> Result<Revision>;
 
+    /// The model as set, and the revision that set it (empty, and 0, if never set).
+    async fn get_model(&self) -> Result<StoredModel>;
+
     /// The current revision, read where it is decided: a store that only mirrors
     /// another (a follower's upstream) first waits, briefly, to have mirrored
     /// `at_least`, so a revision it has not heard of yet is not mistaken for one the
@@ -206,6 +209,10 @@ pub trait Writes: Send + Sync + 'static {
 
     /// Deletes a tenant and every membership in it; `NotFound` if absent.
     async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision>;
+
+    /// Sets the model to `spec` (a model file, checked by the caller; empty removes the
+    /// model); returns the revision it takes effect at.
+    async fn set_model(&self, spec: &str, caller: &str) -> Result<Revision>;
 }
 
 /// The feed of committed changes.
@@ -312,6 +319,8 @@ pub enum ChangeKind {
     TenantCreated,
     /// A tenant and all its memberships went away.
     TenantDeleted,
+    /// The model (role hierarchy and permissions) was set.
+    ModelChanged,
 }
 
 impl ChangeKind {
@@ -321,6 +330,7 @@ impl ChangeKind {
             ChangeKind::Membership => "m",
             ChangeKind::TenantCreated => "c",
             ChangeKind::TenantDeleted => "d",
+            ChangeKind::ModelChanged => "M",
         }
     }
 
@@ -330,6 +340,7 @@ impl ChangeKind {
             "m" => Some(ChangeKind::Membership),
             "c" => Some(ChangeKind::TenantCreated),
             "d" => Some(ChangeKind::TenantDeleted),
+            "M" => Some(ChangeKind::ModelChanged),
             _ => None,
         }
     }
@@ -359,12 +370,19 @@ impl<'a> ChangeRef<'a> {
         Self { kind, tenant: tenant.as_str(), user: "", caller }
     }
 
-    /// Whom it concerns: the user of a membership change, the tenant of a tenant change
-    /// (what the feed's [`Stale`] is made of).
+    /// The model's change.
+    pub fn model(caller: &'a str) -> Self {
+        Self { kind: ChangeKind::ModelChanged, tenant: "", user: "", caller }
+    }
+
+    /// Whom it concerns: the user of a membership change, the tenant of a tenant change,
+    /// no one in particular for the model (what the feed's [`Stale`] is made of).
     pub fn subject(&self) -> &'a str {
         match self.kind {
             ChangeKind::Membership => self.user,
-            ChangeKind::TenantCreated | ChangeKind::TenantDeleted => self.tenant,
+            ChangeKind::TenantCreated | ChangeKind::TenantDeleted | ChangeKind::ModelChanged => {
+                self.tenant
+            }
         }
     }
 }
@@ -492,8 +510,19 @@ impl Stale {
             // An announcement from an older replica names no tenant.
             ChangeKind::TenantDeleted if subject.is_empty() => Stale::Everyone,
             ChangeKind::TenantDeleted => Stale::Tenant { tenant: subject.to_owned(), revision },
+            // Every answer was read under the old model: none is kept.
+            ChangeKind::ModelChanged => Stale::Everyone,
         }
     }
+}
+
+/// The model as a store holds it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredModel {
+    /// The model file as set (empty: no model).
+    pub spec: String,
+    /// The revision that set it; 0 if it was never set.
+    pub revision: Revision,
 }
 
 /// A store's change feed.

@@ -31,7 +31,10 @@ use sqlx::{FromRow, postgres::PgRow, sqlite::SqliteRow};
 use crate::{
     domain::{Revision, TenantId, UnixSeconds, UserId, UserRoles},
     error::{Error, Result},
-    store::{ChangeFilter, History, HistoryEntry, HistoryLog, Member, Tenant, TenantReads, sql},
+    store::{
+        ChangeFilter, History, HistoryEntry, HistoryLog, Member, StoredModel, Tenant, TenantReads,
+        sql,
+    },
 };
 
 /// The most rows one upkeep statement deletes (a purge chunk may pass it by the roles of
@@ -118,6 +121,12 @@ impl<R: Run> TenantReads for R {
         let binds = [Bind::Text(after), Bind::Int(limit.into())];
         let rows: Vec<sql::TenantRow> = self.rows(sql::LIST_TENANTS, &binds).await?;
         Ok(rows.into_iter().map(sql::tenant_from_row).collect())
+    }
+
+    async fn get_model(&self) -> Result<StoredModel> {
+        let rows: Vec<(i64, String)> = self.rows(sql::GET_MODEL, &[]).await?;
+        let (revision, spec) = rows.into_iter().next().unwrap_or_default();
+        Ok(StoredModel { spec, revision: revision as Revision })
     }
 
     async fn revision(&self) -> Result<Revision> {

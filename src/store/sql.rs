@@ -24,6 +24,14 @@ pub const REVISION: &str = "SELECT value FROM store_revision WHERE id = 1";
 /// The store's revision and its epoch (its identity, chosen when it was created).
 pub const IDENTITY: &str = "SELECT value, epoch FROM store_revision WHERE id = 1";
 
+/// The model as set, and the revision that set it.
+pub const GET_MODEL: &str = "SELECT r.model_revision, coalesce(m.spec, '') \
+    FROM store_revision r LEFT JOIN model m ON m.id = 1 WHERE r.id = 1";
+pub const PUT_MODEL: &str = "INSERT INTO model (id, spec) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET spec = excluded.spec";
+/// Marks the model as set by the revision being committed (run under the revision lock,
+/// before the bump).
+pub const MODEL_SET_NOW: &str = "UPDATE store_revision SET model_revision = value + 1 WHERE id = 1";
+
 /// Everything a user holds, with the revision, in one statement (one snapshot).
 ///
 /// Memberships of a tenant marked deleted (being purged, see [`crate::store::shared`])
@@ -31,7 +39,7 @@ pub const IDENTITY: &str = "SELECT value, epoch FROM store_revision WHERE id = 1
 /// leaves them out, at the cost of one probe of the partial index `tenants_deleted`,
 /// which is empty but while a purge runs.
 pub const USER_ROLES: &str = "\
-    SELECT r.value, m.tenant_id, m.role, m.expires_at \
+    SELECT r.value, r.model_revision, m.tenant_id, m.role, m.expires_at \
     FROM store_revision r LEFT JOIN memberships m ON m.user_id = $1 \
       AND m.tenant_id NOT IN (SELECT tenant_id FROM tenants WHERE deleted_at IS NOT NULL) \
     WHERE r.id = 1 ORDER BY m.tenant_id, m.role";
@@ -205,16 +213,19 @@ pub fn history_from(rows: Vec<ChangeRow>) -> crate::store::History {
 }
 
 /// A row of [`USER_ROLES`].
-pub type UserRoleRow = (i64, Option<String>, Option<String>, Option<i64>);
+pub type UserRoleRow = (i64, i64, Option<String>, Option<String>, Option<i64>);
 
 /// Folds [`USER_ROLES`] rows into `user`'s snapshot.
 pub fn user_roles_from(user: &str, rows: Vec<UserRoleRow>) -> UserRoles {
-    let revision = rows.first().map_or(0, |row| row.0 as Revision);
+    let (revision, model_revision) =
+        rows.first().map_or((0, 0), |row| (row.0 as Revision, row.1 as Revision));
     UserRoles::from_rows(
         user,
         revision,
-        rows.into_iter().filter_map(|(_, tenant, role, expires)| Some((tenant?, role?, expires))),
+        rows.into_iter()
+            .filter_map(|(_, _, tenant, role, expires)| Some((tenant?, role?, expires))),
     )
+    .under_model(model_revision)
 }
 
 /// A row of [`LIST_MEMBERS`].

@@ -337,6 +337,13 @@ impl Writes for SqliteStore {
         }
         self.commit(tx, serial, ChangeRef::tenant(ChangeKind::TenantDeleted, id, caller)).await
     }
+
+    async fn set_model(&self, spec: &str, caller: &str) -> Result<Revision> {
+        let (mut tx, serial) = self.begin().await?;
+        sqlx::query(sql::PUT_MODEL).bind(spec).execute(&mut *tx).await?;
+        sqlx::query(sql::MODEL_SET_NOW).execute(&mut *tx).await?;
+        self.commit(tx, serial, ChangeRef::model(caller)).await
+    }
 }
 
 #[async_trait]

@@ -216,6 +216,7 @@ async fn keys_rotate_when_the_file_changes() {
     let app = spawn_with(Backend::Sqlite, |c| c.api_keys_file = Some(path.clone())).await;
     let channel = connect(app.addr).await;
     let check = || pb::CheckRequest {
+        permission: String::new(),
         user_id: "u".into(),
         tenant_id: String::new(),
         role: "r".into(),
@@ -317,6 +318,7 @@ async fn a_unix_socket_serves_with_its_configured_mode() {
     client.grant(grant).await.expect("grant over the unix socket");
     let got = client
         .check(pb::CheckRequest {
+            permission: String::new(),
             user_id: "app-user".into(),
             tenant_id: String::new(),
             role: "r".into(),

@@ -420,6 +420,7 @@ impl TestApp {
         self.checks
             .clone()
             .check(pb::CheckRequest {
+                permission: String::new(),
                 user_id: user.into(),
                 tenant_id: tenant.into(),
                 role: role.into(),
@@ -435,6 +436,7 @@ impl TestApp {
         self.checks
             .clone()
             .get_authorization(pb::GetAuthorizationRequest {
+                expand: false,
                 user_id: user.into(),
                 min_revision: 0,
                 with_expiry: false,
@@ -496,6 +498,7 @@ pub async fn metric(app: &TestApp, name: &str) -> Option<f64> {
 /// A Check request.
 pub fn check_req(user: &str, tenant: &str, role: &str, min_revision: u64) -> pb::CheckRequest {
     pb::CheckRequest {
+        permission: String::new(),
         user_id: user.into(),
         tenant_id: tenant.into(),
         role: role.into(),

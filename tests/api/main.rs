@@ -11,6 +11,7 @@ mod helpers;
 mod model;
 mod operations;
 mod outage;
+mod permissions;
 #[path = "../support/pgbouncer.rs"]
 mod pgbouncer;
 mod proxy;

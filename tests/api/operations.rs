@@ -34,6 +34,7 @@ async fn metrics_count_requests_cache_store_and_tokens() {
     // The first Check waits until this replica's feed has applied the Grant, so the
     // Grant's notification cannot arrive after the load and force a second one.
     let first = pb::CheckRequest {
+        permission: String::new(),
         user_id: "u".into(),
         tenant_id: "acme".into(),
         role: "admin".into(),

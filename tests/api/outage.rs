@@ -52,6 +52,7 @@ async fn postgres_outage_is_unavailable_then_recovers() {
     };
     assert_unavailable(checks.grant(grant.clone()).await.unwrap_err());
     let uncached = pb::CheckRequest {
+        permission: String::new(),
         user_id: "never-seen".into(),
         tenant_id: "acme".into(),
         role: "admin".into(),

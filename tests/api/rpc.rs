@@ -21,6 +21,7 @@ async fn seed_example_reads_back_through_get_authorization(backend: Backend) {
         .checks
         .clone()
         .get_authorization(pb::GetAuthorizationRequest {
+            expand: false,
             user_id: "1".into(),
             min_revision: last,
             with_expiry: false,
@@ -150,6 +151,7 @@ async fn concurrent_misses_get_their_own_roles(backend: Backend) {
         let mut checks = app.checks.clone();
         async move {
             let req = pb::GetAuthorizationRequest {
+                expand: false,
                 user_id: format!("u{i}"),
                 min_revision: 0,
                 with_expiry: false,
@@ -164,6 +166,7 @@ async fn concurrent_misses_get_their_own_roles(backend: Backend) {
         assert_eq!(roles, want, "user u{i}");
     }
     let check = |u: usize, r: usize| pb::CheckRequest {
+        permission: String::new(),
         user_id: format!("u{u}"),
         tenant_id: "acme".into(),
         role: format!("r{r}"),
@@ -186,6 +189,7 @@ async fn check_batch_answers_in_order(backend: Backend) {
     let last = app.grant("u1", "acme", &["admin"]).await;
     app.grant("u2", "", &["viewer"]).await;
     let check = |u: &str, t: &str, r: &str| pb::CheckRequest {
+        permission: String::new(),
         user_id: u.into(),
         tenant_id: t.into(),
         role: r.into(),
@@ -447,6 +451,7 @@ async fn reads_report_the_revision_they_reflect(backend: Backend) {
         .checks
         .clone()
         .check(pb::CheckRequest {
+            permission: String::new(),
             user_id: "u1".into(),
             tenant_id: "acme".into(),
             role: "admin".into(),
@@ -460,6 +465,7 @@ async fn reads_report_the_revision_they_reflect(backend: Backend) {
         .checks
         .clone()
         .check(pb::CheckRequest {
+            permission: String::new(),
             user_id: "u1".into(),
             tenant_id: "acme".into(),
             role: "admin".into(),

@@ -442,6 +442,7 @@ async fn invariant(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError> 
             .checks
             .clone()
             .get_authorization(pb::GetAuthorizationRequest {
+                expand: false,
                 user_id: user.to_string(),
                 min_revision: minted.revision,
                 with_expiry: false,

@@ -66,6 +66,7 @@ async fn tls_channel(
 
 fn check_req(user: &str) -> pb::CheckRequest {
     pb::CheckRequest {
+        permission: String::new(),
         user_id: user.into(),
         tenant_id: String::new(),
         role: "r".into(),

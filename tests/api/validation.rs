@@ -21,6 +21,7 @@ fn assert_invalid(result: Result<impl std::fmt::Debug, Status>, field: &str) {
 
 fn check(user: &str, tenant: &str, role: &str) -> pb::CheckRequest {
     pb::CheckRequest {
+        permission: String::new(),
         user_id: user.into(),
         tenant_id: tenant.into(),
         role: role.into(),
@@ -108,6 +109,7 @@ async fn identifiers_at_and_past_their_limits(backend: Backend) {
     );
     assert_invalid(
         c.get_authorization(pb::GetAuthorizationRequest {
+            expand: false,
             user_id: String::new(),
             min_revision: 0,
             with_expiry: false,

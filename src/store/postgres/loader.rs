@@ -15,7 +15,7 @@ use crate::domain::{Revision, UserRoles};
 /// Everything each of a list of users holds, with the revision, in one statement. A user
 /// with no memberships still gets a row (with NULLs), so every user gets the revision.
 const USERS_ROLES: &str = "\
-    SELECT r.value, u.user_id, m.tenant_id, m.role, m.expires_at \
+    SELECT r.value, r.model_revision, u.user_id, m.tenant_id, m.role, m.expires_at \
     FROM store_revision r CROSS JOIN unnest($1::text[]) AS u(user_id) \
     LEFT JOIN memberships m ON m.user_id = u.user_id \
       AND m.tenant_id NOT IN (SELECT tenant_id FROM tenants WHERE deleted_at IS NOT NULL) \
@@ -58,7 +58,7 @@ pub(super) async fn coalesce_loads(
     }
 }
 
-type UsersRolesRow = (i64, String, Option<String>, Option<String>, Option<i64>);
+type UsersRolesRow = (i64, i64, String, Option<String>, Option<String>, Option<i64>);
 /// (tenant, role, expires_at)
 type HeldRow = (String, String, Option<i64>);
 
@@ -92,10 +92,11 @@ async fn load_batch(
             return fail_all(batch, e);
         }
     };
-    let revision = rows.first().map_or(0, |row| row.0 as Revision);
+    let (revision, model_revision) =
+        rows.first().map_or((0, 0), |row| (row.0 as Revision, row.1 as Revision));
     let mut held: std::collections::HashMap<&str, Vec<HeldRow>> =
         std::collections::HashMap::with_capacity(users.len());
-    for (_, user, tenant, role, expires_at) in &rows {
+    for (_, _, user, tenant, role, expires_at) in &rows {
         let entry = held.entry(user.as_str()).or_default();
         if let (Some(tenant), Some(role)) = (tenant, role) {
             entry.push((tenant.clone(), role.clone(), *expires_at));
@@ -103,6 +104,7 @@ async fn load_batch(
     }
     for (user, reply) in batch {
         let rows = held.get(user.as_str()).cloned().unwrap_or_default();
-        let _ = reply.send(Ok(UserRoles::from_rows(&user, revision, rows)));
+        let roles = UserRoles::from_rows(&user, revision, rows).under_model(model_revision);
+        let _ = reply.send(Ok(roles));
     }
 }

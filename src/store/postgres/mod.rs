@@ -568,10 +568,14 @@ impl PgStore {
     /// retried a few times before the caller hears of it.
     async fn write_tenant(&self, op: TenantOp<'_>, caller: &str) -> Result<Revision> {
         let (kind, id) = match op {
-            TenantOp::Create(tenant) => (ChangeKind::TenantCreated, &tenant.id),
-            TenantOp::Delete(id) => (ChangeKind::TenantDeleted, id),
+            TenantOp::Create(tenant) => (ChangeKind::TenantCreated, Some(&tenant.id)),
+            TenantOp::Delete(id) => (ChangeKind::TenantDeleted, Some(id)),
+            TenantOp::Model(_) => (ChangeKind::ModelChanged, None),
         };
-        let change = ChangeRef::tenant(kind, id, caller);
+        let change = match id {
+            Some(id) => ChangeRef::tenant(kind, id, caller),
+            None => ChangeRef::model(caller),
+        };
         let mut attempt = 1;
         let (tx, revision) = loop {
             match self.record_tenant_write(op, &change).await {
@@ -580,7 +584,12 @@ impl PgStore {
                     tracing::debug!(error = %err, attempt, "tenant write retried");
                     attempt += 1;
                 }
-                Err(err) => return Err(shared::taken(self, id, sql::tenant_taken(id, err)).await),
+                Err(err) => match id {
+                    Some(id) => {
+                        return Err(shared::taken(self, id, sql::tenant_taken(id, err)).await);
+                    }
+                    None => return Err(err.into()),
+                },
             }
         };
         let announcement = sql::Announcement {
@@ -645,6 +654,14 @@ impl PgStore {
                     return Ok(Err(Error::NotFound(format!("tenant {id} not found"))));
                 }
             }
+            TenantOp::Model(spec) => {
+                sqlx::query(sql::PUT_MODEL)
+                    .persistent(persistent)
+                    .bind(spec)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(sql::MODEL_SET_NOW).persistent(persistent).execute(&mut *tx).await?;
+            }
         }
         let (revision,): (i64,) = sqlx::query_as(RECORD)
             .persistent(persistent)
@@ -660,11 +677,14 @@ impl PgStore {
     }
 }
 
-/// A tenant write.
+/// A write committed on its own, not batched: a tenant's creation or deletion, or the
+/// model (rare writes, each its own transaction).
 #[derive(Clone, Copy)]
 enum TenantOp<'a> {
     Create(&'a Tenant),
     Delete(&'a TenantId),
+    /// The model file to set.
+    Model(&'a str),
 }
 
 /// Takes the revision row, the first lock of every write transaction.
@@ -770,6 +790,10 @@ impl Writes for PgStore {
     async fn delete_tenant(&self, id: &TenantId, caller: &str) -> Result<Revision> {
         sql::deletable(id, &self.application_id)?;
         self.write_tenant(TenantOp::Delete(id), caller).await
+    }
+
+    async fn set_model(&self, spec: &str, caller: &str) -> Result<Revision> {
+        self.write_tenant(TenantOp::Model(spec), caller).await
     }
 }
 

@@ -1,0 +1,202 @@
+//! The model in effect here, and the rule that keeps each answer to one model.
+//!
+//! Every read of a user's roles says which model was in effect when they were read
+//! ([`UserRoles::model_revision`], from the same snapshot: the revision row holds it). A
+//! check judges roles only under that model:
+//! - the model held here is the same: judged at once (the hot path: one read lock);
+//! - it is older: it is read again from the store (once, however many checks ask);
+//! - it is newer: the roles predate it, so they are read again, at least at its
+//!   revision (a model change drops every cached answer on every replica, through the
+//!   feed, so only a read in flight across the change meets this).
+//!
+//! So no answer mixes the roles of one revision with the model of another, whatever
+//! `min_revision` asks, here or on a follower (whose upstream's GetAuthorization carries
+//! the same `model_revision`).
+
+use std::sync::{
+    Arc, PoisonError, RwLock,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use async_trait::async_trait;
+
+use super::RoleLookup;
+use crate::{
+    coherence::Invalidate,
+    domain::{Revision, UnixSeconds, UserRoles},
+    error::{Error, Result},
+    model::{Model, ModelSpec},
+    store::{Answer, Stale, TenantReads},
+};
+
+/// A model and the revision that set it (0 and the empty model when none was).
+#[derive(Debug, Default)]
+pub struct CurrentModel {
+    pub model: Model,
+    pub revision: Revision,
+}
+
+/// What a check asks.
+#[derive(Clone, Copy, Debug)]
+pub enum Asked<'a> {
+    Role(&'a str),
+    Permission(&'a str),
+}
+
+impl CurrentModel {
+    /// Whether `roles` allow what is `asked` in `tenant` at `now` (`application` is the
+    /// application tenant, whose roles may reach every tenant). Without a model a role is
+    /// held exactly as granted, and no permission is.
+    pub fn allows(
+        &self,
+        roles: &UserRoles,
+        (application, tenant): (&str, &str),
+        asked: Asked<'_>,
+        now: UnixSeconds,
+    ) -> bool {
+        let model = &self.model;
+        if model.is_empty() {
+            return match asked {
+                Asked::Role(role) => roles.allows_str(tenant, role, now),
+                Asked::Permission(_) => false,
+            };
+        }
+        let everywhere = model.everywhere(roles.roles_in(application, now));
+        let held = model.held(roles.roles_in(tenant, now), &everywhere);
+        match asked {
+            Asked::Role(role) => model.holds(&held, |r| roles.allows_str(tenant, r, now), role),
+            Asked::Permission(permission) => model.has(&held, permission),
+        }
+    }
+}
+
+/// The model this process judges by, read from the store when an answer shows it changed.
+pub struct Models {
+    current: RwLock<Arc<CurrentModel>>,
+    store: Arc<dyn TenantReads>,
+    /// One read of the store's model at a time.
+    reading: tokio::sync::Mutex<()>,
+    /// Counts reads of the store's model: a caller that waited for another's read uses it.
+    reads: AtomicU64,
+    /// Whether the model may have changed unseen: at start, and whenever the feed drops
+    /// every answer (as a model change does). Writes read the model again then
+    /// ([`fresh`](Models::fresh)); checks need not, they go by the roles' own revision.
+    unsure: AtomicBool,
+}
+
+/// How many times a check reads again across model changes before it gives up.
+const ATTEMPTS: usize = 3;
+
+impl Models {
+    /// No model yet: the first answer read under one brings it in.
+    pub fn new(store: Arc<dyn TenantReads>) -> Arc<Self> {
+        Arc::new(Self {
+            current: RwLock::new(Arc::new(CurrentModel::default())),
+            store,
+            reading: tokio::sync::Mutex::new(()),
+            reads: AtomicU64::new(0),
+            unsure: AtomicBool::new(true),
+        })
+    }
+
+    /// The model held now.
+    pub fn current(&self) -> Arc<CurrentModel> {
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The model `answer` was read under, when it is the one held, after reading the
+    /// store's if it was not; otherwise the revision to read the roles again at.
+    pub async fn of(
+        &self,
+        answer: &Answer,
+    ) -> Result<std::result::Result<Arc<CurrentModel>, Revision>> {
+        let held = self.current();
+        let read_under = answer.roles.model_revision;
+        if read_under == held.revision {
+            return Ok(Ok(held));
+        }
+        self.read_since(self.reads.load(Ordering::SeqCst)).await?;
+        let now = self.current();
+        Ok(if now.revision == read_under { Ok(now) } else { Err(now.revision) })
+    }
+
+    /// `user`'s answer and the model it was read under (see the module docs).
+    pub async fn answer(
+        &self,
+        roles: &RoleLookup,
+        user: &str,
+        min_revision: Revision,
+    ) -> Result<(Answer, Arc<CurrentModel>)> {
+        let mut min = min_revision;
+        for _ in 0..ATTEMPTS {
+            let answer = roles.answer(user, min).await?;
+            match self.of(&answer).await? {
+                Ok(model) => return Ok((answer, model)),
+                Err(at_least) => min = min.max(at_least),
+            }
+        }
+        Err(Error::Unavailable("the model changed while answering; retry".into()))
+    }
+
+    /// The model as the store has it, read again only when it may have changed since the
+    /// last read (see `unsure`): what a write is judged by (a strict model's refusal of
+    /// undeclared roles). A model set while the feed is still announcing it may judge a
+    /// write committed just after it; the write then only grants a role held exactly.
+    pub async fn fresh(&self) -> Result<Arc<CurrentModel>> {
+        if self.unsure.swap(false, Ordering::SeqCst)
+            && let Err(err) = self.read_since(self.reads.load(Ordering::SeqCst)).await
+        {
+            self.unsure.store(true, Ordering::SeqCst);
+            return Err(err);
+        }
+        Ok(self.current())
+    }
+
+    /// The model may have changed (this process just set it): [`fresh`](Self::fresh)
+    /// reads it again.
+    pub fn doubt(&self) {
+        self.unsure.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds the store's model, read now unless a read began after `seen` reads (then
+    /// that one is as new as this caller needs). The store's is the model, whatever its
+    /// revision: after the store started over, an older one.
+    async fn read_since(&self, seen: u64) -> Result<()> {
+        let _turn = self.reading.lock().await;
+        if self.reads.load(Ordering::SeqCst) != seen {
+            return Ok(());
+        }
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let stored = self.store.get_model().await?;
+        let model =
+            ModelSpec::from_toml(&stored.spec).and_then(Model::compile).map_err(|problems| {
+                let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                Error::Internal(
+                    format!("the stored model does not compile: {}", problems.join("; ")).into(),
+                )
+            })?;
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if stored.revision != current.revision {
+            tracing::info!(revision = stored.revision, "model in effect");
+            *current = Arc::new(CurrentModel { model, revision: stored.revision });
+        }
+        Ok(())
+    }
+}
+
+/// What the change feed drives, with the model marked unsure whenever every answer goes
+/// stale (a model change, or a feed that reconnected).
+pub struct ModelFeed {
+    pub models: Arc<Models>,
+    pub inner: Arc<dyn Invalidate>,
+}
+
+#[async_trait]
+impl Invalidate for ModelFeed {
+    async fn invalidate(&self, stale: &Stale) {
+        if matches!(stale, Stale::Everyone) {
+            self.models.doubt();
+        }
+        self.inner.invalidate(stale).await;
+    }
+}
