@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::tenant_or_application;
 use crate::{
-    cache::RoleLookup,
+    cache::{RoleLookup, model::Models},
     domain::{TenantId, UserId, now_unix},
     error::{Error, Result},
     pb,
@@ -30,6 +30,8 @@ pub struct SignHere {
     pub roles: RoleLookup,
     /// The tenant an empty tenant id means.
     pub application_id: TenantId,
+    /// The model an expanded token is judged by.
+    pub models: Arc<Models>,
 }
 
 #[tonic::async_trait]
@@ -53,8 +55,19 @@ impl Issuing for SignHere {
         if self.tokens.keys().signer().is_none() {
             return Err(Error::FailedPrecondition("no signing key configured".into()));
         }
-        let answer = self.roles.answer(user.as_str(), req.min_revision).await?;
-        let minted = self.tokens.mint(&user, &answer.roles, &only, req.ttl_seconds, now_unix())?;
+        let now = now_unix();
+        let (answer, expanded) = match req.expand {
+            false => (self.roles.answer(user.as_str(), req.min_revision).await?, None),
+            true => {
+                let (answer, model) =
+                    self.models.answer(&self.roles, user.as_str(), req.min_revision).await?;
+                let object = model.expand(&answer.roles, self.application_id.as_str(), now);
+                let object = object.into_iter().map(|(t, (r, p))| (t, (r, Some(p)))).collect();
+                (answer, Some(object))
+            }
+        };
+        let minted =
+            self.tokens.mint((&user, &answer.roles), expanded, &only, req.ttl_seconds, now)?;
         Ok(pb::IssueResponse {
             access_token: minted.token,
             expires_at: Some(prost_types::Timestamp { seconds: minted.expires_at, nanos: 0 }),

@@ -143,32 +143,6 @@ impl RoleCheckApi {
         }
     }
 
-    /// The authorization object with, in each tenant the user holds a role in (and the
-    /// application tenant), the roles held by implication and the permissions they give.
-    fn expanded(
-        &self,
-        model: &Model,
-        roles: &UserRoles,
-        mut granted: std::collections::BTreeMap<String, Vec<String>>,
-        now: i64,
-    ) -> std::collections::HashMap<String, pb::Roles> {
-        let application = self.application_id.as_str();
-        let everywhere = model.everywhere(roles.roles_in(application, now));
-        granted.entry(application.to_owned()).or_default();
-        granted
-            .into_iter()
-            .filter_map(|(tenant, mut names)| {
-                let held = model.held(roles.roles_in(&tenant, now), &everywhere);
-                let (implied, permissions) = model.expand(&held);
-                names.extend(implied.into_iter().map(str::to_owned));
-                names.sort_unstable();
-                names.dedup();
-                let permissions = permissions.into_iter().map(str::to_owned).collect();
-                (!names.is_empty()).then_some((tenant, pb::Roles { roles: names, permissions }))
-            })
-            .collect()
-    }
-
     /// `user`'s answer: see [`RoleLookup::answer`]. Every RPC reads roles through here
     /// or, for a batch, through the same lookup.
     async fn answer(&self, user: &str, min_revision: Revision) -> Result<Answer> {
@@ -332,12 +306,15 @@ impl RoleCheck for RoleCheckApi {
             }
         };
         let now = now_unix();
-        let granted = answer.roles.authorization(now);
         let authorization = match &model {
-            Some(model) if !model.model.is_empty() => {
-                self.expanded(&model.model, &answer.roles, granted, now)
-            }
-            _ => granted
+            Some(model) => model
+                .expand(&answer.roles, self.application_id.as_str(), now)
+                .into_iter()
+                .map(|(tenant, (roles, permissions))| (tenant, pb::Roles { roles, permissions }))
+                .collect(),
+            None => answer
+                .roles
+                .authorization(now)
                 .into_iter()
                 .map(|(tenant, roles)| (tenant, pb::Roles { roles, permissions: Vec::new() }))
                 .collect(),

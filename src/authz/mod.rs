@@ -50,7 +50,10 @@ use self::{
 };
 use crate::token::KeySet;
 use crate::{
-    cache::RoleLookup,
+    cache::{
+        RoleLookup,
+        model::{Asked, Models},
+    },
     domain::{TenantId, UserId, now_unix},
     error::Result,
     metrics::{DecisionLabels, Metrics},
@@ -144,6 +147,8 @@ pub struct Authz {
     trust: ProxyTrust,
     exposure: Exposure,
     roles: RoleLookup,
+    /// The model the route's roles and permissions are judged by.
+    models: Arc<Models>,
     application_id: TenantId,
     reload_failures: Counter,
     outcomes: [Counter; 4],
@@ -171,7 +176,7 @@ impl Authz {
         path: &Path,
         own_keys: Arc<KeySet>,
         (trust, exposure): (ProxyTrust, Exposure),
-        roles: RoleLookup,
+        (roles, models): (RoleLookup, Arc<Models>),
         application_id: TenantId,
         metrics: &Metrics,
     ) -> Result<Arc<Self>> {
@@ -192,6 +197,7 @@ impl Authz {
             trust,
             exposure,
             roles,
+            models,
             application_id,
             reload_failures: metrics.policy_reload_failures.clone(),
             outcomes: [
@@ -308,7 +314,7 @@ impl Authz {
                     roles: String::new(),
                 };
             }
-            Some(Matched::Roles { tenant, roles }) => (tenant, roles),
+            Some(Matched::Roles { tenant, roles, permissions }) => (tenant, (roles, permissions)),
         };
         let Some(user) = self.user(&loaded, request.headers).await else {
             return Decision::Unauthenticated;
@@ -320,15 +326,20 @@ impl Authz {
                 Err(_) => return Decision::Denied("the route's tenant is not a tenant id"),
             },
         };
-        let answer = match self.roles.answer(user.as_str(), 0).await {
-            Ok(answer) => answer,
+        let (answer, model) = match self.models.answer(&self.roles, user.as_str(), 0).await {
+            Ok(judged) => judged,
             Err(err) => {
                 tracing::warn!(%err, "proxy decision: roles unavailable");
                 return Decision::Unavailable;
             }
         };
         let now = now_unix();
-        if !roles.iter().any(|role| answer.roles.allows(&tenant, role, now)) {
+        let (roles, permissions) = roles;
+        let tenants = (self.application_id.as_str(), tenant.as_str());
+        let allows = |asked| model.allows(&answer.roles, tenants, asked, now);
+        if !roles.iter().any(|role| allows(Asked::Role(role.as_str())))
+            && !permissions.iter().any(|permission| allows(Asked::Permission(permission.as_str())))
+        {
             return Decision::Denied("the user holds none of the route's roles there");
         }
         let held = answer.roles.roles_in(tenant.as_str(), now).collect::<Vec<_>>().join(",");

@@ -109,6 +109,7 @@ struct RouteFile {
     host: Option<String>,
     methods: Option<Vec<String>>,
     roles: Option<Vec<String>>,
+    permissions: Option<Vec<String>>,
     public: Option<bool>,
 }
 
@@ -184,7 +185,10 @@ impl Policy {
             let start = route.span().start;
             let spec = spec(route.into_inner()).map_err(|reason| at(start, reason))?;
             if !spec.public && identity.header.is_none() && identity.jwt.is_none() {
-                return Err(at(start, "a route needs roles but [identity] names no source".into()));
+                return Err(at(
+                    start,
+                    "a route needs roles or permissions but [identity] names no source".into(),
+                ));
             }
             starts.push(start);
             specs.push(spec);
@@ -296,17 +300,19 @@ fn loopback(host: &str) -> bool {
 }
 
 fn spec(file: RouteFile) -> std::result::Result<RouteSpec, String> {
-    let roles = file
-        .roles
-        .unwrap_or_default()
-        .iter()
-        .map(|role| Role::parse("roles", role).map_err(|err| format!("role {role:?}: {err}")))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let names = |field: &str, names: Option<Vec<String>>| {
+        names
+            .unwrap_or_default()
+            .iter()
+            .map(|name| Role::parse(field, name).map_err(|err| format!("{field} {name:?}: {err}")))
+            .collect::<std::result::Result<Vec<_>, _>>()
+    };
     Ok(RouteSpec {
         path: file.path,
         host: file.host,
         methods: file.methods.unwrap_or_default().iter().map(|m| m.to_ascii_uppercase()).collect(),
-        roles,
+        roles: names("role", file.roles)?,
+        permissions: names("permission", file.permissions)?,
         public: file.public.unwrap_or(false),
     })
 }

@@ -20,6 +20,8 @@ pub struct RouteSpec {
     pub methods: Vec<String>,
     /// Any one of these; empty when public.
     pub roles: Vec<Role>,
+    /// Or any one of these permissions (under the model); empty when public.
+    pub permissions: Vec<Role>,
     /// Anyone may pass.
     pub public: bool,
 }
@@ -38,6 +40,7 @@ struct Route {
     /// Upper-case; empty means every method.
     methods: Box<[Box<str>]>,
     roles: Box<[Role]>,
+    permissions: Box<[Role]>,
     public: bool,
 }
 
@@ -69,12 +72,15 @@ pub struct Target<'a> {
 pub enum Matched<'r, 't> {
     /// Anyone may pass.
     Public,
-    /// The user must hold one of `roles` in `tenant` (`None`: the application tenant).
+    /// The user must hold one of `roles`, or have one of `permissions`, in `tenant`
+    /// (`None`: the application tenant).
     Roles {
         /// The tenant segment the request named, unchecked.
         tenant: Option<&'t str>,
         /// Any one of them.
         roles: &'r [Role],
+        /// Or any one of these.
+        permissions: &'r [Role],
     },
 }
 
@@ -130,10 +136,15 @@ fn compile(spec: RouteSpec, case_insensitive: bool) -> Result<Route, String> {
     if let Some(bad) = spec.methods.iter().find(|m| canonical::method(m).is_err()) {
         return Err(format!("method {bad:?} is not an upper-case method name"));
     }
-    match (spec.public, spec.roles.is_empty()) {
-        (true, false) => return Err("a route is either `public = true` or has `roles`".into()),
+    match (spec.public, spec.roles.is_empty() && spec.permissions.is_empty()) {
+        (true, false) => {
+            return Err("a route is either `public = true` or has `roles` or `permissions`".into());
+        }
         (false, true) => {
-            return Err("a route needs `roles` (any one of them) or `public = true`".into());
+            return Err(
+                "a route needs `roles` or `permissions` (any one of them) or `public = true`"
+                    .into(),
+            );
         }
         _ => {}
     }
@@ -142,6 +153,7 @@ fn compile(spec: RouteSpec, case_insensitive: bool) -> Result<Route, String> {
         path,
         methods: spec.methods.into_iter().map(String::into_boxed_str).collect(),
         roles: spec.roles.into(),
+        permissions: spec.permissions.into(),
         public: spec.public,
     })
 }
@@ -242,7 +254,7 @@ impl Route {
         Some(if self.public {
             Matched::Public
         } else {
-            Matched::Roles { tenant, roles: &self.roles }
+            Matched::Roles { tenant, roles: &self.roles, permissions: &self.permissions }
         })
     }
 }
@@ -328,7 +340,7 @@ mod tests {
         let path = canonical::path(path).expect("path");
         routes.decide(&Target { method, host, path: &path }).map(|m| match m {
             Matched::Public => (true, None, 0),
-            Matched::Roles { tenant, roles } => (false, tenant.map(str::to_owned), roles.len()),
+            Matched::Roles { tenant, roles, .. } => (false, tenant.map(str::to_owned), roles.len()),
         })
     }
 

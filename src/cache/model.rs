@@ -70,6 +70,40 @@ impl CurrentModel {
     }
 }
 
+/// An authorization object with what a model implies: per tenant, the roles held (granted
+/// and implied, sorted) and the permissions they give (sorted).
+pub type Expanded = std::collections::BTreeMap<String, (Vec<String>, Vec<String>)>;
+
+impl CurrentModel {
+    /// `roles` at `now` as an [`Expanded`] object: every tenant the user is granted a role
+    /// in, and the application tenant when its roles reach every tenant. Without a model,
+    /// the granted roles alone, with no permissions.
+    pub fn expand(&self, roles: &UserRoles, application: &str, now: UnixSeconds) -> Expanded {
+        let model = &self.model;
+        let mut granted = roles.authorization(now);
+        if model.is_empty() {
+            return granted
+                .into_iter()
+                .map(|(tenant, roles)| (tenant, (roles, Vec::new())))
+                .collect();
+        }
+        let everywhere = model.everywhere(roles.roles_in(application, now));
+        granted.entry(application.to_owned()).or_default();
+        granted
+            .into_iter()
+            .filter_map(|(tenant, mut names)| {
+                let held = model.held(roles.roles_in(&tenant, now), &everywhere);
+                let (implied, permissions) = model.expand(&held);
+                names.extend(implied.into_iter().map(str::to_owned));
+                names.sort_unstable();
+                names.dedup();
+                let permissions = permissions.into_iter().map(str::to_owned).collect();
+                (!names.is_empty()).then_some((tenant, (names, permissions)))
+            })
+            .collect()
+    }
+}
+
 /// The model this process judges by, read from the store when an answer shows it changed.
 pub struct Models {
     current: RwLock<Arc<CurrentModel>>,

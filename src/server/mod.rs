@@ -107,7 +107,7 @@ impl Server {
                 path,
                 tokens.keys().clone(),
                 (ProxyTrust::new(callers.clone(), config.authz_private_listener), exposure),
-                RoleLookup::new(store.roles.clone(), cache.clone()),
+                (RoleLookup::new(store.roles.clone(), cache.clone()), models.clone()),
                 application_id.clone(),
                 &metrics,
             )?),

@@ -182,6 +182,7 @@ impl Server {
                 tokens: self.tokens.clone(),
                 roles: RoleLookup::new(self.store.roles.clone(), self.cache.clone()),
                 application_id: self.application_id.clone(),
+                models: self.models.clone(),
             }),
         };
         let role_check = RoleCheckApi::new(

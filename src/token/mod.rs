@@ -43,7 +43,14 @@ pub struct Tokens {
 #[derive(Serialize)]
 struct TenantRoles<'a> {
     roles: &'a [String],
+    /// Only in an expanded token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    permissions: Option<&'a [String]>,
 }
+
+/// What goes in a token's `authorization` object, per tenant: the roles, and (expanded,
+/// under a model) the permissions.
+pub type Object = BTreeMap<String, (Vec<String>, Option<Vec<String>>)>;
 
 #[derive(Serialize)]
 struct Claims<'a> {
@@ -98,12 +105,13 @@ impl Tokens {
     }
 
     /// Mints a token for `user` from `roles` at `now`: its `authorization` is exactly
-    /// `roles.authorization(now)`, narrowed to `only` when given. `ttl` 0 means the
-    /// default, and is capped by the maximum; `exp` never outlasts a carried role.
+    /// `roles.authorization(now)` (or `expanded`, the same expanded under a model),
+    /// narrowed to `only` when given. `ttl` 0 means the default, and is capped by the
+    /// maximum; `exp` never outlasts a carried role.
     pub fn mint(
         &self,
-        user: &UserId,
-        roles: &UserRoles,
+        (user, roles): (&UserId, &UserRoles),
+        expanded: Option<Object>,
         only: &[TenantId],
         ttl_seconds: u32,
         now: UnixSeconds,
@@ -112,7 +120,11 @@ impl Tokens {
             .keys
             .signer()
             .ok_or_else(|| Error::FailedPrecondition("no signing key configured".into()))?;
-        let mut object = roles.authorization(now);
+        let is_expanded = expanded.is_some();
+        let mut object: Object = match expanded {
+            Some(object) => object,
+            None => roles.authorization(now).into_iter().map(|(t, r)| (t, (r, None))).collect(),
+        };
         if !only.is_empty() {
             object.retain(|tenant, _| only.iter().any(|t| t.as_str() == tenant));
         }
@@ -121,8 +133,10 @@ impl Tokens {
             n => Duration::from_secs(n.into()).min(self.settings.max_ttl),
         };
         let mut exp = now + ttl.as_secs() as i64;
-        if let Some(earliest) = roles.earliest_expiry_in(now, |tenant| object.contains_key(tenant))
-        {
+        // Implied roles may come from any tenant's (the application's): an expanded token
+        // lives no longer than the earliest-expiring role anywhere.
+        let counts = |tenant: &str| is_expanded || object.contains_key(tenant);
+        if let Some(earliest) = roles.earliest_expiry_in(now, counts) {
             exp = exp.min(earliest);
         }
         let claims = Claims {
@@ -136,7 +150,9 @@ impl Tokens {
             jti: URL_SAFE_NO_PAD.encode(rand::rng().random::<[u8; 16]>()),
             authorization: object
                 .iter()
-                .map(|(tenant, roles)| (tenant.as_str(), TenantRoles { roles }))
+                .map(|(tenant, (roles, permissions))| {
+                    (tenant.as_str(), TenantRoles { roles, permissions: permissions.as_deref() })
+                })
                 .collect(),
         };
         let mut header = jsonwebtoken::Header::new(key.algorithm());

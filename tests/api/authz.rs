@@ -768,3 +768,74 @@ async fn bearer_tokens_are_checked_as_rfc_8725_asks() {
         .expect("held");
     assert!(held >= FETCH_TIMEOUT - Duration::from_millis(500), "let go after {held:?}");
 }
+
+/// Routes may ask a permission, and a route's roles are held through the model: without
+/// a model no permission is granted and roles are exact; once one is set, an admin may pay
+/// invoices (admin is listed) and read docs (admin includes viewer), a biller may pay but
+/// not read, a viewer may read but not pay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_ask_roles_and_permissions_under_the_model() {
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = write_policy(
+        dir.path(),
+        r#"
+[proxy]
+kind = "nginx"
+
+[identity]
+header = "x-user-id"
+
+[[route]]
+path = "/tenants/{tenant}/invoices/**"
+methods = ["POST"]
+permissions = ["invoice.pay"]
+
+[[route]]
+path = "/tenants/{tenant}/docs/**"
+roles = ["viewer"]
+"#,
+    );
+    let app = spawn_with(Backend::Sqlite, |c| {
+        c.authz_policy = Some(policy);
+        c.authz_private_listener = true;
+    })
+    .await;
+    app.create_tenant("acme").await;
+    app.grant("dave", "acme", &["admin"]).await;
+    app.grant("erin", "acme", &["billing"]).await;
+    app.grant("frank", "acme", &["viewer"]).await;
+    let ask = |user: &'static str, method: &'static str, uri: &'static str| {
+        let app = &app;
+        async move { forward(app, method, uri, &[("x-user-id", user)]).await.0 }
+    };
+    let (pay, read) = ("/tenants/acme/invoices/7", "/tenants/acme/docs/a");
+    assert_eq!(ask("dave", "POST", pay).await, 403, "no permission without a model");
+    assert_eq!(ask("dave", "GET", read).await, 403, "roles are exact without a model");
+    assert_eq!(ask("frank", "GET", read).await, 200);
+    let model = r#"
+[roles.viewer]
+[roles.editor]
+includes = ["viewer"]
+[roles.admin]
+includes = ["editor"]
+[roles.billing]
+
+[permissions]
+"invoice.pay" = ["admin", "billing"]
+"#;
+    let request = pb::SetModelRequest { model: model.into() };
+    app.checks.clone().set_model(request).await.expect("SetModel");
+    wait_for(Duration::from_secs(5), "the model to reach the proxy decisions", || async {
+        (ask("dave", "POST", pay).await == 200).then_some(())
+    })
+    .await;
+    for (user, method, uri, status) in [
+        ("dave", "GET", read, 200),
+        ("erin", "POST", pay, 200),
+        ("erin", "GET", read, 403),
+        ("frank", "POST", pay, 403),
+        ("frank", "GET", read, 200),
+    ] {
+        assert_eq!(ask(user, method, uri).await, status, "{user} {method} {uri}");
+    }
+}

@@ -265,6 +265,51 @@ async fn expand_lists_implied_roles_and_permissions(backend: Backend) {
     assert!(plain.authorization["acme"].permissions.is_empty());
 }
 
+/// The claims of a token (its signature is checked by the token suite).
+fn claims(token: &str) -> serde_json::Value {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    let payload = token.split('.').nth(1).expect("a JWS");
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("base64")).expect("JSON")
+}
+
+/// Issue with `expand` carries the roles held by implication and the permissions; without
+/// it, the token is as it always was (no `permissions` key).
+async fn an_expanded_token_carries_the_model(backend: Backend) {
+    let app = spawn(backend).await;
+    app.create_tenant("acme").await;
+    app.grant("1", "acme", &["admin"]).await;
+    let set = set_model(&app, EXAMPLE).await.expect("SetModel");
+    let issue = |expand| pb::IssueRequest {
+        user_id: "1".into(),
+        ttl_seconds: 0,
+        tenant_ids: Vec::new(),
+        min_revision: set,
+        expand,
+    };
+    let token = app.checks.clone().issue(issue(true)).await.expect("Issue").into_inner();
+    let expanded_bytes = token.access_token.len();
+    let expanded = claims(&token.access_token);
+    assert_eq!(
+        expanded["authorization"]["acme"],
+        serde_json::json!({
+            "roles": ["admin", "editor", "viewer"],
+            "permissions": ["invoice.pay", "invoice.read"],
+        })
+    );
+    let token = app.checks.clone().issue(issue(false)).await.expect("Issue").into_inner();
+    let plain = claims(&token.access_token);
+    assert_eq!(plain["authorization"], serde_json::json!({ "acme": { "roles": ["admin"] } }));
+    eprintln!("token: {} bytes, expanded {expanded_bytes}", token.access_token.len());
+}
+
+/// Tokens are signed by the embedded store's generated key (the Postgres test servers
+/// hold none): here, and through a follower, which relays Issue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expanded_token_carries_the_model_here_and_through_a_follower() {
+    an_expanded_token_carries_the_model(Backend::Sqlite).await;
+    crate::helpers::through_follower(an_expanded_token_carries_the_model(Backend::Sqlite)).await;
+}
+
 conformance!(
     a_strict_model_refuses_undeclared_roles,
     expand_lists_implied_roles_and_permissions,

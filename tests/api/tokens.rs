@@ -81,6 +81,7 @@ async fn issue(app: &TestApp, user: &str, tenants: &[&str], ttl: u32) -> pb::Iss
     app.checks
         .clone()
         .issue(pb::IssueRequest {
+            expand: false,
             user_id: user.into(),
             ttl_seconds: ttl,
             tenant_ids: tenants.iter().map(|t| t.to_string()).collect(),
