@@ -1,6 +1,7 @@
 //! The model: Check and CheckBatch by permission against the same by role, on one server
-//! under the contract's example model, in alternating rounds (`BENCH_MODEL_ROUNDS`, 2),
-//! after the same by role with no model at all.
+//! under the contract's example model, in rounds (`BENCH_MODEL_ROUNDS`, 2) whose order
+//! flips each round (role first, then permission first), so a machine that slows or
+//! speeds up over the run favours neither; after the same by role with no model at all.
 
 use super::*;
 
@@ -52,7 +53,7 @@ pub(super) async fn model_phase(concurrency: usize, baseline: &Outcome) {
     setup_calls(&conn, 1, 1, SET_MODEL, move |_| model.clone()).await;
     setup_calls(&conn, 1000, concurrency, CHECK, |i| frame(&hot_check(i))).await;
     for round in 1..=env_or("BENCH_MODEL_ROUNDS", 2) {
-        let scenarios = [
+        let checks = [
             by_role(&format!("under the model, round {round}")),
             Scenario::new(
                 format!("Check by permission, under the model, round {round}"),
@@ -60,12 +61,19 @@ pub(super) async fn model_phase(concurrency: usize, baseline: &Outcome) {
                 allowed,
                 |i| frame(&permission_check(i)),
             ),
+        ];
+        let batches = [
             batch_of(&format!("CheckBatch of 100 roles, round {round}"), batch(hot_check)),
             batch_of(
                 &format!("CheckBatch of 100 permissions, round {round}"),
                 batch(permission_check),
             ),
         ];
+        let mut scenarios: Vec<Scenario> = checks.into_iter().chain(batches).collect();
+        if round % 2 == 0 {
+            scenarios.swap(0, 1);
+            scenarios.swap(2, 3);
+        }
         for scenario in scenarios {
             outcomes.push(load(&conn, server.pid, concurrency, scenario).await);
         }

@@ -52,6 +52,11 @@ pub struct Model {
     /// Per role: what a holder of it in the application tenant holds in every tenant (the
     /// closures of its `in_every_tenant`).
     every: Vec<Held>,
+    /// Per role: everything a holder of it in the application tenant holds in every
+    /// tenant, through any chain of `in_every_tenant` and `includes` (the least fixed
+    /// point from that one role; the one from several roles is the union of theirs, so a
+    /// check needs no fixed point of its own).
+    everywhere_from: Vec<Held>,
     permissions: HashMap<Box<str>, Held>,
 }
 
@@ -113,7 +118,12 @@ impl Model {
                 (permission.name.as_str().into(), mask)
             })
             .collect();
-        Ok(Self { spec, index, closure, every, permissions })
+        let mut compiled =
+            Self { spec, index, closure, every, everywhere_from: Vec::new(), permissions };
+        compiled.everywhere_from = (0..compiled.spec.roles.len())
+            .map(|role| compiled.everywhere([compiled.spec.roles[role].name.as_str()]))
+            .collect();
+        Ok(compiled)
     }
 
     /// The model as written.
@@ -170,6 +180,47 @@ impl Model {
             }
         }
         held
+    }
+
+    /// Whether a user granted `granted` in a tenant and `application` in the application
+    /// tenant holds the declared role `role` there (`None`: the model does not declare
+    /// it). No set is built: one bit test per granted role.
+    pub fn holds_granted<'a>(
+        &self,
+        granted: impl IntoIterator<Item = &'a str>,
+        application: impl IntoIterator<Item = &'a str>,
+        role: &str,
+    ) -> Option<bool> {
+        let &n = self.index.get(role)?;
+        Some(self.reaches(granted, application, |set| set.contains(n)))
+    }
+
+    /// Whether a user granted `granted` in a tenant and `application` in the application
+    /// tenant has `permission` there: one AND per granted role, no set built.
+    pub fn has_granted<'a>(
+        &self,
+        granted: impl IntoIterator<Item = &'a str>,
+        application: impl IntoIterator<Item = &'a str>,
+        permission: &str,
+    ) -> bool {
+        self.permissions
+            .get(permission)
+            .is_some_and(|mask| self.reaches(granted, application, |set| set.intersects(mask)))
+    }
+
+    /// Whether `test` holds for the closure of a role granted in the tenant, or for what a
+    /// role granted in the application tenant reaches everywhere.
+    fn reaches<'a>(
+        &self,
+        granted: impl IntoIterator<Item = &'a str>,
+        application: impl IntoIterator<Item = &'a str>,
+        test: impl Fn(&Held) -> bool,
+    ) -> bool {
+        let sets = |names: &mut dyn Iterator<Item = &'a str>, sets: &[Held]| {
+            names.filter_map(|name| self.index.get(name)).any(|&n| test(&sets[n]))
+        };
+        sets(&mut granted.into_iter(), &self.closure)
+            || sets(&mut application.into_iter(), &self.everywhere_from)
     }
 
     /// Whether a user who holds `held` (declared roles) and was granted the roles

@@ -132,13 +132,19 @@ proptest! {
         let everywhere = model.everywhere(granted(APP).iter().map(String::as_str));
         for tenant in TENANTS {
             let held = model.held(granted(tenant).iter().map(String::as_str), &everywhere);
+            let here = || granted(tenant).iter().map(String::as_str);
+            let app = || granted(APP).iter().map(String::as_str);
             for role in spec.roles.iter().map(|r| r.name.as_str()).chain([UNDECLARED, "r99"]) {
                 let holds = model.holds(&held, |r| granted(tenant).contains(r), role);
                 prop_assert_eq!(holds, expected[tenant].contains(role), "{} in {}", role, tenant);
+                let direct = model.holds_granted(here(), app(), role);
+                let declared = model.declares(role);
+                prop_assert_eq!(direct, declared.then_some(holds), "{} in {}, no set", role, tenant);
             }
             for permission in &spec.permissions {
                 let has = permission.roles.iter().any(|r| expected[tenant].contains(r));
                 prop_assert_eq!(model.has(&held, &permission.name), has, "{} in {}", &permission.name, tenant);
+                prop_assert_eq!(model.has_granted(here(), app(), &permission.name), has, "{}, no set", &permission.name);
             }
             prop_assert!(!model.has(&held, "not.a.permission"));
             let (roles, permissions) = model.expand(&held);
