@@ -34,6 +34,20 @@ pub enum Command {
     /// reachable and migrated, key and policy files, TLS material, ports free. One line
     /// per check; exits 1 when one fails. Serves nothing.
     Doctor(Config),
+    /// Work with a model file (role hierarchy and permissions) offline.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+/// `rolecheck model …`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum ModelCommand {
+    /// Check a model file as SetModel would: every problem with its line and place, one
+    /// per line; exits 1 when there is one. Sets nothing.
+    Check {
+        /// The model file (TOML).
+        file: PathBuf,
+    },
 }
 
 /// What to run.
@@ -45,6 +59,8 @@ pub enum Run {
     Migrate(MigrateArgs),
     /// `rolecheck doctor`.
     Doctor(Config),
+    /// `rolecheck model …`.
+    Model(ModelCommand),
 }
 
 impl Cli {
@@ -55,6 +71,7 @@ impl Cli {
             Some(Command::Serve(config)) => Run::Serve(config),
             Some(Command::Migrate(args)) => Run::Migrate(args),
             Some(Command::Doctor(config)) => Run::Doctor(config),
+            Some(Command::Model(command)) => Run::Model(command),
         }
     }
 }
@@ -65,6 +82,7 @@ impl Run {
         match self {
             Run::Serve(config) | Run::Doctor(config) => &config.log_format,
             Run::Migrate(args) => &args.log_format,
+            Run::Model(_) => "text",
         }
     }
 }

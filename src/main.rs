@@ -26,6 +26,16 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                 server::migrate(&args).await?;
                 tracing::info!("migrations applied");
             }
+            Run::Model(rolecheck::config::ModelCommand::Check { file }) => {
+                let (report, fine) = rolecheck::model::check_file(&file);
+                match fine {
+                    true => print!("{report}"),
+                    false => {
+                        eprint!("{report}");
+                        return Ok(std::process::ExitCode::FAILURE);
+                    }
+                }
+            }
             Run::Doctor(config) => {
                 let report = doctor::check(&config).await;
                 print!("{}", report.render());

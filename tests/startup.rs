@@ -459,3 +459,45 @@ async fn doctor_fails_what_serve_would_refuse_and_says_the_fix() {
     assert!(lines_of(&ran.stdout, "http")[0].starts_with("ok"), "{}", ran.stdout);
     drop(taken);
 }
+
+/// `rolecheck model check FILE` prints each problem of a model file as `FILE:LINE: place:
+/// message` and exits 1; a good file gets a one-line summary and exit 0.
+#[test]
+fn model_check_names_each_problem_with_its_place_in_the_file() {
+    let files = tempfile::tempdir().expect("dir");
+    let bad = files.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[roles.viewer]\n[roles.editor]\nincludes = [\"viewer\", \"ghost\"]\n\n[permissions]\n\"invoice pay\" = [\"editor\"]\n",
+    )
+    .expect("write");
+    let ran = run(&["model", "check", bad.to_str().expect("path")], &[]);
+    assert_eq!(ran.code, Some(1), "{}", ran.stderr);
+    let name = bad.display();
+    assert!(
+        ran.stderr.contains(&format!(
+            "{name}:6: permissions.\"invoice pay\": permission: must be 1-64 characters"
+        )),
+        "{}",
+        ran.stderr
+    );
+    let bad_ref = "[roles.viewer]\n[roles.editor]\nincludes = [\"viewer\", \"ghost\"]\n";
+    std::fs::write(&bad, bad_ref).expect("write");
+    let ran = run(&["model", "check", bad.to_str().expect("path")], &[]);
+    assert_eq!(ran.code, Some(1));
+    assert_eq!(
+        ran.stderr.trim(),
+        format!(
+            "{name}:2: roles.editor.includes: names the role \"ghost\", which the model does not declare"
+        )
+    );
+    let good = files.path().join("good.toml");
+    std::fs::write(&good, "strict = true\n[roles.viewer]\n[permissions]\n\"a.b\" = [\"viewer\"]\n")
+        .expect("write");
+    let ran = run(&["model", "check", good.to_str().expect("path")], &[]);
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    assert_eq!(
+        ran.stdout.trim(),
+        format!("{}: a model of 1 roles and 1 permissions, strict", good.display())
+    );
+}

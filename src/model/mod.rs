@@ -18,5 +18,34 @@ mod spec;
 pub use compiled::{Held, Model};
 pub use spec::{MAX_PERMISSIONS, MAX_ROLES, ModelSpec, PermissionSpec, Problem, RoleSpec};
 
+/// `rolecheck model check FILE`: the file's problems, one per line as `FILE:LINE: place:
+/// message` (what an editor jumps to), or a one-line summary; whether it is a model.
+pub fn check_file(path: &std::path::Path) -> (String, bool) {
+    let name = path.display();
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) => return (format!("{name}: cannot read it: {err}\n"), false),
+    };
+    match ModelSpec::from_toml(&text).and_then(Model::compile) {
+        Ok(model) => {
+            let spec = model.spec();
+            let summary = format!(
+                "{name}: a model of {} roles and {} permissions{}\n",
+                spec.roles.len(),
+                spec.permissions.len(),
+                if spec.strict { ", strict" } else { "" }
+            );
+            (summary, true)
+        }
+        Err(problems) => {
+            let lines = problems.iter().map(|problem| match problem.line {
+                Some(line) => format!("{name}:{line}: {}: {}\n", problem.place, problem.message),
+                None => format!("{name}: {}: {}\n", problem.place, problem.message),
+            });
+            (lines.collect(), false)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;
