@@ -11,7 +11,7 @@ use crate::{
     auth::caller_name,
     cache::{
         CachedStore, RoleLookup,
-        model::{Asked, CurrentModel, Models},
+        model::{Asked, Judge, Models},
     },
     coherence::Coherence,
     domain::{Revision, Role, TenantId, UserId, UserRoles, now_unix, parse_roles},
@@ -89,13 +89,7 @@ impl RoleCheckApi {
     }
 
     /// Whether `roles` allow `check` under `model`.
-    fn allows(
-        &self,
-        model: &CurrentModel,
-        roles: &UserRoles,
-        check: &pb::CheckRequest,
-        now: i64,
-    ) -> bool {
+    fn allows(&self, model: &Judge, roles: &UserRoles, check: &pb::CheckRequest, now: i64) -> bool {
         let asked = match check.permission.is_empty() {
             true => Asked::Role(&check.role),
             false => Asked::Permission(&check.permission),
@@ -191,7 +185,7 @@ impl RoleCheck for RoleCheckApi {
         order.sort_unstable_by(|&a, &b| checks[a].user_id.cmp(&checks[b].user_id));
         let mut results = vec![pb::CheckResponse::default(); checks.len()];
         let mut revision = if checks.is_empty() { 0 } else { Revision::MAX };
-        let mut answer_group = |group: &[usize], answer: &Answer, model: &CurrentModel, now| {
+        let mut answer_group = |group: &[usize], answer: &Answer, model: &Judge, now| {
             for &i in group {
                 let allowed = self.allows(model, &answer.roles, &checks[i], now);
                 results[i] = pb::CheckResponse { allowed, revision: answer.revision };
@@ -203,19 +197,23 @@ impl RoleCheck for RoleCheckApi {
         for group in order.chunk_by(|&a, &b| checks[a].user_id == checks[b].user_id) {
             let user = &checks[group[0]].user_id;
             // From memory when read under the model held; else loaded (and judged) below.
-            match self.roles.in_memory(user, min_revision) {
-                Some(answer) if answer.roles.model_revision == held.revision => {
+            let cached = self.roles.in_memory(user, min_revision);
+            match cached
+                .as_ref()
+                .and_then(|answer| Some((answer, Models::judge_under(&held, answer)?)))
+            {
+                Some((answer, judge)) => {
                     hits += 1;
-                    answer_group(group, &answer, &held, now);
+                    answer_group(group, answer, &judge, now);
                 }
-                _ => waiting.push((start..start + group.len(), UserId::trusted(user.clone()))),
+                None => waiting.push((start..start + group.len(), UserId::trusted(user.clone()))),
             }
             start += group.len();
         }
         self.roles.count_hits(hits);
         if !waiting.is_empty() {
             let (roles, models) = (&self.roles, &self.models);
-            let fetched: Vec<(std::ops::Range<usize>, (Answer, Arc<CurrentModel>))> =
+            let fetched: Vec<(std::ops::Range<usize>, (Answer, Judge))> =
                 futures::stream::iter(waiting)
                     .map(|(group, id)| async move {
                         Ok::<_, Error>((

@@ -36,6 +36,46 @@ pub struct CurrentModel {
     pub revision: Revision,
 }
 
+/// The model an answer is judged under: none ever set when its roles were read (every
+/// role exact, no permission: the check touches nothing shared), or the one held.
+#[derive(Clone, Debug)]
+pub enum Judge {
+    Exact,
+    Under(Arc<CurrentModel>),
+}
+
+impl Judge {
+    /// See [`CurrentModel::allows`].
+    pub fn allows(
+        &self,
+        roles: &UserRoles,
+        tenants: (&str, &str),
+        asked: Asked<'_>,
+        now: UnixSeconds,
+    ) -> bool {
+        match self {
+            Judge::Exact => exact(roles, tenants.1, asked, now),
+            Judge::Under(model) => model.allows(roles, tenants, asked, now),
+        }
+    }
+
+    /// See [`CurrentModel::expand`].
+    pub fn expand(&self, roles: &UserRoles, application: &str, now: UnixSeconds) -> Expanded {
+        match self {
+            Judge::Exact => CurrentModel::default().expand(roles, application, now),
+            Judge::Under(model) => model.expand(roles, application, now),
+        }
+    }
+}
+
+/// Without a model: a role exactly as granted, no permission.
+fn exact(roles: &UserRoles, tenant: &str, asked: Asked<'_>, now: UnixSeconds) -> bool {
+    match asked {
+        Asked::Role(role) => roles.allows_str(tenant, role, now),
+        Asked::Permission(_) => false,
+    }
+}
+
 /// What a check asks.
 #[derive(Clone, Copy, Debug)]
 pub enum Asked<'a> {
@@ -56,10 +96,7 @@ impl CurrentModel {
     ) -> bool {
         let model = &self.model;
         if model.is_empty() {
-            return match asked {
-                Asked::Role(role) => roles.allows_str(tenant, role, now),
-                Asked::Permission(_) => false,
-            };
+            return exact(roles, tenant, asked, now);
         }
         // No set is built: a bit test (or one AND) per role granted here and in the
         // application tenant.
@@ -141,20 +178,29 @@ impl Models {
         self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// The model `answer` was read under, when it is the one held, after reading the
-    /// store's if it was not; otherwise the revision to read the roles again at.
-    pub async fn of(
-        &self,
-        answer: &Answer,
-    ) -> Result<std::result::Result<Arc<CurrentModel>, Revision>> {
-        let held = self.current();
-        let read_under = answer.roles.model_revision;
-        if read_under == held.revision {
-            return Ok(Ok(held));
+    /// How `answer` is judged when `held` is the model held (taken once for many
+    /// answers); `None` when its roles were read under another model.
+    pub fn judge_under(held: &Arc<CurrentModel>, answer: &Answer) -> Option<Judge> {
+        match answer.roles.model_revision {
+            // No model was in effect where the roles were read: exact, whatever is held.
+            0 => Some(Judge::Exact),
+            read_under if read_under == held.revision => Some(Judge::Under(held.clone())),
+            _ => None,
+        }
+    }
+
+    /// How `answer` is judged: exactly, or under the model its roles were read under (read
+    /// from the store if not held); otherwise the revision to read the roles again at.
+    pub async fn of(&self, answer: &Answer) -> Result<std::result::Result<Judge, Revision>> {
+        if answer.roles.model_revision == 0 {
+            return Ok(Ok(Judge::Exact));
+        }
+        if let Some(judge) = Self::judge_under(&self.current(), answer) {
+            return Ok(Ok(judge));
         }
         self.read_since(self.reads.load(Ordering::SeqCst)).await?;
         let now = self.current();
-        Ok(if now.revision == read_under { Ok(now) } else { Err(now.revision) })
+        Ok(Self::judge_under(&now, answer).ok_or(now.revision))
     }
 
     /// `user`'s answer and the model it was read under (see the module docs).
@@ -163,7 +209,7 @@ impl Models {
         roles: &RoleLookup,
         user: &str,
         min_revision: Revision,
-    ) -> Result<(Answer, Arc<CurrentModel>)> {
+    ) -> Result<(Answer, Judge)> {
         let mut min = min_revision;
         for _ in 0..ATTEMPTS {
             let answer = roles.answer(user, min).await?;
