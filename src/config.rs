@@ -48,6 +48,41 @@ pub enum ModelCommand {
         /// The model file (TOML).
         file: PathBuf,
     },
+    /// Check a model file, then set it on the server (SetModel, scope `write`): every
+    /// tenant is judged by it from the revision printed. Exits 1 when the file has a
+    /// problem or the server refuses.
+    Apply {
+        /// The model file (TOML); an empty file removes the model.
+        file: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Print the server's model file (GetModel, scope `check`) and, on stderr, the
+    /// revision that set it.
+    Show {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// Which rolecheck server a command talks to, and with which key.
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// The server: `http://host:port`, `https://host:port` or `unix:/path`.
+    #[arg(long, env = "ROLECHECK_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// A file holding the API key to present.
+    #[arg(long, env = "ROLECHECK_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// CA certificate(s) for an `https` server (else the system roots).
+    #[arg(long)]
+    pub server_ca: Option<PathBuf>,
+    /// A client certificate for mTLS (with --server-cert-key).
+    #[arg(long, requires = "server_cert_key")]
+    pub server_cert: Option<PathBuf>,
+    /// The client certificate's private key.
+    #[arg(long, requires = "server_cert")]
+    pub server_cert_key: Option<PathBuf>,
 }
 
 /// What to run.

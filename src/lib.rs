@@ -10,6 +10,8 @@ pub mod api;
 pub mod auth;
 pub mod authz;
 pub mod cache;
+pub mod cli;
+pub mod client;
 pub mod codec;
 pub mod coherence;
 pub mod config;

@@ -26,16 +26,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                 server::migrate(&args).await?;
                 tracing::info!("migrations applied");
             }
-            Run::Model(rolecheck::config::ModelCommand::Check { file }) => {
-                let (report, fine) = rolecheck::model::check_file(&file);
-                match fine {
-                    true => print!("{report}"),
-                    false => {
-                        eprint!("{report}");
-                        return Ok(std::process::ExitCode::FAILURE);
-                    }
-                }
-            }
+            Run::Model(command) => return Ok(rolecheck::cli::model(command).await?),
             Run::Doctor(config) => {
                 let report = doctor::check(&config).await;
                 print!("{}", report.render());

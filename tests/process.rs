@@ -878,3 +878,58 @@ async fn a_restored_database_is_a_rewind_nobody_serves_past() {
         assert_eq!(ask(down.clone(), "carol", "acme", "editor").await, Ok(true));
     }
 }
+
+/// `rolecheck model …` against a real server, as an operator runs it.
+fn model_command(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rolecheck"))
+        .arg("model")
+        .args(args)
+        .env_remove("ROLECHECK_SERVER")
+        .env_remove("ROLECHECK_KEY_FILE")
+        .output()
+        .expect("run rolecheck model");
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("utf-8");
+    (out.status.success(), text(out.stdout), text(out.stderr))
+}
+
+/// `rolecheck model apply` checks the file and sets it, and the server judges by it;
+/// `model show` prints it back with its revision; a file with a problem never reaches the
+/// server (the one set stays), and a server that does not answer is named.
+#[tokio::test]
+async fn model_apply_sets_the_model_and_show_prints_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let proc = Proc::spawn(&[("ROLECHECK_DATA_DIR", data.to_str().expect("path"))]);
+    let server = format!("http://{}", proc.addr.expect("addr"));
+    let good = dir.path().join("model.toml");
+    let model = "[roles.viewer]\n[roles.editor]\nincludes = [\"viewer\"]\n";
+    std::fs::write(&good, model).expect("write");
+    let good = good.to_str().expect("path");
+    let (ok, stdout, stderr) = model_command(&["apply", good, "--server", &server]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), format!("{good}: set at revision 1"));
+    grant(proc.channel().await, "u", "", "editor").await.expect("grant");
+    assert!(check(proc.channel().await, "u", "", "viewer").await, "an editor is a viewer");
+
+    let (ok, stdout, stderr) = model_command(&["show", "--server", &server]);
+    assert!(ok, "{stderr}");
+    assert_eq!((stdout.as_str(), stderr.trim()), (model, "# set at revision 1"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[roles.viewer]\n[roles.editor]\nincludes = [\"ghost\"]\n")
+        .expect("write");
+    let bad = bad.to_str().expect("path");
+    let (ok, stdout, stderr) = model_command(&["apply", bad, "--server", &server]);
+    assert!(!ok && stdout.is_empty());
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "{bad}:2: roles.editor.includes: names the role \"ghost\", which the model does not declare"
+        )
+    );
+    assert_eq!(model_command(&["show", "--server", &server]).1, model, "nothing changed");
+
+    let (ok, _, stderr) = model_command(&["show", "--server", "http://127.0.0.1:1"]);
+    assert!(!ok);
+    assert!(stderr.starts_with("Error: http://127.0.0.1:1 did not answer"), "{stderr}");
+}

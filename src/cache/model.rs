@@ -3,11 +3,12 @@
 //! Every read of a user's roles says which model was in effect when they were read
 //! ([`UserRoles::model_revision`], from the same snapshot: the revision row holds it). A
 //! check judges roles only under that model:
-//! - the model held here is the same: judged at once (the hot path: one read lock);
-//! - it is older: it is read again from the store (once, however many checks ask);
-//! - it is newer: the roles predate it, so they are read again, at least at its
-//!   revision (a model change drops every cached answer on every replica, through the
-//!   feed, so only a read in flight across the change meets this).
+//! - none was ever set where they were read: judged exactly, touching nothing shared;
+//! - the model held here is that one: judged at once (one read lock);
+//! - it is another: the store's model is read (once, however many checks ask); if the
+//!   roles predate it, they are read again, at least at its revision (a model change
+//!   drops every cached answer on every replica, through the feed, so only a read in
+//!   flight across the change meets this).
 //!
 //! So no answer mixes the roles of one revision with the model of another, whatever
 //! `min_revision` asks, here or on a follower (whose upstream's GetAuthorization carries

@@ -8,23 +8,18 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use tonic::{
-    Code, Request, Status,
-    metadata::MetadataValue,
-    service::interceptor::InterceptedService,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
-};
+use tonic::{Code, Request, Status, service::interceptor::InterceptedService, transport::Channel};
 
 use super::feed::kind_from;
 use crate::{
+    client::{self, Credentials, Flags, Target},
     domain::{Revision, TenantId, UnixSeconds, UserId, UserRoles},
     error::{Error, Result},
     paging::encode_page_token,
     pb::{self, role_check_client::RoleCheckClient, tenants_client::TenantsClient},
-    store::StoredModel,
     store::{
         Answer, Backend, ChangeFilter, History, HistoryEntry, HistoryLog, Member, MembershipWrite,
-        RoleReads, Tenant, TenantReads, WriteKind, Writes,
+        RoleReads, StoredModel, Tenant, TenantReads, WriteKind, Writes,
     },
 };
 
@@ -54,18 +49,14 @@ pub struct UpstreamOptions {
 /// no role is ever granted to it by rolecheck itself).
 const PROBE_USER: &str = "~rolecheck-follower-probe";
 
-/// Adds the follower's key to every upstream call.
-#[derive(Clone)]
-pub struct Credentials(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Credentials {
-    fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
-        if let Some(key) = &self.0 {
-            request.metadata_mut().insert("authorization", key.clone());
-        }
-        Ok(request)
-    }
-}
+/// The follower's settings, named in its errors.
+const UPSTREAM_FLAGS: Flags = Flags {
+    url: "upstream",
+    ca: "--upstream-ca",
+    cert: "--upstream-cert",
+    cert_key: "--upstream-cert-key",
+    key_file: "--upstream-key-file",
+};
 
 type Upstream = InterceptedService<Channel, Credentials>;
 
@@ -108,68 +99,22 @@ impl std::fmt::Debug for UpstreamStore {
     }
 }
 
-fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|err| {
-        Error::FailedPrecondition(format!("cannot read {what} {}: {err}", path.display()))
-    })
-}
-
 impl UpstreamStore {
     /// Connects (lazily: an upstream that is down is retried by every call and the feed).
     pub fn connect(options: UpstreamOptions) -> Result<Self> {
-        let bad = |why: String| Error::invalid("upstream", why);
-        let channel = if let Some(path) = options.url.strip_prefix("unix:") {
-            let path = PathBuf::from(path);
-            Endpoint::from_static("http://upstream.invalid").connect_with_connector_lazy(
-                tower::service_fn(move |_: http::Uri| {
-                    let path = path.clone();
-                    async move {
-                        let stream = tokio::net::UnixStream::connect(path).await?;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                    }
-                }),
-            )
-        } else {
-            let mut endpoint = Endpoint::from_shared(options.url.clone())
-                .map_err(|_| bad("not an http(s):// or unix: URL".into()))?
-                .timeout(options.timeout)
-                .connect_timeout(options.timeout)
-                // A silent path is noticed within the feed's silence, and the next call
-                // gets a fresh connection.
-                .http2_keep_alive_interval(options.silence / 2)
-                .keep_alive_timeout(options.silence / 2)
-                .keep_alive_while_idle(true);
-            match endpoint.uri().scheme_str() {
-                Some("https") => {
-                    let mut tls = ClientTlsConfig::new().with_native_roots();
-                    if let Some(ca) = &options.ca {
-                        tls = tls.ca_certificate(Certificate::from_pem(read(ca, "--upstream-ca")?));
-                    }
-                    if let Some((cert, key)) = &options.cert {
-                        tls = tls.identity(Identity::from_pem(
-                            read(cert, "--upstream-cert")?,
-                            read(key, "--upstream-cert-key")?,
-                        ));
-                    }
-                    endpoint = endpoint.tls_config(tls).map_err(|err| bad(err.to_string()))?;
-                }
-                Some("http") => {}
-                _ => return Err(bad("not an http(s):// or unix: URL".into())),
-            }
-            endpoint.connect_lazy()
+        let target = Target {
+            url: &options.url,
+            ca: options.ca.as_deref(),
+            cert: options.cert.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path())),
+            timeout: options.timeout,
+            // A silent path is noticed within the feed's silence, and the next call gets
+            // a fresh connection.
+            keepalive: Some(options.silence / 2),
+            flags: UPSTREAM_FLAGS,
         };
-        let key = match &options.key_file {
-            None => None,
-            Some(path) => {
-                let secret = String::from_utf8(read(path, "--upstream-key-file")?)
-                    .map_err(|_| bad("the key file is not text".into()))?;
-                let value = format!("Bearer {}", secret.trim())
-                    .parse()
-                    .map_err(|_| bad("the key file must hold one printable secret".into()))?;
-                Some(value)
-            }
-        };
-        let credentials = Credentials(key);
+        let channel = client::channel(&target)?;
+        let credentials =
+            Credentials::from_file(options.key_file.as_deref(), UPSTREAM_FLAGS.key_file)?;
         Ok(Self {
             checks: RoleCheckClient::with_interceptor(channel.clone(), credentials.clone()),
             tenants: TenantsClient::with_interceptor(channel, credentials),
