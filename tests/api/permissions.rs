@@ -128,6 +128,12 @@ async fn the_model_gives_held_roles_and_permissions(backend: Backend) {
     // The model reads back as set, at the revision that set it, and is in the history.
     let model = get_model(&app).await;
     assert_eq!((model.model.as_str(), model.model_revision), (EXAMPLE, set));
+    let request = pb::ListChangesRequest { after_revision: set - 1, ..Default::default() };
+    let page = app.checks.clone().list_changes(request).await.expect("ListChanges").into_inner();
+    let entry = page.entries.first().expect("the model's change");
+    let change = entry.change.as_ref().expect("a change");
+    assert_eq!((entry.revision, change.kind()), (set, pb::ChangeKind::ModelChanged));
+    assert!(change.tenant_id.is_empty() && change.user_id.is_empty(), "{change:?}");
     // GetAuthorization and tokens keep the granted roles.
     assert_eq!(app.authorization("2").await["acme"], ["editor"]);
 }
