@@ -63,7 +63,10 @@ impl Judge {
     /// See [`CurrentModel::expand`].
     pub fn expand(&self, roles: &UserRoles, application: &str, now: UnixSeconds) -> Expanded {
         match self {
-            Judge::Exact => CurrentModel::default().expand(roles, application, now),
+            Judge::Exact => {
+                let granted = roles.authorization(now).into_iter();
+                granted.map(|(tenant, roles)| (tenant, (roles, Vec::new()))).collect()
+            }
             Judge::Under(model) => model.expand(roles, application, now),
         }
     }
