@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod authz;
+pub mod authzen;
 pub mod cache;
 pub mod cli;
 pub mod client;

@@ -25,6 +25,12 @@ struct RequestLabels {
     code: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    path: &'static str,
+    status: &'static str,
+}
+
 /// Labels of store query durations.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreLabels {
@@ -48,6 +54,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     requests: HistogramFamily<RequestLabels>,
+    http: HistogramFamily<HttpLabels>,
     store: HistogramFamily<StoreLabels>,
     tokens: Family<TokenLabels, Counter>,
     /// API key file reloads that failed and kept the keys in force.
@@ -109,6 +116,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("rolecheck");
         let requests = HistogramFamily::<RequestLabels>::new_with_constructor(latency_histogram);
         let store = HistogramFamily::<StoreLabels>::new_with_constructor(latency_histogram);
+        let http = HistogramFamily::<HttpLabels>::new_with_constructor(latency_histogram);
         let tokens = Family::<TokenLabels, Counter>::default();
         let (cache_hits, cache_misses) = (Counter::default(), Counter::default());
         let key_reload_failures = Counter::default();
@@ -137,6 +145,11 @@ impl Metrics {
             "grpc_request_duration_seconds",
             "gRPC requests by method and status code",
             requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP API requests (AuthZEN) by path and status code",
+            http.clone(),
         );
         registry.register(
             "store_query_duration_seconds",
@@ -176,6 +189,7 @@ impl Metrics {
         Arc::new(Self {
             registry,
             requests,
+            http,
             store,
             tokens,
             key_reload_failures,
@@ -191,6 +205,29 @@ impl Metrics {
             reconnects,
             sample: OnceLock::new(),
         })
+    }
+
+    /// Records an HTTP API request (`path` one of a fixed set, so the labels stay
+    /// bounded) with its status.
+    pub fn http_request(
+        &self,
+        path: &'static str,
+        status: http::StatusCode,
+        took: std::time::Duration,
+    ) {
+        let status = match status.as_u16() {
+            200 => "200",
+            400 => "400",
+            401 => "401",
+            403 => "403",
+            404 => "404",
+            405 => "405",
+            413 => "413",
+            500 => "500",
+            503 => "503",
+            _ => "other",
+        };
+        self.http.get_or_create(&HttpLabels { path, status }).observe(took.as_secs_f64());
     }
 
     /// Where the scrape-time gauges come from: `sample` is called at each scrape.

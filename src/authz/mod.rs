@@ -45,7 +45,7 @@ use self::{
     canonical::Refused,
     jwt::Verifier,
     policy::Policy,
-    routes::{Matched, Target},
+    routes::{Matched, Segment, Target, Template},
     trust::{Exposure, ProxyTrust},
 };
 use crate::token::KeySet;
@@ -326,27 +326,109 @@ impl Authz {
                 Err(_) => return Decision::Denied("the route's tenant is not a tenant id"),
             },
         };
+        let answer = match self.held(&user, &tenant, roles).await {
+            Ok(answer) => answer,
+            Err(decision) => return decision,
+        };
+        let held = answer.roles.roles_in(tenant.as_str(), now_unix()).collect::<Vec<_>>().join(",");
+        Decision::Allow {
+            user: user.as_str().to_owned(),
+            tenant: tenant.as_str().to_owned(),
+            roles: held,
+        }
+    }
+
+    /// `user`'s live roles, when they hold one of the route's `roles` or have one of its
+    /// `permissions` in `tenant` under the model; else the decision to give.
+    async fn held(
+        &self,
+        user: &UserId,
+        tenant: &TenantId,
+        (roles, permissions): (&[crate::domain::Role], &[crate::domain::Role]),
+    ) -> std::result::Result<crate::store::Answer, Decision> {
         let (answer, model) = match self.models.answer(&self.roles, user.as_str(), 0).await {
             Ok(judged) => judged,
             Err(err) => {
                 tracing::warn!(%err, "proxy decision: roles unavailable");
-                return Decision::Unavailable;
+                return Err(Decision::Unavailable);
             }
         };
         let now = now_unix();
-        let (roles, permissions) = roles;
         let tenants = (self.application_id.as_str(), tenant.as_str());
         let allows = |asked| model.allows(&answer.roles, tenants, asked, now);
         if !roles.iter().any(|role| allows(Asked::Role(role.as_str())))
             && !permissions.iter().any(|permission| allows(Asked::Permission(permission.as_str())))
         {
-            return Decision::Denied("the user holds none of the route's roles there");
+            return Err(Decision::Denied("the user holds none of the route's roles there"));
         }
-        let held = answer.roles.roles_in(tenant.as_str(), now).collect::<Vec<_>>().join(",");
-        Decision::Allow {
-            user: user.as_str().to_owned(),
-            tenant: tenant.as_str().to_owned(),
-            roles: held,
+        Ok(answer)
+    }
+
+    /// Whether `user` may take `method` on `route` (a path, or an OpenAPI-style route
+    /// template whose `{name}` segments stand for any value) at `host`: AuthZEN's
+    /// API-gateway profile, decided by the policy's routes as a proxy's request would be.
+    /// `named` is a tenant the caller names besides (AuthZEN's `properties` or `context`):
+    /// it fills a `{tenant}` the template leaves open, and must agree with one it fills.
+    pub async fn decide_route(
+        &self,
+        user: &UserId,
+        (method, host, route): (&str, Option<&str>, &str),
+        named: Option<&TenantId>,
+    ) -> Decision {
+        let parsed = (|| {
+            let method = canonical::method(method)?;
+            let host = host.map(canonical::host).transpose()?;
+            Ok::<_, Refused>((method, host, template(route)?))
+        })();
+        let (method, host, (path, placeholders)) = match parsed {
+            Ok(parts) => parts,
+            Err(Refused(why)) => return Decision::Denied(why),
+        };
+        let segments: Vec<Segment<'_>> = path
+            .segments()
+            .zip(placeholders.iter())
+            .map(|(text, &open)| if open { Segment::Placeholder } else { Segment::Literal(text) })
+            .collect();
+        let loaded = self.current();
+        let template = Template { method, host: host.as_deref(), segments: &segments };
+        let (roles, found) = match loaded.policy.routes.decide_template(&template) {
+            Err(why) => return Decision::Denied(why),
+            Ok(None) => return Decision::Denied("no route matches"),
+            Ok(Some((Matched::Public, _))) => {
+                return Decision::Allow {
+                    user: String::new(),
+                    tenant: String::new(),
+                    roles: String::new(),
+                };
+            }
+            Ok(Some((Matched::Roles { roles, permissions, .. }, found))) => {
+                ((roles, permissions), found)
+            }
+        };
+        let tenant = match (found, named) {
+            (None, None) => self.application_id.clone(),
+            (Some(Segment::Placeholder), Some(named)) => named.clone(),
+            (Some(Segment::Placeholder), None) => {
+                return Decision::Denied(
+                    "the route's {tenant} is a placeholder: name the tenant in resource.properties.tenant_id",
+                );
+            }
+            (Some(Segment::Literal(text)), _) => match TenantId::parse("tenant", text) {
+                Ok(id) => id,
+                Err(_) => return Decision::Denied("the route's tenant is not a tenant id"),
+            },
+            (None, Some(_)) => self.application_id.clone(),
+        };
+        if named.is_some_and(|named| *named != tenant) {
+            return Decision::Denied("the tenant named is not the tenant the route names");
+        }
+        match self.held(user, &tenant, roles).await {
+            Ok(_) => Decision::Allow {
+                user: user.as_str().to_owned(),
+                tenant: tenant.as_str().to_owned(),
+                roles: String::new(),
+            },
+            Err(decision) => decision,
         }
     }
 
@@ -373,6 +455,38 @@ impl Authz {
             }
         }
     }
+}
+
+/// A route template in canonical form, and which of its segments are `{name}`
+/// placeholders. A placeholder is a whole segment of name characters; anything else is
+/// read as a path is, and refused as a path would be.
+fn template(route: &str) -> std::result::Result<(canonical::Path, Vec<bool>), Refused> {
+    let path = route.split(['?', '#']).next().unwrap_or_default();
+    let mut placeholders = Vec::new();
+    let mut literal = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            literal.push('/');
+        }
+        let open = segment.len() > 2
+            && segment.starts_with('{')
+            && segment.ends_with('}')
+            && segment[1..segment.len() - 1]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        literal.push_str(if open { "_" } else { segment });
+        if i > 0 {
+            placeholders.push(open);
+        }
+    }
+    let canonical = canonical::path(&literal)?;
+    if path == "/" {
+        placeholders.clear();
+    }
+    if canonical.segments().count() != placeholders.len() {
+        return Err(Refused("the route template's segments are ambiguous"));
+    }
+    Ok((canonical, placeholders))
 }
 
 /// The token of an `authorization: Bearer <token>` value.

@@ -84,6 +84,37 @@ pub enum Matched<'r, 't> {
     },
 }
 
+/// One segment of an OpenAPI-style route template (AuthZEN's API-gateway profile): a
+/// literal, canonical like a path's, or a `{name}` placeholder standing for any value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment<'t> {
+    /// This exact segment.
+    Literal(&'t str),
+    /// Any one segment.
+    Placeholder,
+}
+
+/// What a route template asks to reach.
+#[derive(Debug)]
+pub struct Template<'t> {
+    /// The method.
+    pub method: &'t str,
+    /// The host, when known.
+    pub host: Option<&'t str>,
+    /// The path's segments.
+    pub segments: &'t [Segment<'t>],
+}
+
+/// How a route fits every request a template stands for.
+enum Fit<'t> {
+    /// It matches none of them.
+    No,
+    /// It matches all of them; the `{tenant}` segment, if the route has one.
+    All(Option<Segment<'t>>),
+    /// It matches some and not others (a placeholder against a literal).
+    Some,
+}
+
 impl Routes {
     /// Compiles `specs` in order; an error names the route (from 0) and the reason.
     pub fn compile(specs: Vec<RouteSpec>, case_insensitive: bool) -> Result<Self, (usize, String)> {
@@ -123,6 +154,42 @@ impl Routes {
     /// The first route that matches `target`; `None` denies.
     pub fn decide<'r, 't>(&'r self, target: &Target<'t>) -> Option<Matched<'r, 't>> {
         self.routes.iter().find_map(|route| route.matches(target, self.case_insensitive))
+    }
+}
+
+impl Routes {
+    /// The route that decides every request `template` stands for, and its `{tenant}`
+    /// segment (a placeholder when the template leaves the tenant open). The first route
+    /// that matches them all decides, as for a request; but when an earlier route matches
+    /// only some of them (a placeholder where it has a literal), the template is refused:
+    /// the gateway would apply one decision to requests the policy decides apart.
+    pub fn decide_template<'r, 't>(
+        &'r self,
+        template: &Template<'t>,
+    ) -> Result<Option<(Matched<'r, 't>, Option<Segment<'t>>)>, &'static str> {
+        for route in self.routes.iter() {
+            match route.fits(template, self.case_insensitive) {
+                Fit::No => {}
+                Fit::Some => {
+                    return Err("the route template stands for requests that routes decide apart");
+                }
+                Fit::All(tenant) => {
+                    let matched = match route.public {
+                        true => Matched::Public,
+                        false => Matched::Roles {
+                            tenant: match tenant {
+                                Some(Segment::Literal(tenant)) => Some(tenant),
+                                _ => None,
+                            },
+                            roles: &route.roles,
+                            permissions: &route.permissions,
+                        },
+                    };
+                    return Ok(Some((matched, tenant)));
+                }
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -256,6 +323,50 @@ impl Route {
         } else {
             Matched::Roles { tenant, roles: &self.roles, permissions: &self.permissions }
         })
+    }
+}
+
+impl Route {
+    /// How this route fits the requests `template` stands for.
+    fn fits<'t>(&self, template: &Template<'t>, case_insensitive: bool) -> Fit<'t> {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| **m == *template.method) {
+            return Fit::No;
+        }
+        let mut tenant = None;
+        if let Some(host) = &self.host {
+            let Some(host_name) = template.host else { return Fit::No };
+            match match_parts(host, host_name.split('.'), false) {
+                None => return Fit::No,
+                Some(found) => tenant = found.map(Segment::Literal),
+            }
+        }
+        let mut segments = template.segments.iter();
+        let mut some = false;
+        for part in self.path.iter() {
+            if *part == Part::Rest {
+                return if some { Fit::Some } else { Fit::All(tenant) };
+            }
+            let Some(&segment) = segments.next() else { return Fit::No };
+            match (part, segment) {
+                (Part::Literal(text), Segment::Literal(value)) => {
+                    let same = match case_insensitive {
+                        true => text.eq_ignore_ascii_case(value),
+                        false => **text == *value,
+                    };
+                    if !same {
+                        return Fit::No;
+                    }
+                }
+                (Part::Literal(_), Segment::Placeholder) => some = true,
+                (Part::Tenant, segment) => tenant = Some(segment),
+                _ => {}
+            }
+        }
+        match (segments.next(), some) {
+            (Some(_), _) => Fit::No,
+            (None, true) => Fit::Some,
+            (None, false) => Fit::All(tenant),
+        }
     }
 }
 

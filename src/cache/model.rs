@@ -72,6 +72,44 @@ impl Judge {
     }
 }
 
+impl Judge {
+    /// The model judged by, if any (`None`: roles exact, no permission).
+    pub fn model(&self) -> Option<&Model> {
+        match self {
+            Judge::Exact => None,
+            Judge::Under(current) => Some(&current.model).filter(|model| !model.is_empty()),
+        }
+    }
+
+    /// What `name` asks: a permission when the model defines one by that name, else a role.
+    pub fn asked<'a>(&self, name: &'a str) -> Asked<'a> {
+        match self.model() {
+            Some(model) if model.defines_permission(name) => Asked::Permission(name),
+            _ => Asked::Role(name),
+        }
+    }
+
+    /// The roles `roles` hold in `tenant` (granted and implied, sorted) and the
+    /// permissions they give (sorted): one tenant of [`Judge::expand`], for any tenant.
+    pub fn expand_in(
+        &self,
+        roles: &UserRoles,
+        (application, tenant): (&str, &str),
+        now: UnixSeconds,
+    ) -> (Vec<String>, Vec<String>) {
+        let granted = roles.roles_in(tenant, now).map(str::to_owned);
+        let Some(model) = self.model() else { return (granted.collect(), Vec::new()) };
+        let everywhere = model.everywhere(roles.roles_in(application, now));
+        let held = model.held(roles.roles_in(tenant, now), &everywhere);
+        let (implied, permissions) = model.expand(&held);
+        let mut names: Vec<String> =
+            granted.chain(implied.into_iter().map(str::to_owned)).collect();
+        names.sort_unstable();
+        names.dedup();
+        (names, permissions.into_iter().map(str::to_owned).collect())
+    }
+}
+
 /// Without a model: a role exactly as granted, no permission.
 fn exact(roles: &UserRoles, tenant: &str, asked: Asked<'_>, now: UnixSeconds) -> bool {
     match asked {

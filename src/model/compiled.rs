@@ -146,6 +146,19 @@ impl Model {
         self.index.contains_key(role)
     }
 
+    /// Whether `name` is a permission the model defines (AuthZEN reads an action name as
+    /// a permission when it is one, else as a role).
+    pub fn defines_permission(&self, name: &str) -> bool {
+        self.permissions.contains_key(name)
+    }
+
+    /// Whether some role held in the application tenant is held in other tenants too
+    /// (`in_every_tenant`): only then can a user hold a role in a tenant they are no
+    /// member of.
+    pub fn reaches_every_tenant(&self) -> bool {
+        self.every.iter().any(|set| set.0.iter().any(|word| *word != 0))
+    }
+
     /// The declared roles a user granted `app_granted` in the application tenant holds
     /// in every tenant (the application tenant included).
     pub fn everywhere<'a>(&self, app_granted: impl IntoIterator<Item = &'a str>) -> Held {

@@ -25,6 +25,7 @@ use crate::{
     api::{RoleCheckApi, TenantsApi, WatchHub},
     auth::AuthLayer,
     authz::envoy::{AuthorizationServer, EnvoyAuthz},
+    authzen::AuthZen,
     cache::RoleLookup,
     codec::FramingFaultLayer,
     error::{Error, Result},
@@ -204,7 +205,28 @@ impl Server {
         (role_check, tenants, watch_hub)
     }
 
-    /// Serves the HTTP port (JWKS, probes, metrics, forward-auth) until told to stop.
+    /// AuthZEN on the HTTP port, answering from the same roles, model and policy as gRPC.
+    fn authzen(&self) -> Arc<AuthZen> {
+        let open = self.config.http_listen.ip().is_loopback() || self.config.insecure_no_auth;
+        if !self.keys.enabled() && !open {
+            tracing::warn!(
+                "AuthZEN (/access/v1/*) answers no one: the HTTP listener is not loopback and \
+                 no API keys are configured"
+            );
+        }
+        let sources = crate::authzen::Sources {
+            roles: RoleLookup::new(self.store.roles.clone(), self.cache.clone()),
+            models: self.models.clone(),
+            tenants: self.store.tenants.clone(),
+            authz: self.authz.clone(),
+        };
+        let callers =
+            crate::authzen::Callers { keys: self.keys.clone(), open, tls: self.tls.is_some() };
+        AuthZen::new(sources, self.application_id.clone(), callers, self.metrics.clone())
+    }
+
+    /// Serves the HTTP port (JWKS, probes, metrics, forward-auth, AuthZEN) until told to
+    /// stop.
     fn serve_http(
         &mut self,
         ready: Arc<AtomicBool>,
@@ -220,6 +242,7 @@ impl Server {
                     .with_state(authz.clone()),
             );
         }
+        router = router.merge(self.authzen().router());
         let stopped = async {
             let _ = stopping.await;
         };

@@ -472,6 +472,16 @@ pub async fn http(
     target: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String, String) {
+    http_body(addr, (method, target), headers, None).await
+}
+
+/// [`http`] with a request body (sent with its `content-length`).
+pub async fn http_body(
+    addr: SocketAddr,
+    (method, target): (&str, &str),
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect http");
     let mut request =
@@ -479,8 +489,13 @@ pub async fn http(
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
+    if let Some(body) = body {
+        request.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
     request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut request = request.into_bytes();
+    request.extend_from_slice(body.unwrap_or_default());
+    stream.write_all(&request).await.expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read");
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");

@@ -2,6 +2,7 @@
 //! and over a fresh Postgres database (`DATABASE_URL`, default the local one).
 
 mod authz;
+mod authzen;
 mod callers;
 mod coherence;
 mod edges;
