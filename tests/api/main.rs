@@ -3,6 +3,7 @@
 
 mod authz;
 mod authzen;
+mod authzen_mapping;
 mod callers;
 mod coherence;
 mod edges;
