@@ -26,7 +26,10 @@
 //!    same no-op: before and after in one run;
 //! 3. proxy authorization (`BENCH_SKIP_AUTHZ` skips it): Envoy ext_authz with header
 //!    identity and with RS256 bearer tokens, and forward-auth through nginx against nginx
-//!    alone (when nginx and h2load are installed);
+//!    alone (when nginx and h2load are installed); then AuthZEN (`BENCH_SKIP_AUTHZEN`
+//!    skips it): an evaluation over HTTP/1.1 keep-alive against a gRPC Check, and
+//!    evaluations of 100 against a CheckBatch of 100, in rounds (`BENCH_AUTHZEN_ROUNDS`,
+//!    2) whose order flips (`load/authzen.rs`);
 //! 4. with `BENCH_FOLLOWERS` (e.g. `1,10,50,100`) and a Postgres: two upstream replicas
 //!    and that many followers: Postgres connections, revoke-to-deny latency across every
 //!    follower, follower RSS and start-to-ready per step, then a follower's cached Check.
@@ -66,6 +69,7 @@ use std::{
 
 mod ab;
 mod authz;
+mod authzen;
 mod fleet;
 mod followers;
 mod model;
@@ -789,6 +793,9 @@ async fn run() {
     }
     if std::env::var_os("BENCH_SKIP_AUTHZ").is_none() {
         authz::authz_phase(concurrency, &baseline).await;
+    }
+    if std::env::var_os("BENCH_SKIP_AUTHZEN").is_none() {
+        authzen::authzen_phase(concurrency, &baseline).await;
     }
     let followers: Vec<usize> = env_or("BENCH_FOLLOWERS", String::new())
         .split(',')

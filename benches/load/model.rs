@@ -6,7 +6,7 @@
 use super::*;
 
 /// The contract's example model.
-const MODEL: &str = r#"
+pub(super) const MODEL: &str = r#"
 [roles.viewer]
 [roles.editor]
 includes = ["viewer"]
@@ -24,11 +24,11 @@ in_every_tenant = ["viewer"]
 const SET_MODEL: &str = "/rolecheck.v1.RoleCheck/SetModel";
 
 /// A hot user's check by permission: every hot user is a viewer, so may read invoices.
-fn permission_check(i: u64) -> pb::CheckRequest {
+pub(super) fn permission_check(i: u64) -> pb::CheckRequest {
     pb::CheckRequest { permission: "invoice.read".into(), role: String::new(), ..hot_check(i) }
 }
 
-fn batch(check: impl Fn(u64) -> pb::CheckRequest) -> Bytes {
+pub(super) fn batch(check: impl Fn(u64) -> pb::CheckRequest) -> Bytes {
     frame(&pb::CheckBatchRequest { checks: (0..100).map(check).collect(), min_revision: 0 })
 }
 
