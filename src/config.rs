@@ -293,7 +293,9 @@ pub struct Config {
     #[arg(long, env = "ROLECHECK_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
 
-    /// HTTP listen address: `/.well-known/jwks.json`, `/healthz`, `/readyz`.
+    /// HTTP listen address: `/.well-known/jwks.json`, `/healthz`, `/readyz`, `/metrics`,
+    /// forward-auth at `/authz` and AuthZEN at `/access/v1/*` (a loopback address answers
+    /// AuthZEN without keys; any other needs --api-keys-file).
     #[arg(long, env = "ROLECHECK_HTTP_LISTEN", default_value = "127.0.0.1:9090")]
     pub http_listen: SocketAddr,
 

@@ -118,7 +118,7 @@ async fn migrated_database(tag: &str) -> (Db, String) {
 /// message must say.
 type Mistake<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
 
-/// A SHA-256 no secret anyone uses (it is not the hash of any example in the README).
+/// A SHA-256 no secret anyone uses (it is not the hash of any example in the README or docs/).
 const SOME_HASH: &str = "5d41402abc4b2a76b9719d911017c5925d41402abc4b2a76b9719d911017c592";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

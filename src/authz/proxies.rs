@@ -18,7 +18,7 @@ use super::canonical::Refused;
 /// The proxy in front, as the policy names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Proxy {
-    /// nginx `auth_request`, with the README's `proxy_set_header` lines.
+    /// nginx `auth_request`, with the `proxy_set_header` lines of docs/proxies.md.
     Nginx,
     /// ingress-nginx `auth-url`.
     IngressNginx,
@@ -75,7 +75,7 @@ impl Proxy {
     }
 }
 
-/// nginx: the three `X-Original-*` headers the README's config sets.
+/// nginx: the three `X-Original-*` headers docs/proxies.md's config sets.
 fn nginx(headers: &HeaderMap) -> Result<Original<'_>, Refused> {
     Ok(Original {
         method: one(headers, "x-original-method", "missing X-Original-Method")?,

@@ -24,8 +24,9 @@ pub const MAX_EVALUATIONS: usize = 1000;
 /// What one evaluation asks, once mapped onto users, tenants and roles.
 #[derive(Debug)]
 pub enum Query<'a> {
-    /// Does `user` hold the role, or have the permission, `name` in `tenant`.
-    Holds { user: &'a str, tenant: TenantId, name: &'a str },
+    /// Does `user` hold the role, or have the permission, `name` in `tenant` (all three
+    /// validated, borrowed from the request or the server).
+    Holds { user: &'a str, tenant: &'a str, name: &'a str },
     /// May `user` take `method` on the route `path` (the API-gateway profile, decided by
     /// the proxy policy's routes).
     Route {
@@ -86,7 +87,7 @@ fn semantic(body: &Object) -> std::result::Result<Semantic, Bad> {
 }
 
 /// The users' answers a batch has read, so each user is read once.
-type Memo = HashMap<String, (Answer, Judge)>;
+type Memo<'a> = HashMap<&'a str, (Answer, Judge)>;
 
 fn bad(err: Error) -> Bad {
     Bad(err.to_string())
@@ -109,6 +110,25 @@ impl AuthZen {
         }
     }
 
+    /// [`tenant_of`](Self::tenant_of), validated in place: no copy.
+    fn tenant_str<'a>(
+        &'a self,
+        resource: &Entity<'a>,
+        context: Option<&'a Object>,
+    ) -> std::result::Result<&'a str, Bad> {
+        let (field, id) = if resource.kind == "tenant" {
+            ("resource.id", resource.required_id("resource")?)
+        } else if let Some(id) = resource.property("resource", "tenant_id")? {
+            ("resource.properties.tenant_id", id)
+        } else if let Some(id) = wire::optional_string(context, "context.tenant_id", "tenant_id")? {
+            ("context.tenant_id", id)
+        } else {
+            return Ok(self.application_id.as_str());
+        };
+        TenantId::validate(field, id).map_err(bad)?;
+        Ok(id)
+    }
+
     /// A tenant named in `resource.properties.tenant_id` or else `context.tenant_id`.
     pub(super) fn named_tenant(
         &self,
@@ -126,7 +146,7 @@ impl AuthZen {
 
     /// What `item` asks (`default`: a batch's top level, whose entities it inherits).
     fn query<'a>(
-        &self,
+        &'a self,
         item: &'a Object,
         default: Option<&'a Object>,
     ) -> std::result::Result<Query<'a>, Bad> {
@@ -147,19 +167,19 @@ impl AuthZen {
             });
         }
         Role::validate("action.name", name).map_err(bad)?;
-        Ok(Query::Holds { user, tenant: self.tenant_of(&resource, context)?, name })
+        Ok(Query::Holds { user, tenant: self.tenant_str(&resource, context)?, name })
     }
 
     /// The answer to `query`, reading each user once per `memo`.
-    async fn decide(&self, query: Query<'_>, memo: &mut Memo) -> Result<Outcome> {
+    async fn decide<'a>(&self, query: Query<'a>, memo: &mut Memo<'a>) -> Result<Outcome> {
         match query {
             Query::Holds { user, tenant, name } => {
                 if !memo.contains_key(user) {
                     let judged = self.models.answer(&self.roles, user, 0).await?;
-                    memo.insert(user.to_owned(), judged);
+                    memo.insert(user, judged);
                 }
                 let (answer, judge) = &memo[user];
-                let tenants = (self.application_id.as_str(), tenant.as_str());
+                let tenants = (self.application_id.as_str(), tenant);
                 Ok(Outcome::of(judge.allows(&answer.roles, tenants, judge.asked(name), now_unix())))
             }
             Query::Route { user, method, host, path, named } => {

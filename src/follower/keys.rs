@@ -16,7 +16,7 @@ const UPSTREAM_KEYS_REFRESH: Duration = Duration::from_secs(30);
 /// first connection counts too: an upstream may restart between the fetch at start and
 /// the feed's first connection, when no loss of a connected feed is ever seen. A failed
 /// fetch keeps the set held. An upstream publishes a new key before it signs with it (see
-/// the README's key rotation), so a follower knows a key before any token it verifies
+/// the key rotation of docs/tokens.md), so a follower knows a key before any token it verifies
 /// uses it.
 pub async fn follow_keys(upstream: UpstreamStore, keys: Arc<KeySet>, coherence: Arc<Coherence>) {
     // The connections whose keys were fetched: none yet (the fetch at start preceded

@@ -1,5 +1,5 @@
 //! Real proxies in front of an upstream that echoes what it received, each asking
-//! rolecheck's forward-auth with the README's configuration for it: nginx
+//! rolecheck's forward-auth with the configuration docs/proxies.md gives for it: nginx
 //! (`auth_request`), nginx configured as ingress-nginx's `auth-url` configures it, Caddy
 //! (`forward_auth`) and Traefik (`ForwardAuth`), all from the distribution packages
 //! `scripts/ensure-proxies` installs. Each is attacked the same way (client-sent
@@ -219,7 +219,7 @@ fn nginx_binary() -> &'static str {
     if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" }
 }
 
-/// The auth location of the README's nginx example (`kind = "nginx"`).
+/// The auth location of docs/proxies.md's nginx example (`kind = "nginx"`).
 pub fn nginx_auth_location(authz: SocketAddr) -> String {
     format!(
         r#"
@@ -238,7 +238,7 @@ pub fn nginx_auth_location(authz: SocketAddr) -> String {
 }
 
 /// The auth location ingress-nginx generates for `auth-url` (its template's headers),
-/// plus the README's `auth-proxy-set-headers` ConfigMap (`kind = "ingress-nginx"`).
+/// plus docs/proxies.md's `auth-proxy-set-headers` ConfigMap (`kind = "ingress-nginx"`).
 fn ingress_nginx_auth_location(authz: SocketAddr) -> String {
     format!(
         r#"
@@ -314,7 +314,7 @@ http {{
         Self::nginx_with(ingress_nginx_auth_location(authz), upstream).await
     }
 
-    /// Caddy with the README's `forward_auth` site.
+    /// Caddy with docs/proxies.md's `forward_auth` site.
     pub async fn caddy(authz: SocketAddr, upstream: SocketAddr) -> Self {
         let dir = tempfile::tempdir().expect("dir");
         let addr = free_addr();
@@ -356,7 +356,7 @@ http {{
         Self::ready(Guard::spawn(command), addr, dir).await
     }
 
-    /// Traefik with the README's `ForwardAuth` middleware chain (the key set before it,
+    /// Traefik with docs/proxies.md's `ForwardAuth` middleware chain (the key set before it,
     /// removed after it).
     pub async fn traefik(authz: SocketAddr, upstream: SocketAddr) -> Self {
         let dir = tempfile::tempdir().expect("dir");
