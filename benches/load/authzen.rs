@@ -108,30 +108,7 @@ async fn http1_load(
             })
         })
         .collect();
-    let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0, None);
-    for task in tasks {
-        let (l, e, f) = task.await.expect("load task");
-        latencies.extend(l);
-        errors += e;
-        first_error = first_error.or(f);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid) - cpu_before;
-    latencies.sort_unstable();
-    let calls = latencies.len() as u64;
-    let per_second = calls as f64 / elapsed;
-    Outcome {
-        name: name.to_owned(),
-        calls,
-        per_second,
-        items_per_second: per_second * items as f64,
-        p50: pct(&latencies, 0.50),
-        p99: pct(&latencies, 0.99),
-        p999: pct(&latencies, 0.999),
-        cpu_per_call: Duration::from_secs_f64(cpu / calls.max(1) as f64),
-        errors,
-        first_error,
-    }
+    summarize(name, items, tasks, (started, pid, cpu_before)).await
 }
 
 /// The rounds, then the table and each pair's ratio.

@@ -307,6 +307,20 @@ async fn load(
             })
         })
         .collect();
+    summarize(&scenario.name, scenario.items, tasks, (started, pid, cpu_before)).await
+}
+
+/// What one load task saw: each call's latency, the errors, and the first one.
+type TaskResult = (Vec<Duration>, u64, Option<String>);
+
+/// The outcome of `tasks` (each answering `items` per call) started at `started`, with
+/// the CPU server `pid` used since `cpu_before`: the one harness every load shares.
+async fn summarize(
+    name: &str,
+    items: u64,
+    tasks: Vec<tokio::task::JoinHandle<TaskResult>>,
+    (started, pid, cpu_before): (Instant, u32, f64),
+) -> Outcome {
     let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0, None);
     for task in tasks {
         let (l, e, f) = task.await.expect("load task");
@@ -320,10 +334,10 @@ async fn load(
     let calls = latencies.len() as u64;
     let per_second = calls as f64 / elapsed;
     Outcome {
-        name: scenario.name.clone(),
+        name: name.to_owned(),
         calls,
         per_second,
-        items_per_second: per_second * scenario.items as f64,
+        items_per_second: per_second * items as f64,
         p50: pct(&latencies, 0.50),
         p99: pct(&latencies, 0.99),
         p999: pct(&latencies, 0.999),

@@ -15,20 +15,7 @@ use crate::{
 };
 
 /// The contract's example model (CONTRACT, "The model").
-const MODEL: &str = r#"
-[roles.viewer]
-[roles.editor]
-includes = ["viewer"]
-[roles.admin]
-includes = ["editor"]
-[roles.billing]
-[roles.support-agent]
-in_every_tenant = ["viewer"]
-
-[permissions]
-"invoice.read" = ["viewer"]
-"invoice.pay"  = ["admin", "billing"]
-"#;
+const MODEL: &str = crate::permissions::EXAMPLE;
 
 fn user(id: &str) -> Value {
     json!({ "type": "user", "id": id })

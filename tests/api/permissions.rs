@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// The contract's example (CONTRACT, "The model").
-const EXAMPLE: &str = r#"
+pub const EXAMPLE: &str = r#"
 [roles.viewer]
 [roles.editor]
 includes = ["viewer"]            # an editor is also a viewer
