@@ -15,12 +15,17 @@
 //! grpcurl beside PyJWT, and jq and curl from Debian's packages.
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
 };
 
 use clap::CommandFactory;
+
+// Shared with the load bench, which also reads the server's pid.
+#[allow(dead_code)]
+#[path = "support/spawned.rs"]
+mod spawned;
+use spawned::Server;
 
 /// The pages whose `sh` blocks run, in this order (the README's map, the walk-through first).
 const PAGES: &[&str] = &[
@@ -136,50 +141,17 @@ fn the_configuration_reference_is_generated_from_the_flags() {
     );
 }
 
-/// The server the blocks talk to; killed when dropped.
-struct Server {
-    child: Child,
-    grpc: String,
-    http: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn serve(dir: &Path, policy: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rolecheck"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rolecheck"));
+    command
         .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--authz-policy")
         .arg(policy)
         .env("RUST_LOG", "info")
-        .env_remove("ROLECHECK_DATABASE_URL")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start rolecheck");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let field = |line: &str, key: &str| {
-        line.split(key).nth(1).and_then(|v| v.split_whitespace().next()).map(str::to_owned)
-    };
-    let mut http = String::new();
-    let grpc = loop {
-        let line = lines.next().expect("rolecheck exited before serving").expect("read");
-        if let Some(addr) = field(&line, "http_addr=") {
-            http = addr;
-        }
-        if line.contains("serving gRPC") {
-            break field(&line, "addr=").expect("addr");
-        }
-    };
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    Server { child, grpc, http }
+        .env_remove("ROLECHECK_DATABASE_URL");
+    spawned::spawn(command)
 }
 
 /// Where grpcurl is: beside the test's Python (`scripts/test`), else on the PATH.

@@ -57,9 +57,9 @@
 //! `scripts/bench` runs it all; `BENCH_SECONDS` (5) sets each time-bound scenario's length.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -79,6 +79,10 @@ mod postgres;
 mod rollout;
 mod sqlite;
 mod tail;
+
+#[path = "../../tests/support/spawned.rs"]
+mod spawned;
+use spawned::{Server, spawn};
 
 // Shared with the tests, whose failover helpers the bench does not use.
 #[allow(dead_code)]
@@ -484,43 +488,6 @@ fn check(user: String, tenant: String, role: &str) -> pb::CheckRequest {
 
 // ---------------------------------------------------------------------------------------
 // Servers.
-
-struct Server {
-    child: Child,
-    pid: u32,
-    grpc: String,
-    http: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `command` and waits for its "serving gRPC" log line.
-fn spawn(mut command: Command) -> Server {
-    let mut child =
-        command.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn server");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let field = |line: &str, key: &str| {
-        line.split(key).nth(1).and_then(|v| v.split_whitespace().next()).map(str::to_owned)
-    };
-    let mut http = String::new();
-    let grpc = loop {
-        let line = lines.next().expect("server exited before serving").expect("read");
-        if let Some(addr) = field(&line, "http_addr=") {
-            http = addr;
-        }
-        if line.contains("serving gRPC") {
-            break field(&line, "addr=").expect("addr");
-        }
-    };
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    Server { pid: child.id(), child, grpc, http }
-}
 
 fn rolecheck(data_dir: &Path, envs: &[(&str, String)]) -> Command {
     rolecheck_from(Path::new(env!("CARGO_BIN_EXE_rolecheck")), data_dir, envs)
