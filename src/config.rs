@@ -261,7 +261,7 @@ pub struct Config {
     pub insecure_no_auth: bool,
 
     /// Requests per second each caller may make (0: unlimited); past it,
-    /// RESOURCE_EXHAUSTED.
+    /// RESOURCE_EXHAUSTED on gRPC and 429 on AuthZEN.
     #[arg(long, env = "ROLECHECK_RATE_LIMIT", default_value_t = 0)]
     pub rate_limit: u32,
 

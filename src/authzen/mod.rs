@@ -26,6 +26,8 @@ pub mod wire;
 
 use std::{sync::Arc, time::Instant};
 
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
 use axum::{
     Router,
     body::Bytes,
@@ -41,7 +43,7 @@ pub use search::{MAX_SCANNED, SUBJECT_TYPES};
 
 use self::wire::{Bad, Object};
 use crate::{
-    auth::{Keys, PeerIdentity, Scope},
+    auth::{Caller, Keys, PeerIdentity, Scope},
     authz::Authz,
     cache::{RoleLookup, model::Models},
     domain::TenantId,
@@ -69,6 +71,7 @@ pub struct AuthZen {
     authz: Option<Arc<Authz>>,
     application_id: TenantId,
     callers: Callers,
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -88,6 +91,8 @@ pub struct Callers {
     pub open: bool,
     /// Whether the HTTP listener speaks TLS (the scheme of the metadata's URLs).
     pub tls: bool,
+    /// Requests per second each caller may make (`--rate-limit`, as on gRPC).
+    pub rate_per_second: Option<std::num::NonZeroU32>,
 }
 
 /// What AuthZEN answers from.
@@ -112,7 +117,9 @@ impl AuthZen {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let Sources { roles, models, tenants, authz } = sources;
-        Arc::new(Self { roles, models, tenants, authz, application_id, callers, metrics })
+        let limiter =
+            callers.rate_per_second.map(|rate| RateLimiter::keyed(Quota::per_second(rate)));
+        Arc::new(Self { roles, models, tenants, authz, application_id, callers, limiter, metrics })
     }
 
     /// The routes, behind the caller check, request-id echo and metrics.
@@ -130,11 +137,20 @@ impl AuthZen {
     }
 
     /// Whether the caller of a request with `headers` (on a connection whose client
-    /// certificate is `peer`) may ask.
+    /// certificate is `peer`) may ask, and has not asked more often than `--rate-limit`.
     fn admit(&self, headers: &HeaderMap, peer: Option<&PeerIdentity>) -> Result<(), Refused> {
+        let name = self.caller(headers, peer)?;
+        match &self.limiter {
+            Some(limiter) if limiter.check_key(&name).is_err() => Err(Refused::TooMany(name)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The name of the caller, when it may ask.
+    fn caller(&self, headers: &HeaderMap, peer: Option<&PeerIdentity>) -> Result<String, Refused> {
         if !self.callers.keys.enabled() {
             return match self.callers.open {
-                true => Ok(()),
+                true => Ok(Caller::anonymous().name),
                 false => Err(Refused::Unauthenticated(
                     "AuthZEN answers no one on a non-loopback HTTP listener without API keys \
                      (--api-keys-file)",
@@ -156,7 +172,7 @@ impl AuthZen {
             }
         };
         match caller.may(Scope::Check) {
-            true => Ok(()),
+            true => Ok(caller.name),
             false => Err(Refused::LacksScope(caller.name)),
         }
     }
@@ -169,6 +185,8 @@ enum Refused {
     Unauthenticated(&'static str),
     /// This caller's key lacks the `check` scope: 403.
     LacksScope(String),
+    /// This caller is past `--rate-limit`: 429.
+    TooMany(String),
 }
 
 impl IntoResponse for Refused {
@@ -181,6 +199,10 @@ impl IntoResponse for Refused {
             Refused::LacksScope(name) => {
                 let message = format!("caller {name} lacks the check scope\n");
                 (StatusCode::FORBIDDEN, message).into_response()
+            }
+            Refused::TooMany(name) => {
+                let message = format!("rate limit exceeded for caller {name}\n");
+                (StatusCode::TOO_MANY_REQUESTS, message).into_response()
             }
         }
     }

@@ -220,8 +220,12 @@ impl Server {
             tenants: self.store.tenants.clone(),
             authz: self.authz.clone(),
         };
-        let callers =
-            crate::authzen::Callers { keys: self.keys.clone(), open, tls: self.tls.is_some() };
+        let callers = crate::authzen::Callers {
+            keys: self.keys.clone(),
+            open,
+            tls: self.tls.is_some(),
+            rate_per_second: std::num::NonZeroU32::new(self.config.rate_limit),
+        };
         AuthZen::new(sources, self.application_id.clone(), callers, self.metrics.clone())
     }
 

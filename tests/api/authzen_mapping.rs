@@ -455,3 +455,25 @@ async fn a_store_that_cannot_answer_is_a_503() {
     })
     .await;
 }
+
+/// `--rate-limit` holds for AuthZEN callers as for gRPC ones: past it, a 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_past_the_rate_limit_is_told_to_slow_down() {
+    let app = spawn_with(Backend::Sqlite, |c| c.rate_limit = 5).await;
+    let body = json!({ "subject": user("1"), "action": action("viewer"), "resource": tenant("app") });
+    let started = std::time::Instant::now();
+    let mut allowed = 0;
+    let refused = loop {
+        let (status, _, text) = post(&app, "/access/v1/evaluation", &body.to_string()).await;
+        match status {
+            200 => allowed += 1,
+            429 => break text,
+            other => panic!("{other}: {text}"),
+        }
+        assert!(allowed < 50, "50 requests and no 429");
+    };
+    assert!(refused.contains("rate limit exceeded for caller anonymous"), "{refused}");
+    // A burst of 5, then 5 a second: no more passed than the quota allowed meanwhile.
+    let quota = 5.0 + 5.0 * started.elapsed().as_secs_f64();
+    assert!(f64::from(allowed) <= quota.ceil(), "{allowed} passed within a quota of {quota}");
+}
