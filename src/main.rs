@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                 tracing::info!("migrations applied");
             }
             Run::Model(command) => return Ok(rolecheck::cli::model(command).await?),
+            Run::Admin(command) => return Ok(rolecheck::cli::admin(command).await?),
             Run::Doctor(config) => {
                 let report = doctor::check(&config).await;
                 print!("{}", report.render());

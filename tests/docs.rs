@@ -80,8 +80,12 @@ fn row(arg: &clap::Arg) -> Option<String> {
         return None;
     }
     let env = arg.get_env().map_or("".into(), |e| format!("`{}`", e.to_string_lossy()));
-    let defaults: Vec<String> =
-        arg.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
+    let defaults: Vec<String> = arg
+        .get_default_values()
+        .iter()
+        .map(|v| v.to_string_lossy().into_owned())
+        .filter(|v| !v.is_empty())
+        .collect();
     let default = match (defaults.is_empty(), arg.get_action().takes_values()) {
         (false, _) => format!("`{}`", defaults.join(",")),
         (true, false) => "off".into(),

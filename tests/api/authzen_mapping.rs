@@ -460,7 +460,8 @@ async fn a_store_that_cannot_answer_is_a_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_past_the_rate_limit_is_told_to_slow_down() {
     let app = spawn_with(Backend::Sqlite, |c| c.rate_limit = 5).await;
-    let body = json!({ "subject": user("1"), "action": action("viewer"), "resource": tenant("app") });
+    let body =
+        json!({ "subject": user("1"), "action": action("viewer"), "resource": tenant("app") });
     let started = std::time::Instant::now();
     let mut allowed = 0;
     let refused = loop {

@@ -1,4 +1,16 @@
-//! The command line as a client of a server: `rolecheck model check|apply|show`.
+//! The command line as a client of a server: `rolecheck model check|apply|show` here,
+//! the admin commands in [`admin`], printed by [`print`].
+//!
+//! Exit codes scripts can rely on: 0 when the command did what it says (`check`: allowed);
+//! 1 when `check` is denied or a model file has a problem; 2 for a usage error (clap's, or
+//! a flag's value); and for a call the server refused, 10 plus the gRPC status code
+//! (`INVALID_ARGUMENT` 13, `NOT_FOUND` 15, `ALREADY_EXISTS` 16, `PERMISSION_DENIED` 17,
+//! `FAILED_PRECONDITION` 19, `UNAVAILABLE` 24, `UNAUTHENTICATED` 26).
+
+mod admin;
+mod print;
+
+pub use admin::admin;
 
 use std::process::ExitCode;
 
@@ -78,7 +90,7 @@ fn outcome(report: &str, fine: bool) -> ExitCode {
     }
 }
 
-/// Says why the server did not do it, and what to change.
+/// Says why the server did not do it, and what to change; the exit code for its status.
 fn refused(server: &ServerArgs, status: &Status) -> ExitCode {
     let message = status.message();
     match status.code() {
@@ -91,23 +103,40 @@ fn refused(server: &ServerArgs, status: &Status) -> ExitCode {
         Code::Unauthenticated | Code::PermissionDenied => {
             eprintln!("Error: {message} (give a key with the scope it needs: --key-file)")
         }
+        Code::NotFound | Code::InvalidArgument | Code::AlreadyExists => {
+            eprintln!("Error: {message}")
+        }
         code => eprintln!("Error: {code:?}: {message}"),
     }
-    ExitCode::FAILURE
+    ExitCode::from(10 + status.code() as u8)
 }
 
-fn connect(
+/// A channel to `server` carrying the key `--key-file` names.
+type Authorized = InterceptedService<Channel, Credentials>;
+
+fn connect(server: &ServerArgs) -> Result<RoleCheckClient<Authorized>> {
+    let (channel, credentials) = authorized(server)?;
+    Ok(RoleCheckClient::with_interceptor(channel, credentials))
+}
+
+fn authorized(server: &ServerArgs) -> Result<(Channel, Credentials)> {
+    authorized_for(server, TIMEOUT)
+}
+
+/// [`authorized`] with calls that may take up to `timeout` (a Watch stream: for ever).
+fn authorized_for(
     server: &ServerArgs,
-) -> Result<RoleCheckClient<InterceptedService<Channel, Credentials>>> {
+    timeout: std::time::Duration,
+) -> Result<(Channel, Credentials)> {
     let cert = server.server_cert.as_deref().zip(server.server_cert_key.as_deref());
     let target = Target {
         url: &server.server,
         ca: server.server_ca.as_deref(),
         cert,
-        timeout: TIMEOUT,
+        timeout,
         keepalive: None,
         flags: FLAGS,
     };
     let credentials = Credentials::from_file(server.key_file.as_deref(), FLAGS.key_file)?;
-    Ok(RoleCheckClient::with_interceptor(client::channel(&target)?, credentials))
+    Ok((client::channel(&target)?, credentials))
 }

@@ -7,6 +7,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::listen::ListenAddr;
 
+mod client;
+pub use client::*;
+
 fn parse_octal(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| format!("{s:?} is not octal"))
 }
@@ -34,55 +37,31 @@ pub enum Command {
     /// reachable and migrated, key and policy files, TLS material, ports free. One line
     /// per check; exits 1 when one fails. Serves nothing.
     Doctor(Config),
-    /// Work with a model file (role hierarchy and permissions) offline.
+    /// Work with a model file (role hierarchy and permissions): check it offline, apply
+    /// it to a server, show a server's.
     #[command(subcommand)]
     Model(ModelCommand),
-}
-
-/// `rolecheck model …`.
-#[derive(Subcommand, Debug, Clone)]
-pub enum ModelCommand {
-    /// Check a model file as SetModel would: every problem with its line and place, one
-    /// per line; exits 1 when there is one. Sets nothing.
-    Check {
-        /// The model file (TOML).
-        file: PathBuf,
-    },
-    /// Check a model file, then set it on the server (SetModel, scope `write`): every
-    /// tenant is judged by it from the revision printed. Exits 1 when the file has a
-    /// problem or the server refuses.
-    Apply {
-        /// The model file (TOML); an empty file removes the model.
-        file: PathBuf,
-        #[command(flatten)]
-        server: ServerArgs,
-    },
-    /// Print the server's model file (GetModel, scope `check`) and, on stderr, the
-    /// revision that set it.
-    Show {
-        #[command(flatten)]
-        server: ServerArgs,
-    },
-}
-
-/// Which rolecheck server a command talks to, and with which key.
-#[derive(Args, Debug, Clone)]
-pub struct ServerArgs {
-    /// The server: `http://host:port`, `https://host:port` or `unix:/path`.
-    #[arg(long, env = "ROLECHECK_SERVER", default_value = "http://127.0.0.1:50051")]
-    pub server: String,
-    /// A file holding the API key to present.
-    #[arg(long, env = "ROLECHECK_KEY_FILE")]
-    pub key_file: Option<PathBuf>,
-    /// CA certificate(s) for an `https` server (else the system roots).
-    #[arg(long)]
-    pub server_ca: Option<PathBuf>,
-    /// A client certificate for mTLS (with --server-cert-key).
-    #[arg(long, requires = "server_cert_key")]
-    pub server_cert: Option<PathBuf>,
-    /// The client certificate's private key.
-    #[arg(long, requires = "server_cert")]
-    pub server_cert_key: Option<PathBuf>,
+    /// Create, read, list and delete a server's tenants.
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
+    /// Give a user roles in a tenant (Grant); exits 0 with the revision it committed at.
+    Grant(GrantArgs),
+    /// Take roles from a user in a tenant, or every role with none named (Revoke).
+    Revoke(RevokeArgs),
+    /// Set a user's roles in a tenant to exactly these; none removes the user (SetRoles).
+    Set(SetArgs),
+    /// Does the user hold the role (or have the permission) in the tenant: exits 0 when
+    /// allowed, 1 when denied.
+    Check(CheckArgs),
+    /// A user's authorization object: their roles in every tenant (GetAuthorization).
+    Roles(RolesArgs),
+    /// The members of a tenant and their roles, every page (ListMembers).
+    Members(MembersArgs),
+    /// Mint access tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The audit trail (ListChanges); with --follow, every change as it commits (Watch).
+    Changes(ChangesArgs),
 }
 
 /// What to run.
@@ -96,6 +75,8 @@ pub enum Run {
     Doctor(Config),
     /// `rolecheck model …`.
     Model(ModelCommand),
+    /// The admin commands, clients of a running server.
+    Admin(Admin),
 }
 
 impl Cli {
@@ -107,6 +88,15 @@ impl Cli {
             Some(Command::Migrate(args)) => Run::Migrate(args),
             Some(Command::Doctor(config)) => Run::Doctor(config),
             Some(Command::Model(command)) => Run::Model(command),
+            Some(Command::Tenants(command)) => Run::Admin(Admin::Tenants(command)),
+            Some(Command::Grant(args)) => Run::Admin(Admin::Grant(args)),
+            Some(Command::Revoke(args)) => Run::Admin(Admin::Revoke(args)),
+            Some(Command::Set(args)) => Run::Admin(Admin::Set(args)),
+            Some(Command::Check(args)) => Run::Admin(Admin::Check(args)),
+            Some(Command::Roles(args)) => Run::Admin(Admin::Roles(args)),
+            Some(Command::Members(args)) => Run::Admin(Admin::Members(args)),
+            Some(Command::Token(command)) => Run::Admin(Admin::Token(command)),
+            Some(Command::Changes(args)) => Run::Admin(Admin::Changes(args)),
         }
     }
 }
@@ -117,7 +107,7 @@ impl Run {
         match self {
             Run::Serve(config) | Run::Doctor(config) => &config.log_format,
             Run::Migrate(args) => &args.log_format,
-            Run::Model(_) => "text",
+            Run::Model(_) | Run::Admin(_) => "text",
         }
     }
 }

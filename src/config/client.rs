@@ -1,0 +1,250 @@
+//! The command line as a client of a running server: which server, with which key, and
+//! each command's arguments (`rolecheck model|tenants|grant|revoke|set|check|roles|
+//! members|token|changes`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+/// `rolecheck model …`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum ModelCommand {
+    /// Check a model file as SetModel would: every problem with its line and place, one
+    /// per line; exits 1 when there is one. Sets nothing.
+    Check {
+        /// The model file (TOML).
+        file: PathBuf,
+    },
+    /// Check a model file, then set it on the server (SetModel, scope `write`): every
+    /// tenant is judged by it from the revision printed. Exits 1 when the file has a
+    /// problem or the server refuses.
+    Apply {
+        /// The model file (TOML); an empty file removes the model.
+        file: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Print the server's model file (GetModel, scope `check`) and, on stderr, the
+    /// revision that set it.
+    Show {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// Which rolecheck server a command talks to, and with which key.
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// The server: `http://host:port`, `https://host:port` or `unix:/path`.
+    #[arg(long, env = "ROLECHECK_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// A file holding the API key to present.
+    #[arg(long, env = "ROLECHECK_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// CA certificate(s) for an `https` server (else the system roots).
+    #[arg(long)]
+    pub server_ca: Option<PathBuf>,
+    /// A client certificate for mTLS (with --server-cert-key).
+    #[arg(long, requires = "server_cert_key")]
+    pub server_cert: Option<PathBuf>,
+    /// The client certificate's private key.
+    #[arg(long, requires = "server_cert")]
+    pub server_cert_key: Option<PathBuf>,
+}
+
+/// How a command prints what it got.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Output {
+    /// Columns for people: aligned with a header on a terminal, tab-separated otherwise.
+    #[default]
+    Table,
+    /// One JSON document (one per line for `changes --follow`).
+    Json,
+}
+
+/// The server, the key, and how to print.
+#[derive(Args, Debug, Clone)]
+pub struct Client {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// How to print the answer.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// The tenant a command is about: `--tenant`, else the application tenant.
+#[derive(Args, Debug, Clone)]
+pub struct TenantArg {
+    /// The tenant; without it, the application tenant (application-wide roles).
+    #[arg(long, short = 't', default_value = "")]
+    pub tenant: String,
+}
+
+/// `rolecheck tenants …`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum TenantsCommand {
+    /// Create a tenant (scope `write`).
+    Create {
+        /// The tenant's id.
+        id: String,
+        /// Its display name (default: the id).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Print a tenant (scope `check`).
+    Get {
+        /// The tenant's id.
+        id: String,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Print every tenant, every page (scope `check`).
+    List {
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Delete a tenant and every membership in it (scope `write`).
+    Delete {
+        /// The tenant's id.
+        id: String,
+        #[command(flatten)]
+        client: Client,
+    },
+}
+
+/// `rolecheck grant USER ROLE... [--tenant T] [--expires-at RFC3339]`.
+#[derive(Args, Debug, Clone)]
+pub struct GrantArgs {
+    /// The user.
+    pub user: String,
+    /// The roles to give (at least one).
+    #[arg(required = true)]
+    pub roles: Vec<String>,
+    #[command(flatten)]
+    pub tenant: TenantArg,
+    /// When the roles expire (RFC 3339, e.g. 2027-01-31T00:00:00Z); never without it.
+    #[arg(long)]
+    pub expires_at: Option<String>,
+    #[command(flatten)]
+    pub client: Client,
+}
+
+/// `rolecheck revoke USER [ROLE...] [--tenant T]`.
+#[derive(Args, Debug, Clone)]
+pub struct RevokeArgs {
+    /// The user.
+    pub user: String,
+    /// The roles to take away; none: every role the user holds in the tenant.
+    pub roles: Vec<String>,
+    #[command(flatten)]
+    pub tenant: TenantArg,
+    #[command(flatten)]
+    pub client: Client,
+}
+
+/// `rolecheck set USER [ROLE...] [--tenant T] [--expires-at RFC3339]`.
+#[derive(Args, Debug, Clone)]
+pub struct SetArgs {
+    /// The user.
+    pub user: String,
+    /// The user's roles in the tenant from now on; none removes the user from it.
+    pub roles: Vec<String>,
+    #[command(flatten)]
+    pub tenant: TenantArg,
+    /// When the roles expire (RFC 3339); never without it.
+    #[arg(long)]
+    pub expires_at: Option<String>,
+    #[command(flatten)]
+    pub client: Client,
+}
+
+/// `rolecheck check USER ROLE [--tenant T] [--permission]`.
+#[derive(Args, Debug, Clone)]
+pub struct CheckArgs {
+    /// The user.
+    pub user: String,
+    /// The role (or, with --permission, the permission) asked about.
+    pub role: String,
+    #[command(flatten)]
+    pub tenant: TenantArg,
+    /// Ask a permission the model defines instead of a role.
+    #[arg(long)]
+    pub permission: bool,
+    #[command(flatten)]
+    pub client: Client,
+}
+
+/// `rolecheck roles USER`.
+#[derive(Args, Debug, Clone)]
+pub struct RolesArgs {
+    /// The user.
+    pub user: String,
+    /// Add the roles held by implication and the permissions (under the model).
+    #[arg(long)]
+    pub expand: bool,
+    #[command(flatten)]
+    pub client: Client,
+}
+
+/// `rolecheck members TENANT`.
+#[derive(Args, Debug, Clone)]
+pub struct MembersArgs {
+    /// The tenant; "" for the application tenant.
+    pub tenant: String,
+    #[command(flatten)]
+    pub client: Client,
+}
+
+/// `rolecheck token …`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum TokenCommand {
+    /// Mint a signed access token for a user (Issue, scope `issue`); prints the token.
+    Issue {
+        /// The user.
+        user: String,
+        /// Lifetime, e.g. 5m or 1h (default: the server's --token-ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// Only these tenants in the token (repeatable; "" for the application tenant).
+        #[arg(long = "tenant", short = 't')]
+        tenants: Vec<String>,
+        #[command(flatten)]
+        client: Client,
+    },
+}
+
+/// `rolecheck changes [--follow]`.
+#[derive(Args, Debug, Clone)]
+pub struct ChangesArgs {
+    /// Only changes after this revision.
+    #[arg(long, default_value_t = 0)]
+    pub after: u64,
+    /// Only changes in this tenant (not with --follow).
+    #[arg(long, short = 't')]
+    pub tenant: Option<String>,
+    /// Only changes to this user (not with --follow).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Keep printing every change as it commits, until interrupted (Watch: scope `audit`
+    /// or `follow`).
+    #[arg(long, conflicts_with_all = ["tenant", "user"])]
+    pub follow: bool,
+    #[command(flatten)]
+    pub client: Client,
+}
+
+/// The admin commands.
+#[derive(Debug, Clone)]
+pub enum Admin {
+    Tenants(TenantsCommand),
+    Grant(GrantArgs),
+    Revoke(RevokeArgs),
+    Set(SetArgs),
+    Check(CheckArgs),
+    Roles(RolesArgs),
+    Members(MembersArgs),
+    Token(TokenCommand),
+    Changes(ChangesArgs),
+}
