@@ -28,6 +28,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             }
             Run::Model(command) => return Ok(rolecheck::cli::model(command).await?),
             Run::Admin(command) => return Ok(rolecheck::cli::admin(command).await?),
+            Run::Completions(shell) => {
+                let mut command = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(shell, &mut command, "rolecheck", &mut std::io::stdout());
+            }
             Run::Doctor(config) => {
                 let report = doctor::check(&config).await;
                 print!("{}", report.render());

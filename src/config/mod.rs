@@ -62,6 +62,12 @@ pub enum Command {
     Token(TokenCommand),
     /// The audit trail (ListChanges); with --follow, every change as it commits (Watch).
     Changes(ChangesArgs),
+    /// Print a shell completion script: `rolecheck completions bash >
+    /// /etc/bash_completion.d/rolecheck` (or zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// What to run.
@@ -77,6 +83,8 @@ pub enum Run {
     Model(ModelCommand),
     /// The admin commands, clients of a running server.
     Admin(Admin),
+    /// `rolecheck completions SHELL`.
+    Completions(clap_complete::Shell),
 }
 
 impl Cli {
@@ -97,6 +105,7 @@ impl Cli {
             Some(Command::Members(args)) => Run::Admin(Admin::Members(args)),
             Some(Command::Token(command)) => Run::Admin(Admin::Token(command)),
             Some(Command::Changes(args)) => Run::Admin(Admin::Changes(args)),
+            Some(Command::Completions { shell }) => Run::Completions(shell),
         }
     }
 }
@@ -107,7 +116,7 @@ impl Run {
         match self {
             Run::Serve(config) | Run::Doctor(config) => &config.log_format,
             Run::Migrate(args) => &args.log_format,
-            Run::Model(_) | Run::Admin(_) => "text",
+            Run::Model(_) | Run::Admin(_) | Run::Completions(_) => "text",
         }
     }
 }
