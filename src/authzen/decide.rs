@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -20,6 +21,9 @@ use crate::{
 
 /// Most items in one `evaluations` request (as in `CheckBatch`).
 pub const MAX_EVALUATIONS: usize = 1000;
+
+/// Users a batch reads at once (as `CheckBatch` loads them).
+const READ_AT_ONCE: usize = 16;
 
 /// What one evaluation asks, once mapped onto users, tenants and roles.
 #[derive(Debug)]
@@ -196,6 +200,39 @@ impl AuthZen {
         }
     }
 
+    /// Reads every user `queries` ask about, a few at a time (as `CheckBatch` does), so a
+    /// batch of users the cache lacks costs a few round trips to the store, not one each.
+    /// Only for `execute_all`: a short-circuit reads users as it reaches them.
+    async fn read_users<'a>(
+        &self,
+        queries: &[std::result::Result<Query<'a>, Bad>],
+        memo: &mut Memo<'a>,
+    ) -> Result<()> {
+        let mut users: Vec<&'a str> = queries
+            .iter()
+            .filter_map(|query| match query {
+                Ok(Query::Holds { user, .. }) => Some(*user),
+                _ => None,
+            })
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        // By index, the user copied into its read: a stream of futures borrowing the
+        // request's strings trips the compiler's higher-ranked lifetime check.
+        let reads = futures::stream::iter(0..users.len())
+            .map(|i| {
+                let user = users[i].to_owned();
+                async move { (i, self.models.answer(&self.roles, &user, 0).await) }
+            })
+            .buffer_unordered(READ_AT_ONCE)
+            .collect::<Vec<_>>()
+            .await;
+        for (i, judged) in reads {
+            memo.insert(users[i], judged?);
+        }
+        Ok(())
+    }
+
     /// `POST /access/v1/evaluation`.
     pub(super) async fn evaluation(&self, body: &Object) -> std::result::Result<Vec<u8>, Failure> {
         let query = self.query(body, None)?;
@@ -222,12 +259,19 @@ impl AuthZen {
             .into());
         }
         let semantic = semantic(body)?;
-        let (mut memo, mut outcomes) = (Memo::new(), Vec::with_capacity(items.len()));
-        for (i, item) in items.iter().enumerate() {
-            let query = match item {
+        let queries: Vec<_> = items
+            .iter()
+            .map(|item| match item {
                 Value::Object(item) => self.query(item, Some(body)),
                 _ => Err(Bad("must be a JSON object".into())),
-            };
+            })
+            .collect();
+        let mut memo = Memo::new();
+        if semantic == Semantic::ExecuteAll {
+            self.read_users(&queries, &mut memo).await?;
+        }
+        let mut outcomes = Vec::with_capacity(items.len());
+        for (i, query) in queries.into_iter().enumerate() {
             let outcome = match query {
                 Ok(query) => self.decide(query, &mut memo).await?,
                 Err(Bad(why)) => Outcome::failed(Bad(format!("evaluations[{i}]: {why}"))),
