@@ -236,15 +236,27 @@ pub struct ChangesArgs {
 }
 
 /// The admin commands.
-#[derive(Debug, Clone)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Admin {
+    /// Create, read, list and delete a server's tenants.
+    #[command(subcommand)]
     Tenants(TenantsCommand),
+    /// Give a user roles in a tenant (Grant); exits 0 with the revision it committed at.
     Grant(GrantArgs),
+    /// Take roles from a user in a tenant, or every role with none named (Revoke).
     Revoke(RevokeArgs),
+    /// Set a user's roles in a tenant to exactly these; none removes the user (SetRoles).
     Set(SetArgs),
+    /// Does the user hold the role (or have the permission) in the tenant: exits 0 when
+    /// allowed, 1 when denied.
     Check(CheckArgs),
+    /// A user's authorization object: their roles in every tenant (GetAuthorization).
     Roles(RolesArgs),
+    /// The members of a tenant and their roles, every page (ListMembers).
     Members(MembersArgs),
+    /// Mint access tokens.
+    #[command(subcommand)]
     Token(TokenCommand),
+    /// The audit trail (ListChanges); with --follow, every change as it commits (Watch).
     Changes(ChangesArgs),
 }

@@ -41,27 +41,9 @@ pub enum Command {
     /// it to a server, show a server's.
     #[command(subcommand)]
     Model(ModelCommand),
-    /// Create, read, list and delete a server's tenants.
-    #[command(subcommand)]
-    Tenants(TenantsCommand),
-    /// Give a user roles in a tenant (Grant); exits 0 with the revision it committed at.
-    Grant(GrantArgs),
-    /// Take roles from a user in a tenant, or every role with none named (Revoke).
-    Revoke(RevokeArgs),
-    /// Set a user's roles in a tenant to exactly these; none removes the user (SetRoles).
-    Set(SetArgs),
-    /// Does the user hold the role (or have the permission) in the tenant: exits 0 when
-    /// allowed, 1 when denied.
-    Check(CheckArgs),
-    /// A user's authorization object: their roles in every tenant (GetAuthorization).
-    Roles(RolesArgs),
-    /// The members of a tenant and their roles, every page (ListMembers).
-    Members(MembersArgs),
-    /// Mint access tokens.
-    #[command(subcommand)]
-    Token(TokenCommand),
-    /// The audit trail (ListChanges); with --follow, every change as it commits (Watch).
-    Changes(ChangesArgs),
+    /// The admin commands, clients of a running server (`tenants`, `grant`, `check`, …).
+    #[command(flatten)]
+    Admin(Admin),
     /// Print a shell completion script: `rolecheck completions bash >
     /// /etc/bash_completion.d/rolecheck` (or zsh, fish, elvish, powershell).
     Completions {
@@ -96,15 +78,7 @@ impl Cli {
             Some(Command::Migrate(args)) => Run::Migrate(args),
             Some(Command::Doctor(config)) => Run::Doctor(config),
             Some(Command::Model(command)) => Run::Model(command),
-            Some(Command::Tenants(command)) => Run::Admin(Admin::Tenants(command)),
-            Some(Command::Grant(args)) => Run::Admin(Admin::Grant(args)),
-            Some(Command::Revoke(args)) => Run::Admin(Admin::Revoke(args)),
-            Some(Command::Set(args)) => Run::Admin(Admin::Set(args)),
-            Some(Command::Check(args)) => Run::Admin(Admin::Check(args)),
-            Some(Command::Roles(args)) => Run::Admin(Admin::Roles(args)),
-            Some(Command::Members(args)) => Run::Admin(Admin::Members(args)),
-            Some(Command::Token(command)) => Run::Admin(Admin::Token(command)),
-            Some(Command::Changes(args)) => Run::Admin(Admin::Changes(args)),
+            Some(Command::Admin(command)) => Run::Admin(command),
             Some(Command::Completions { shell }) => Run::Completions(shell),
         }
     }
