@@ -29,14 +29,12 @@ pub async fn list_changes(
     let mut entries = store.list_changes(&filter, after, limit + 1).await?;
     // Read after the page: a floor raised meanwhile is reported, never a stale one.
     let pruned_through = store.changes_after(after, 0).await?.pruned_through;
-    let next_page_token = if entries.len() > limit as usize {
-        entries.truncate(limit as usize);
-        entries
+    let next_page_token = match whole_revisions(&mut entries, limit as usize) {
+        true => entries
             .last()
             .map(|e| encode_page_token("changes", &e.revision.to_string()))
-            .unwrap_or_default()
-    } else {
-        String::new()
+            .unwrap_or_default(),
+        false => String::new(),
     };
     Ok(pb::ListChangesResponse {
         entries: entries
@@ -50,6 +48,20 @@ pub async fn list_changes(
         next_page_token,
         pruned_through,
     })
+}
+
+/// Cuts `entries` (whole revisions, in order, read with a limit of `limit + 1`) to a page
+/// of at most `limit` in whole revisions; whether more may follow. A revision of more
+/// entries than a page (an import batch) makes a page of its own.
+fn whole_revisions(entries: &mut Vec<HistoryEntry>, limit: usize) -> bool {
+    let Some(beyond) = entries.get(limit).map(|entry| entry.revision) else { return false };
+    let before = entries.iter().take_while(|entry| entry.revision < beyond).count();
+    let keep = match before {
+        0 => entries.iter().take_while(|entry| entry.revision == beyond).count(),
+        before => before,
+    };
+    entries.truncate(keep);
+    true
 }
 
 /// An optional filter field: empty, or valid per `check`.

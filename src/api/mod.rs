@@ -2,6 +2,7 @@
 //! domain types, call the store, and convert the answer; no SQL or rules live here.
 
 mod audit;
+mod bulk;
 mod issuing;
 mod role_check;
 mod tenants;

@@ -419,6 +419,36 @@ impl RoleCheck for RoleCheckApi {
     }
 
     type WatchStream = super::watch::WatchStream;
+    type ExportStream = super::bulk::ExportStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn import(
+        &self,
+        request: Request<tonic::Streaming<pb::ImportRequest>>,
+    ) -> Result<Response<pb::ImportResponse>, Status> {
+        let caller = caller_name(&request);
+        let stream = request.into_inner();
+        let done =
+            super::bulk::import(&self.store, &self.models, &self.application_id, caller, stream)
+                .await?;
+        tracing::info!(
+            users = done.users,
+            memberships = done.memberships,
+            batches = done.batches,
+            rejected = done.rejected_count,
+            revision = done.revision,
+            "import"
+        );
+        Ok(Response::new(done))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn export(
+        &self,
+        _request: Request<pb::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        Ok(Response::new(super::bulk::export(&self.store)))
+    }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list_changes(

@@ -244,7 +244,7 @@ impl WatchHub {
                         let _ = tx.send(Err(Status::out_of_range(message))).await;
                         return;
                     }
-                    let full = history.entries.len() == PAGE as usize;
+                    let full = history.entries.len() >= PAGE as usize;
                     for response in responses(history.entries) {
                         last = response.revision;
                         if tx.send(Ok(response)).await.is_err() {
@@ -403,7 +403,7 @@ async fn read_history(
             match store.history.changes_after(last, PAGE).await {
                 Ok(history) => {
                     last = last.max(history.pruned_through);
-                    let full = history.entries.len() == PAGE as usize;
+                    let full = history.entries.len() >= PAGE as usize;
                     for response in responses(history.entries) {
                         last = response.revision;
                         let _ = live.send(Arc::new(response));

@@ -52,6 +52,9 @@ pub const RULES: &[(&str, Access)] = &[
     ("/rolecheck.v1.RoleCheck/SetRoles", WRITE),
     ("/rolecheck.v1.RoleCheck/SetModel", WRITE),
     ("/rolecheck.v1.RoleCheck/GetModel", CHECK),
+    ("/rolecheck.v1.RoleCheck/Import", WRITE),
+    // Every membership at once: for an operator (audit), not a service that checks.
+    ("/rolecheck.v1.RoleCheck/Export", Access::Needs(&[Scope::Audit])),
     ("/rolecheck.v1.RoleCheck/Issue", ISSUE),
     // A follower reads history for its own Watch streams (what Watch shows it anyway).
     ("/rolecheck.v1.RoleCheck/ListChanges", AUDIT_OR_FOLLOW),

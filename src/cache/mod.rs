@@ -354,6 +354,19 @@ impl Writes for CachedStore {
     async fn set_model(&self, spec: &str, caller: &str) -> Result<Revision> {
         self.writes.set_model(spec, caller).await
     }
+
+    /// Forgets every user of the batch, applied or not (even on error: a failed COMMIT
+    /// may still have committed).
+    async fn import_batch(
+        &self,
+        batch: &crate::store::ImportBatch,
+    ) -> Result<crate::store::Imported> {
+        let result = self.writes.import_batch(batch).await;
+        for user in &batch.users {
+            self.forget(&user.user);
+        }
+        result
+    }
 }
 
 #[async_trait]

@@ -55,6 +55,8 @@ pub async fn admin(command: Admin) -> Result<ExitCode> {
         Admin::Tenants(command) => return tenants_command(command).await,
         Admin::Token(command) => return token(command).await,
         Admin::Changes(args) => return changes(args).await,
+        Admin::Import(args) => return super::bulk::import(args).await,
+        Admin::Export(args) => return super::bulk::export(args).await,
         Admin::Grant(args) => {
             let expires_at = match expiry(args.expires_at.as_deref()) {
                 Ok(at) => at,

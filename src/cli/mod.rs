@@ -8,6 +8,7 @@
 //! `FAILED_PRECONDITION` 19, `UNAVAILABLE` 24, `UNAUTHENTICATED` 26).
 
 mod admin;
+mod bulk;
 mod print;
 
 pub use admin::admin;

@@ -1,6 +1,6 @@
 //! The command line as a client of a running server: which server, with which key, and
 //! each command's arguments (`rolecheck model|tenants|grant|revoke|set|check|roles|
-//! members|token|changes`).
+//! members|token|changes|import|export`).
 
 use std::path::PathBuf;
 
@@ -235,6 +235,55 @@ pub struct ChangesArgs {
     pub client: Client,
 }
 
+/// The file format of `import` and `export`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataFormat {
+    /// JSON Lines: one user per line, in the token's shape:
+    /// `{"user_id": "1", "authorization": {"acme": {"roles": ["admin"]}}}`.
+    Jsonl,
+    /// CSV: `user_id,tenant_id,role[,expires_at]`, one membership per row (an empty
+    /// tenant_id is the application tenant; a header row is optional).
+    Csv,
+}
+
+/// `rolecheck import FILE`.
+#[derive(Args, Debug, Clone)]
+pub struct ImportArgs {
+    /// The file to import; `-` reads standard input.
+    pub file: PathBuf,
+    /// The file's format; by default from its name (`.csv` is CSV, anything else JSON
+    /// Lines).
+    #[arg(long, value_enum)]
+    pub format: Option<DataFormat>,
+    /// Set each listed user's roles in each listed tenant to exactly the file's (else the
+    /// file's roles are added to what the user holds).
+    #[arg(long)]
+    pub replace: bool,
+    /// Create the tenants the file names that do not exist (else a user naming one is
+    /// skipped and reported).
+    #[arg(long)]
+    pub create_tenants: bool,
+    /// Check the whole file first (and that its tenants exist) and import nothing unless
+    /// every line is good.
+    #[arg(long)]
+    pub strict: bool,
+    #[command(flatten)]
+    pub client: Client,
+}
+
+/// `rolecheck export [FILE]`.
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// Where to write; standard output without it.
+    pub file: Option<PathBuf>,
+    /// The format; by default from the file's name (`.csv` is CSV, anything else JSON
+    /// Lines).
+    #[arg(long, value_enum)]
+    pub format: Option<DataFormat>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
 /// The admin commands.
 #[derive(Subcommand, Debug, Clone)]
 pub enum Admin {
@@ -259,4 +308,10 @@ pub enum Admin {
     Token(TokenCommand),
     /// The audit trail (ListChanges); with --follow, every change as it commits (Watch).
     Changes(ChangesArgs),
+    /// Import memberships from a file (Import, scope `write`): whole users in batches,
+    /// each at one revision; bad lines are reported and skipped. Safe to run again.
+    Import(ImportArgs),
+    /// Export every membership at one revision, printed on stderr (Export, scope
+    /// `audit`), in the format `import` reads.
+    Export(ExportArgs),
 }

@@ -411,8 +411,11 @@ impl HistoryLog for UpstreamStore {
         };
         let page =
             self.checks.clone().list_changes(request).await.map_err(from_status)?.into_inner();
-        let entries =
-            page.entries.into_iter().filter_map(entry_from).take(limit as usize).collect();
+        // Whole revisions, as the upstream pages them (none for a limit of 0).
+        let entries = match limit {
+            0 => Vec::new(),
+            _ => page.entries.into_iter().filter_map(entry_from).collect(),
+        };
         Ok(History { entries, pruned_through: page.pruned_through })
     }
 

@@ -128,6 +128,13 @@ impl Writes for MeasuredStore<dyn Writes> {
     async fn set_model(&self, spec: &str, caller: &str) -> Result<Revision> {
         self.timed("set_model", self.inner.set_model(spec, caller)).await
     }
+
+    async fn import_batch(
+        &self,
+        batch: &crate::store::ImportBatch,
+    ) -> Result<crate::store::Imported> {
+        self.timed("import_batch", self.inner.import_batch(batch)).await
+    }
 }
 
 #[async_trait]

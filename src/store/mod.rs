@@ -13,6 +13,7 @@
 //!
 //! The store-level conformance suite every backend runs is `tests/api/store.rs`.
 
+pub mod bulk;
 mod inspect;
 pub mod measured;
 mod owner;
@@ -30,6 +31,7 @@ use crate::{
     error::Result,
 };
 
+pub use bulk::{ExportPage, ImportBatch, Imported, UserMemberships};
 pub use inspect::{Inspection, inspect};
 pub use measured::MeasuredStore;
 pub use postgres::{PgStore, diagnose};
@@ -213,6 +215,15 @@ pub trait Writes: Send + Sync + 'static {
     /// Sets the model to `spec` (a model file, checked by the caller; empty removes the
     /// model); returns the revision it takes effect at.
     async fn set_model(&self, spec: &str, caller: &str) -> Result<Revision>;
+
+    /// Applies a batch of an import at one revision (see [`bulk`]). A store that only
+    /// relays writes (a follower's upstream) refuses: import into the upstream.
+    async fn import_batch(&self, batch: &bulk::ImportBatch) -> Result<bulk::Imported> {
+        let _ = batch;
+        Err(crate::error::Error::FailedPrecondition(
+            "a follower does not import: run the import against its upstream (--server)".into(),
+        ))
+    }
 }
 
 /// The feed of committed changes.
@@ -255,6 +266,17 @@ pub trait HistoryLog: Send + Sync + 'static {
 pub trait Backend: RoleReads + TenantReads + Writes + ChangeFeed + HistoryLog {
     /// Closes the connections, waiting for checked-out ones to come back.
     async fn close(&self);
+
+    /// Sends every live membership, read in one snapshot, to `out` as pages of whole
+    /// users in user order (see [`bulk`]); returns the snapshot's revision. Stops early,
+    /// without error, when `out` closes. A follower's upstream refuses: export from the
+    /// upstream.
+    async fn export(&self, out: tokio::sync::mpsc::Sender<bulk::ExportPage>) -> Result<Revision> {
+        let _ = out;
+        Err(crate::error::Error::FailedPrecondition(
+            "a follower does not export: run the export against its upstream (--server)".into(),
+        ))
+    }
 }
 
 /// The store as the services use it: each part behind its own trait object, so a
@@ -594,12 +616,14 @@ impl Announcer {
         Self(None)
     }
 
-    /// The write that changed `kind` for `subject` (the user of a membership, the
+    /// The write that changed `kind` for each subject (the user of a membership, the
     /// tenant of a tenant change) committed at `revision`.
-    pub async fn committed(&self, revision: Revision, kind: ChangeKind, subject: &str) {
+    pub async fn committed(&self, revision: Revision, changes: &[(ChangeKind, String)]) {
         if let Some(feed) = &self.0 {
-            let stale = Stale::of(kind, subject, revision);
-            let _ = feed.send(FeedEvent::Changed { revision, stale }).await;
+            for (kind, subject) in changes {
+                let stale = Stale::of(*kind, subject, revision);
+                let _ = feed.send(FeedEvent::Changed { revision, stale }).await;
+            }
         }
     }
 }

@@ -143,7 +143,8 @@ impl<R: Run> TenantReads for R {
 #[async_trait]
 impl<R: Run> HistoryLog for R {
     async fn changes_after(&self, after: Revision, limit: u32) -> Result<History> {
-        let binds = [Bind::Int(after as i64), Bind::Int(limit.into())];
+        let last = i64::from(limit.saturating_sub(1));
+        let binds = [Bind::Int(after as i64), Bind::Int(last), Bind::Int(limit.into())];
         Ok(sql::history_from(self.rows(sql::CHANGES_AFTER, &binds).await?))
     }
 
@@ -156,7 +157,7 @@ impl<R: Run> HistoryLog for R {
         let statement = sql::list_changes_sql(filter);
         let mut binds = vec![Bind::Int(after as i64)];
         binds.extend(filter.values().map(Bind::Text));
-        binds.push(Bind::Int(limit.into()));
+        binds.push(Bind::Int(limit.saturating_sub(1).into()));
         Ok(sql::audit_from(self.rows(&statement, &binds).await?))
     }
 
@@ -168,7 +169,10 @@ impl<R: Run> HistoryLog for R {
         let oldest: Vec<(Option<i64>,)> = self.rows(sql::OLDEST_CHANGE, &[]).await?;
         let mut from = oldest.into_iter().next().and_then(|(oldest,)| oldest).unwrap_or(floor + 1);
         while from <= floor {
-            let to = (from + CHUNK - 1).min(floor);
+            // About CHUNK rows, in whole revisions (an import's revision holds many).
+            let bound: Vec<(i64,)> =
+                self.rows(sql::PRUNE_BOUND, &[Bind::Int(from), Bind::Int(CHUNK - 1)]).await?;
+            let to = bound.into_iter().next().map_or(floor, |(to,)| to).min(floor);
             self.execute(sql::PRUNE_CHANGES, &[Bind::Int(from), Bind::Int(to)]).await?;
             from = to + 1;
         }

@@ -95,36 +95,40 @@ pub const INSERT_CHANGE: &str = "INSERT INTO changes \
     VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
 /// The audit trail: history after a revision matching `filter` (an empty field matches
-/// all), in revision order, as one statement per filter shape. Parameters: `$1` the
-/// revision, then the filter's non-empty fields in the order tenant, user, caller, then
-/// the limit.
+/// all), in revision order, in whole revisions (see [`CHANGES_AFTER`]), as one statement
+/// per filter shape. Parameters: `$1` the revision, then the filter's non-empty fields in
+/// the order tenant, user, caller, then the limit less one (where the page's last
+/// revision is found).
 ///
 /// Only the conditions a filter has are in the statement, so every shape, prepared once
 /// and run with a generic plan, can use its index: `changes_by_tenant`,
 /// `changes_by_user` or `changes_by_caller` (each `(column, revision)`, so the rows come
-/// in revision order and `LIMIT` stops the scan). A test holds the generic plans to that
-/// (`list_changes_filters_use_their_index`); for example, with a caller filter:
+/// in revision order and the bound stops the scan). A test holds the generic plans to
+/// that (`list_changes_filters_use_their_index`); for example, with a caller filter:
 ///
 /// ```text
-/// Limit
-///   ->  Index Scan using changes_by_caller on changes
-///         Index Cond: ((caller = $2) AND (revision > $1))
+/// Index Scan using changes_by_caller on changes
+///   Index Cond: ((caller = $2) AND (revision > $1) AND (revision <= (InitPlan 1).col1))
 /// ```
 pub fn list_changes_sql(filter: &crate::store::ChangeFilter) -> String {
-    let mut sql = String::from(
-        "SELECT revision, kind, tenant_id, user_id, roles, caller, committed_at FROM changes \
-         WHERE revision > $1",
-    );
+    let mut conditions = String::from("revision > $1");
     let mut n = 1;
     for (column, value) in filter.columns() {
         if !value.is_empty() {
             n += 1;
-            sql.push_str(&format!(" AND {column} = ${n}"));
+            conditions.push_str(&format!(" AND {column} = ${n}"));
         }
     }
-    sql.push_str(&format!(" ORDER BY revision LIMIT ${}", n + 1));
-    sql
+    format!(
+        "SELECT revision, kind, tenant_id, user_id, roles, caller, committed_at FROM changes \
+         WHERE {conditions} AND revision <= coalesce((SELECT revision FROM changes \
+         WHERE {conditions} ORDER BY revision LIMIT 1 OFFSET ${}), {LAST}) ORDER BY revision",
+        n + 1
+    )
 }
+
+/// Past every revision: the bound of a page that reaches the end of the history.
+const LAST: &str = "9223372036854775807";
 
 /// A row of [`list_changes_sql`].
 pub type AuditRow = (i64, String, String, String, String, String, i64);
@@ -150,14 +154,19 @@ fn split_roles(roles: &str) -> Vec<String> {
     roles.split(',').filter(|r| !r.is_empty()).map(str::to_owned).collect()
 }
 
-/// History after a revision, with the pruning floor, in one statement.
+/// History after a revision, with the pruning floor, in one statement, in whole
+/// revisions: every row of the revisions up to the one holding the `$2 + 1`-th row after
+/// `$1` (an import batch commits many rows at one revision, and a page never splits one),
+/// none when `$3` (the limit) is 0.
 pub const CHANGES_AFTER: &str = "\
     SELECT r.pruned_through, c.revision, c.kind, c.tenant_id, c.user_id, c.roles, \
         c.caller, c.committed_at \
     FROM store_revision r LEFT JOIN ( \
         SELECT revision, kind, tenant_id, user_id, roles, caller, committed_at FROM changes \
-        WHERE revision > $1 ORDER BY revision LIMIT $2 \
-    ) c ON TRUE WHERE r.id = 1 ORDER BY c.revision";
+        WHERE revision > $1 AND $3 > 0 AND revision <= coalesce(( \
+            SELECT revision FROM changes WHERE revision > $1 \
+            ORDER BY revision LIMIT 1 OFFSET $2), 9223372036854775807) \
+    ) c ON TRUE WHERE r.id = 1 ORDER BY c.revision, c.tenant_id, c.user_id";
 
 /// A row of [`CHANGES_AFTER`].
 pub type ChangeRow = (
@@ -176,6 +185,10 @@ pub type ChangeRow = (
 pub const PRUNE_FLOOR: &str = "SELECT revision FROM changes WHERE committed_at < $1 \
     ORDER BY committed_at DESC, revision DESC LIMIT 1";
 pub const OLDEST_CHANGE: &str = "SELECT min(revision) FROM changes";
+/// The revision of the `$2 + 1`-th history row from revision `$1` on: where a prune
+/// chunk of about [`crate::store::PURGE_CHUNK`] rows ends (whole revisions).
+pub const PRUNE_BOUND: &str =
+    "SELECT revision FROM changes WHERE revision >= $1 ORDER BY revision LIMIT 1 OFFSET $2";
 pub const PRUNE_CHANGES: &str = "DELETE FROM changes WHERE revision >= $1 AND revision <= $2";
 pub const RAISE_FLOOR: &str = "UPDATE store_revision SET pruned_through = $1 \
     WHERE id = 1 AND pruned_through < $1";
@@ -315,7 +328,7 @@ pub async fn commit<DB: sqlx::Database>(
         if let Some(delay) = change.fault_after_commit {
             tokio::time::sleep(delay).await;
         }
-        change.announcer.committed(revision, change.kind, &change.subject).await;
+        change.announcer.committed(revision, &change.changes).await;
         Ok::<_, Error>(revision)
     });
     decided.await.map_err(|err| Error::Internal(Box::new(err)))?
@@ -325,10 +338,9 @@ pub async fn commit<DB: sqlx::Database>(
 pub struct Announcement {
     /// Where (an in-process feed, or nowhere when the database announces).
     pub announcer: Announcer,
-    /// What changed.
-    pub kind: ChangeKind,
-    /// Whom it concerns: the user of a membership change, the tenant of a tenant change.
-    pub subject: String,
+    /// What changed, and whom it concerns: the user of a membership change, the tenant
+    /// of a tenant change (one each, but for an import batch).
+    pub changes: Vec<(ChangeKind, String)>,
     /// The test fault point: wait this long after COMMIT, before announcing.
     pub fault_after_commit: Option<std::time::Duration>,
 }

@@ -65,6 +65,7 @@ use sqlx::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+mod bulk;
 pub mod diagnose;
 mod listener;
 mod loader;
@@ -595,8 +596,7 @@ impl PgStore {
         let announcement = sql::Announcement {
             // NOTIFY announces at COMMIT.
             announcer: Announcer::database(),
-            kind,
-            subject: change.subject().to_owned(),
+            changes: vec![(kind, change.subject().to_owned())],
             fault_after_commit: self.fault_after_commit,
         };
         sql::commit(tx, revision, announcement, None).await
@@ -795,6 +795,13 @@ impl Writes for PgStore {
     async fn set_model(&self, spec: &str, caller: &str) -> Result<Revision> {
         self.write_tenant(TenantOp::Model(spec), caller).await
     }
+
+    async fn import_batch(
+        &self,
+        batch: &crate::store::ImportBatch,
+    ) -> Result<crate::store::Imported> {
+        self.import(batch).await
+    }
 }
 
 #[async_trait]
@@ -826,6 +833,10 @@ impl Backend for PgStore {
             read_pool.close().await;
         }
         self.pool.close().await;
+    }
+
+    async fn export(&self, out: mpsc::Sender<crate::store::ExportPage>) -> Result<Revision> {
+        PgStore::export(self, out).await
     }
 }
 

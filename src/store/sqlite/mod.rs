@@ -21,6 +21,8 @@ use sqlx::{
 };
 use tokio::sync::{Mutex, OwnedMutexGuard, Semaphore, mpsc};
 
+mod bulk;
+
 use crate::{
     domain::{Revision, TenantId, UserId},
     error::{Error, Result},
@@ -193,16 +195,21 @@ impl SqliteStore {
             .bind(change.caller)
             .execute(&mut *tx)
             .await?;
-        let announcement = sql::Announcement {
+        let announcement = self.announcement(vec![(change.kind, change.subject().to_owned())]);
+        sql::commit(tx, revision as Revision, announcement, Some(serial)).await
+    }
+
+    /// How a write announces `changes` once committed: on the in-process feed, once it
+    /// has its subscriber. Called under the write lock.
+    fn announcement(&self, changes: Vec<(ChangeKind, String)>) -> sql::Announcement {
+        sql::Announcement {
             announcer: match self.subscribed.load(std::sync::atomic::Ordering::SeqCst) {
                 true => Announcer::on(self.feed_tx.clone()),
                 false => Announcer::database(),
             },
-            kind: change.kind,
-            subject: change.subject().to_owned(),
+            changes,
             fault_after_commit: self.fault_after_commit,
-        };
-        sql::commit(tx, revision as Revision, announcement, Some(serial)).await
+        }
     }
 }
 
@@ -344,6 +351,13 @@ impl Writes for SqliteStore {
         sqlx::query(sql::MODEL_SET_NOW).execute(&mut *tx).await?;
         self.commit(tx, serial, ChangeRef::model(caller)).await
     }
+
+    async fn import_batch(
+        &self,
+        batch: &crate::store::ImportBatch,
+    ) -> Result<crate::store::Imported> {
+        self.import(batch).await
+    }
 }
 
 #[async_trait]
@@ -374,5 +388,9 @@ impl Backend for SqliteStore {
         self.read.close().await;
         // Closed: another process (or a restart in this one) may open the file now.
         self.owner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    }
+
+    async fn export(&self, out: mpsc::Sender<crate::store::ExportPage>) -> Result<Revision> {
+        SqliteStore::export(self, out).await
     }
 }

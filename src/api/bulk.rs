@@ -1,0 +1,253 @@
+//! `Import` and `Export`: memberships in bulk (see [`crate::store::bulk`]).
+//!
+//! An import is read as it streams in, user by user, into batches of about
+//! [`BATCH_MEMBERSHIPS`] memberships of whole users; each batch is applied before the
+//! next is read, so the server holds one batch at a time however long the stream. A user
+//! that is invalid (an id, a role, an expiry, a role a strict model does not declare) is
+//! skipped whole and reported with its line; with `strict`, the import stops there
+//! instead (the batches before it stay applied: the command line checks a whole file
+//! before it sends any of it). A stream that breaks off applies nothing more.
+
+use std::collections::{BTreeMap, HashMap};
+
+use prost_types::Timestamp;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::{
+    cache::model::Models,
+    domain::{Role, TenantId, UserId, now_unix},
+    error::{Error, Result},
+    pb,
+    store::{ExportPage, ImportBatch, Store, UserMemberships},
+};
+
+/// Memberships a batch gathers before it is applied (whole users: the user that passes
+/// it goes whole into it).
+pub const BATCH_MEMBERSHIPS: usize = 5_000;
+/// Most memberships one user may bring.
+pub const MAX_USER_MEMBERSHIPS: usize = 1_000;
+/// Rejections an answer lists (it counts them all).
+const LISTED_REJECTIONS: usize = 1_000;
+
+/// The server stream type of `Export`.
+pub type ExportStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ExportResponse, Status>> + Send>>;
+
+/// Reads an import stream and applies it in batches.
+pub async fn import(
+    store: &Store,
+    models: &Models,
+    application: &TenantId,
+    caller: String,
+    mut stream: Streaming<pb::ImportRequest>,
+) -> Result<pb::ImportResponse, Status> {
+    let model = models.fresh().await?;
+    let declared = |role: &str| !model.model.strict() || model.model.declares(role);
+    let mut options: Option<pb::ImportOptions> = None;
+    let mut batch = Batch::default();
+    let mut done = pb::ImportResponse::default();
+    while let Some(request) = stream.message().await? {
+        let options = *options.get_or_insert_with(|| request.options.unwrap_or_default());
+        for user in request.users {
+            let (line, id) = (user.line, user.user_id.clone());
+            match user_from(user, application, &declared) {
+                Ok(user) => batch.add(user),
+                Err(reason) if options.strict => {
+                    let message = format!("line {line}: user {id:?}: {reason}");
+                    return Err(stopped(Status::invalid_argument(message), &done));
+                }
+                Err(reason) => reject(&mut done, line, id, reason),
+            }
+            if batch.memberships >= BATCH_MEMBERSHIPS {
+                apply(store, &mut batch, &options, &caller, &mut done).await?;
+            }
+        }
+    }
+    apply(store, &mut batch, &options.unwrap_or_default(), &caller, &mut done).await?;
+    if done.batches == 0 {
+        done.revision = store.tenants.revision().await?;
+    }
+    Ok(done)
+}
+
+/// The batch being gathered: users by id, merged when one comes twice.
+#[derive(Default)]
+struct Batch {
+    users: Vec<UserMemberships>,
+    index: HashMap<String, usize>,
+    memberships: usize,
+}
+
+impl Batch {
+    fn add(&mut self, user: UserMemberships) {
+        self.memberships += user.memberships().max(1);
+        match self.index.get(&user.user) {
+            Some(&at) => {
+                for (tenant, roles) in user.tenants {
+                    self.users[at].tenants.entry(tenant).or_default().extend(roles);
+                }
+            }
+            None => {
+                self.index.insert(user.user.clone(), self.users.len());
+                self.users.push(user);
+            }
+        }
+    }
+}
+
+/// Applies the gathered batch (if any) and adds what it did to `done`.
+async fn apply(
+    store: &Store,
+    gathered: &mut Batch,
+    options: &pb::ImportOptions,
+    caller: &str,
+    done: &mut pb::ImportResponse,
+) -> Result<(), Status> {
+    let gathered = std::mem::take(gathered);
+    if gathered.users.is_empty() {
+        return Ok(());
+    }
+    let batch = ImportBatch {
+        users: gathered.users,
+        replace: options.replace,
+        create_tenants: options.create_tenants,
+        strict: options.strict,
+        caller: caller.to_owned(),
+    };
+    let imported = match store.writes.import_batch(&batch).await {
+        Ok(imported) => imported,
+        Err(err) => return Err(stopped(err.into(), done)),
+    };
+    if imported.committed {
+        done.batches += 1;
+        done.revision = imported.revision;
+    }
+    done.users += imported.users;
+    done.memberships += imported.memberships;
+    done.tenants_created.extend(imported.tenants_created);
+    for rejected in imported.rejected {
+        reject(done, rejected.line, rejected.user, rejected.reason);
+    }
+    Ok(())
+}
+
+/// `status`, saying what was applied before it.
+fn stopped(status: Status, done: &pb::ImportResponse) -> Status {
+    let message = match done.batches {
+        0 => format!("{}; nothing was applied", status.message()),
+        n => format!(
+            "{}; {n} batches before it were applied ({} users, through revision {}): run \
+             the import again to finish it (it is idempotent)",
+            status.message(),
+            done.users,
+            done.revision
+        ),
+    };
+    Status::new(status.code(), message)
+}
+
+fn reject(done: &mut pb::ImportResponse, line: u64, user_id: String, reason: String) {
+    done.rejected_count += 1;
+    if done.rejected.len() < LISTED_REJECTIONS {
+        done.rejected.push(pb::ImportRejection { line, user_id, reason });
+    }
+}
+
+/// A user from the wire, checked; the reason it is skipped otherwise. Roles already
+/// expired are not held, so they are left out (a tenant replaced by only those loses the
+/// user).
+fn user_from(
+    user: pb::UserMemberships,
+    application: &TenantId,
+    declared: &impl Fn(&str) -> bool,
+) -> std::result::Result<UserMemberships, String> {
+    let reason = |err: Error| match err {
+        Error::InvalidArgument { field, reason } => format!("{field} {reason}"),
+        other => other.to_string(),
+    };
+    UserId::validate("user_id", &user.user_id).map_err(reason)?;
+    let now = now_unix();
+    let mut tenants: BTreeMap<String, BTreeMap<String, Option<i64>>> = BTreeMap::new();
+    for held in user.tenants {
+        let tenant = match held.tenant_id.is_empty() {
+            true => application.as_str().to_owned(),
+            false => {
+                TenantId::parse("tenant_id", &held.tenant_id).map_err(reason)?.as_str().to_owned()
+            }
+        };
+        let expires = expiry(held.expires_at.as_ref())?;
+        let roles = tenants.entry(tenant).or_default();
+        for role in held.roles {
+            Role::validate("role", &role).map_err(reason)?;
+            if !declared(&role) {
+                return Err(format!(
+                    "{role} is not a role the model declares, and the model is strict"
+                ));
+            }
+            if expires.is_none_or(|at| at > now) {
+                roles.insert(role, expires);
+            }
+        }
+    }
+    let user = UserMemberships { user: user.user_id, line: user.line, tenants };
+    if user.memberships() > MAX_USER_MEMBERSHIPS {
+        return Err(format!("more than {MAX_USER_MEMBERSHIPS} memberships"));
+    }
+    Ok(user)
+}
+
+fn expiry(at: Option<&Timestamp>) -> std::result::Result<Option<i64>, String> {
+    match at {
+        None => Ok(None),
+        Some(ts) if (0..1_000_000_000).contains(&ts.nanos) => Ok(Some(ts.seconds)),
+        Some(_) => Err("expires_at nanos must be within 0..1e9".into()),
+    }
+}
+
+/// Streams every membership at one revision.
+pub fn export(store: &Store) -> ExportStream {
+    let (pages, mut read) = mpsc::channel::<ExportPage>(2);
+    let (tx, rx) = mpsc::channel(2);
+    let backend = store.backend.clone();
+    tokio::spawn(async move {
+        let forward = async {
+            while let Some(page) = read.recv().await {
+                if tx.send(Ok(page_to_pb(page))).await.is_err() {
+                    break;
+                }
+            }
+            // Dropped: an export still reading stops.
+            drop(read);
+        };
+        let (exported, ()) = tokio::join!(backend.export(pages), forward);
+        if let Err(err) = exported {
+            let _ = tx.send(Err(err.into())).await;
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+fn page_to_pb(page: ExportPage) -> pb::ExportResponse {
+    pb::ExportResponse {
+        revision: page.revision,
+        users: page.users.into_iter().map(user_to_pb).collect(),
+    }
+}
+
+/// A user on the wire: one entry per tenant and expiry.
+pub fn user_to_pb(user: UserMemberships) -> pb::UserMemberships {
+    let mut tenants = Vec::new();
+    for (tenant_id, roles) in user.tenants {
+        let mut by_expiry: BTreeMap<Option<i64>, Vec<String>> = BTreeMap::new();
+        for (role, expires) in roles {
+            by_expiry.entry(expires).or_default().push(role);
+        }
+        for (expires, roles) in by_expiry {
+            let expires_at = expires.map(|seconds| Timestamp { seconds, nanos: 0 });
+            tenants.push(pb::TenantRoles { tenant_id: tenant_id.clone(), roles, expires_at });
+        }
+    }
+    pb::UserMemberships { user_id: user.user, tenants, line: 0 }
+}
