@@ -35,19 +35,98 @@ const LISTED_REJECTIONS: usize = 1_000;
 pub type ExportStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ExportResponse, Status>> + Send>>;
 
-/// Reads an import stream and applies it in batches.
-pub async fn import(
+/// The server stream type of `Import`.
+pub type ImportStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ImportResponse, Status>> + Send>>;
+
+/// Reads an import stream and applies it in batches, answering after each batch and
+/// once at the end (`done`).
+pub fn import(
+    store: Store,
+    models: std::sync::Arc<Models>,
+    application: TenantId,
+    caller: String,
+    stream: Streaming<pb::ImportRequest>,
+) -> ImportStream {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut progress = Progress { tx: tx.clone(), done: Default::default(), listed: 0 };
+        let ended = read(&store, &models, &application, caller, stream, &mut progress).await;
+        let last = match ended {
+            Ok(()) => {
+                let mut done = progress.done;
+                if done.batches == 0 {
+                    match store.tenants.revision().await {
+                        Ok(revision) => done.revision = revision,
+                        Err(err) => return drop(tx.send(Err(err.into())).await),
+                    }
+                }
+                done.done = true;
+                let (users, revision) = (done.users, done.revision);
+                tracing::info!(users, batches = done.batches, revision, "import done");
+                Ok(done)
+            }
+            Err(status) => Err(status),
+        };
+        let _ = tx.send(last).await;
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+/// What an import has done, and where it is told.
+struct Progress {
+    tx: mpsc::Sender<Result<pb::ImportResponse, Status>>,
+    done: pb::ImportResponse,
+    /// Rejections listed so far.
+    listed: usize,
+}
+
+impl Progress {
+    fn reject(&mut self, line: u64, user_id: String, reason: String) {
+        self.done.rejected_count += 1;
+        if self.listed < LISTED_REJECTIONS {
+            self.listed += 1;
+            self.done.rejected.push(pb::ImportRejection { line, user_id, reason });
+        }
+    }
+
+    /// Tells what was done since the last time; false when the caller is gone.
+    async fn tell(&mut self) -> bool {
+        let told = self.done.clone();
+        self.done.rejected.clear();
+        self.done.tenants_created.clear();
+        self.tx.send(Ok(told)).await.is_ok()
+    }
+
+    /// `status`, saying what was applied before it.
+    fn stopped(&self, status: Status) -> Status {
+        let done = &self.done;
+        let message = match done.batches {
+            0 => format!("{}; nothing was applied", status.message()),
+            n => format!(
+                "{}; {n} batches before it were applied ({} users, through revision {}): run \
+                 the import again to finish it (it is idempotent)",
+                status.message(),
+                done.users,
+                done.revision
+            ),
+        };
+        Status::new(status.code(), message)
+    }
+}
+
+async fn read(
     store: &Store,
     models: &Models,
     application: &TenantId,
     caller: String,
     mut stream: Streaming<pb::ImportRequest>,
-) -> Result<pb::ImportResponse, Status> {
+    progress: &mut Progress,
+) -> Result<(), Status> {
     let model = models.fresh().await?;
     let declared = |role: &str| !model.model.strict() || model.model.declares(role);
     let mut options: Option<pb::ImportOptions> = None;
     let mut batch = Batch::default();
-    let mut done = pb::ImportResponse::default();
     while let Some(request) = stream.message().await? {
         let options = *options.get_or_insert_with(|| request.options.unwrap_or_default());
         for user in request.users {
@@ -56,20 +135,19 @@ pub async fn import(
                 Ok(user) => batch.add(user),
                 Err(reason) if options.strict => {
                     let message = format!("line {line}: user {id:?}: {reason}");
-                    return Err(stopped(Status::invalid_argument(message), &done));
+                    return Err(progress.stopped(Status::invalid_argument(message)));
                 }
-                Err(reason) => reject(&mut done, line, id, reason),
+                Err(reason) => progress.reject(line, id, reason),
             }
             if batch.memberships >= BATCH_MEMBERSHIPS {
-                apply(store, &mut batch, &options, &caller, &mut done).await?;
+                apply(store, &mut batch, &options, &caller, progress).await?;
+                if !progress.tell().await {
+                    return Ok(());
+                }
             }
         }
     }
-    apply(store, &mut batch, &options.unwrap_or_default(), &caller, &mut done).await?;
-    if done.batches == 0 {
-        done.revision = store.tenants.revision().await?;
-    }
-    Ok(done)
+    apply(store, &mut batch, &options.unwrap_or_default(), &caller, progress).await
 }
 
 /// The batch being gathered: users by id, merged when one comes twice.
@@ -97,13 +175,13 @@ impl Batch {
     }
 }
 
-/// Applies the gathered batch (if any) and adds what it did to `done`.
+/// Applies the gathered batch (if any) and adds what it did to `progress`.
 async fn apply(
     store: &Store,
     gathered: &mut Batch,
     options: &pb::ImportOptions,
     caller: &str,
-    done: &mut pb::ImportResponse,
+    progress: &mut Progress,
 ) -> Result<(), Status> {
     let gathered = std::mem::take(gathered);
     if gathered.users.is_empty() {
@@ -118,8 +196,9 @@ async fn apply(
     };
     let imported = match store.writes.import_batch(&batch).await {
         Ok(imported) => imported,
-        Err(err) => return Err(stopped(err.into(), done)),
+        Err(err) => return Err(progress.stopped(err.into())),
     };
+    let done = &mut progress.done;
     if imported.committed {
         done.batches += 1;
         done.revision = imported.revision;
@@ -128,31 +207,9 @@ async fn apply(
     done.memberships += imported.memberships;
     done.tenants_created.extend(imported.tenants_created);
     for rejected in imported.rejected {
-        reject(done, rejected.line, rejected.user, rejected.reason);
+        progress.reject(rejected.line, rejected.user, rejected.reason);
     }
     Ok(())
-}
-
-/// `status`, saying what was applied before it.
-fn stopped(status: Status, done: &pb::ImportResponse) -> Status {
-    let message = match done.batches {
-        0 => format!("{}; nothing was applied", status.message()),
-        n => format!(
-            "{}; {n} batches before it were applied ({} users, through revision {}): run \
-             the import again to finish it (it is idempotent)",
-            status.message(),
-            done.users,
-            done.revision
-        ),
-    };
-    Status::new(status.code(), message)
-}
-
-fn reject(done: &mut pb::ImportResponse, line: u64, user_id: String, reason: String) {
-    done.rejected_count += 1;
-    if done.rejected.len() < LISTED_REJECTIONS {
-        done.rejected.push(pb::ImportRejection { line, user_id, reason });
-    }
 }
 
 /// A user from the wire, checked; the reason it is skipped otherwise. Roles already

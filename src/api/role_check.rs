@@ -421,25 +421,18 @@ impl RoleCheck for RoleCheckApi {
     type WatchStream = super::watch::WatchStream;
     type ExportStream = super::bulk::ExportStream;
 
+    type ImportStream = super::bulk::ImportStream;
+
     #[tracing::instrument(skip_all)]
     async fn import(
         &self,
         request: Request<tonic::Streaming<pb::ImportRequest>>,
-    ) -> Result<Response<pb::ImportResponse>, Status> {
+    ) -> Result<Response<Self::ImportStream>, Status> {
         let caller = caller_name(&request);
+        let (store, models) = (self.store.clone(), self.models.clone());
         let stream = request.into_inner();
-        let done =
-            super::bulk::import(&self.store, &self.models, &self.application_id, caller, stream)
-                .await?;
-        tracing::info!(
-            users = done.users,
-            memberships = done.memberships,
-            batches = done.batches,
-            rejected = done.rejected_count,
-            revision = done.revision,
-            "import"
-        );
-        Ok(Response::new(done))
+        let application = self.application_id.clone();
+        Ok(Response::new(super::bulk::import(store, models, application, caller, stream)))
     }
 
     #[tracing::instrument(skip_all)]

@@ -149,23 +149,42 @@ async fn send(
             .map_err(|err| Error::Internal(Box::new(err)))?,
     );
     let (tx, rx) = tokio::sync::mpsc::channel(2);
-    let progress = bar.clone();
     tokio::spawn(async move {
         let mut options = Some(options);
         let mut users = users.into_iter().peekable();
         while users.peek().is_some() || options.is_some() {
             let chunk: Vec<_> = users.by_ref().take(USERS_PER_REQUEST).collect();
-            let sent = chunk.len() as u64;
             let request = pb::ImportRequest { options: options.take(), users: chunk };
             if tx.send(request).await.is_err() {
                 return;
             }
-            progress.inc(sent);
         }
     });
-    let answer = client.import(ReceiverStream::new(rx)).await;
+    let answers = client.import(ReceiverStream::new(rx)).await;
+    let mut answers = match answers {
+        Ok(answers) => answers.into_inner(),
+        Err(status) => return Ok(Err(status)),
+    };
+    // Each answer tells what was applied since the last; the last one (`done`) sums up.
+    let (mut rejected, mut created) = (Vec::new(), Vec::new());
+    let ended = loop {
+        match answers.message().await {
+            Ok(Some(mut answer)) => {
+                rejected.append(&mut answer.rejected);
+                created.append(&mut answer.tenants_created);
+                bar.set_position(answer.users + answer.rejected_count);
+                if answer.done {
+                    answer.rejected = rejected;
+                    answer.tenants_created = created;
+                    break Ok(answer);
+                }
+            }
+            Ok(None) => break Err(tonic::Status::unavailable("the server ended the import early")),
+            Err(status) => break Err(status),
+        }
+    };
     bar.finish_and_clear();
-    Ok(answer.map(tonic::Response::into_inner))
+    Ok(ended)
 }
 
 /// The tenants `users` name that the server does not have.

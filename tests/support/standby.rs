@@ -156,6 +156,14 @@ impl Pair {
         self.primary.stop();
     }
 
+    /// Restarts the primary (an immediate stop, as in a crash, then a start on the same
+    /// port): every connection to it breaks.
+    #[allow(dead_code)] // only some tests restart it
+    pub fn restart_primary(&mut self) {
+        self.primary.stop();
+        self.primary = Cluster::start(self.primary.data.clone(), self.primary.port);
+    }
+
     /// Promotes the standby and waits until it accepts writes.
     pub fn promote(&self) {
         let mut promote = as_postgres("pg_ctl");
