@@ -30,6 +30,9 @@
 //!    skips it): an evaluation over HTTP/1.1 keep-alive against a gRPC Check, and
 //!    evaluations of 100 against a CheckBatch of 100, in rounds (`BENCH_AUTHZEN_ROUNDS`,
 //!    2) whose order flips (`load/authzen.rs`);
+//!    Then bulk import (`BENCH_SKIP_IMPORT` skips it): a million memberships through
+//!    `rolecheck import` into Postgres and the embedded store, against SetRoles calls and
+//!    Postgres's own COPY (`load/import.rs`);
 //! 4. with `BENCH_FOLLOWERS` (e.g. `1,10,50,100`) and a Postgres: two upstream replicas
 //!    and that many followers: Postgres connections, revoke-to-deny latency across every
 //!    follower, follower RSS and start-to-ready per step, then a follower's cached Check.
@@ -72,6 +75,7 @@ mod authz;
 mod authzen;
 mod fleet;
 mod followers;
+mod import;
 mod model;
 #[path = "../../tests/support/pgbouncer.rs"]
 mod pgbouncer;
@@ -777,6 +781,9 @@ async fn run() {
     }
     if std::env::var_os("BENCH_SKIP_AUTHZEN").is_none() {
         authzen::authzen_phase(concurrency, &baseline).await;
+    }
+    if std::env::var_os("BENCH_SKIP_IMPORT").is_none() {
+        import::import_phase(std::env::var("BENCH_DATABASE_URL").ok().as_deref()).await;
     }
     let followers: Vec<usize> = env_or("BENCH_FOLLOWERS", String::new())
         .split(',')
