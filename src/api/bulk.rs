@@ -42,9 +42,7 @@ pub type ImportStream =
 /// Reads an import stream and applies it in batches, answering after each batch and
 /// once at the end (`done`).
 pub fn import(
-    store: Store,
-    models: std::sync::Arc<Models>,
-    application: TenantId,
+    (store, models, application): (Store, std::sync::Arc<Models>, TenantId),
     caller: String,
     stream: Streaming<pb::ImportRequest>,
 ) -> ImportStream {

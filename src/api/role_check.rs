@@ -6,7 +6,6 @@ use futures::{StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status};
 
 use super::{parse_expiry, tenant_or_application};
-use crate::paging::{decode_page_token, encode_page_token, page_size};
 use crate::{
     auth::caller_name,
     cache::{
@@ -17,6 +16,7 @@ use crate::{
     domain::{Revision, Role, TenantId, UserId, UserRoles, now_unix, parse_roles},
     error::{Error, Result},
     model::{Model, ModelSpec},
+    paging::{decode_page_token, encode_page_token, page_size},
     pb::{self, role_check_server::RoleCheck},
     store::{Answer, MembershipWrite, Store, WriteKind, check_min_revision},
 };
@@ -428,14 +428,10 @@ impl RoleCheck for RoleCheckApi {
         &self,
         request: Request<tonic::Streaming<pb::ImportRequest>>,
     ) -> Result<Response<Self::ImportStream>, Status> {
-        let caller = caller_name(&request);
-        let (store, models) = (self.store.clone(), self.models.clone());
-        let stream = request.into_inner();
-        let application = self.application_id.clone();
-        Ok(Response::new(super::bulk::import(store, models, application, caller, stream)))
+        let into = (self.store.clone(), self.models.clone(), self.application_id.clone());
+        Ok(Response::new(super::bulk::import(into, caller_name(&request), request.into_inner())))
     }
 
-    #[tracing::instrument(skip_all)]
     async fn export(
         &self,
         _request: Request<pb::ExportRequest>,

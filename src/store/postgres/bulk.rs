@@ -36,18 +36,17 @@ const REPLACE: &str = "DELETE FROM memberships m USING \
     (SELECT DISTINCT tenant_id, user_id FROM rolecheck_import) s \
     WHERE m.tenant_id = s.tenant_id AND m.user_id = s.user_id";
 /// After [`REPLACE`], none of the staged rows is held: a plain insert (no conflict to
-/// arbitrate, no speculative insertion).
+/// arbitrate).
 const INSERT: &str = "INSERT INTO memberships (tenant_id, user_id, role, expires_at) \
     SELECT tenant_id, user_id, role, expires_at FROM rolecheck_import WHERE role IS NOT NULL";
-/// Merging: a new expiry for the staged rows already held, then a plain insert of the
-/// rest. No other write changes memberships while the batch holds the revision row.
-const MERGE_EXPIRY: &str = "UPDATE memberships m SET expires_at = s.expires_at \
-    FROM rolecheck_import s WHERE s.role IS NOT NULL AND m.tenant_id = s.tenant_id \
-    AND m.user_id = s.user_id AND m.role = s.role AND m.expires_at IS DISTINCT FROM s.expires_at";
-const MERGE_NEW: &str = "INSERT INTO memberships (tenant_id, user_id, role, expires_at) \
-    SELECT s.tenant_id, s.user_id, s.role, s.expires_at FROM rolecheck_import s \
-    WHERE s.role IS NOT NULL AND NOT EXISTS (SELECT 1 FROM memberships m \
-    WHERE m.tenant_id = s.tenant_id AND m.user_id = s.user_id AND m.role = s.role)";
+/// Merging: each staged row inserted, or its expiry set when already held. (No join: a
+/// join with the memberships is planned as a scan of them all, cheap as the planner sees
+/// a batch against the table, slow as it runs.)
+const MERGE: &str = "INSERT INTO memberships (tenant_id, user_id, role, expires_at) \
+    SELECT tenant_id, user_id, role, expires_at FROM rolecheck_import WHERE role IS NOT NULL \
+    ON CONFLICT (tenant_id, user_id, role) DO UPDATE SET expires_at = excluded.expires_at";
+/// For [`REPLACE`]: the memberships probed by index, one staged pair at a time.
+const BY_INDEX: &str = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
 /// One history row per pair at the batch's revision `$1`, with its live roles at `$2`.
 const HISTORY: &str = "INSERT INTO changes \
     (revision, kind, tenant_id, user_id, roles, committed_at, caller) \
@@ -99,12 +98,12 @@ impl PgStore {
             let mut copy = tx.copy_in_raw(COPY).await?;
             copy.send(copy_rows(&accepted).into_bytes()).await?;
             let memberships = copy.finish().await?;
-            // Planned with the staging table's size known, so each statement probes the
-            // memberships by index rather than scanning them.
-            sqlx::query("ANALYZE rolecheck_import").persistent(false).execute(&mut *tx).await?;
+            if batch.replace {
+                sqlx::Executor::execute(&mut *tx, BY_INDEX).await?;
+            }
             let statements: &[&str] = match batch.replace {
                 true => &[REPLACE, INSERT],
-                false => &[MERGE_EXPIRY, MERGE_NEW],
+                false => &[MERGE],
             };
             for statement in statements {
                 sqlx::query(statement).persistent(false).execute(&mut *tx).await?;

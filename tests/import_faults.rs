@@ -1,0 +1,233 @@
+//! An import interrupted (the client killed, the server killed, Postgres restarted) and
+//! run again, and readers during an import, on both stores.
+
+// Each binary uses part of it.
+#[allow(dead_code)]
+#[path = "support/importing.rs"]
+mod importing;
+#[path = "support/postgres.rs"]
+mod postgres;
+#[allow(dead_code)]
+#[path = "support/spawned.rs"]
+mod spawned;
+#[allow(dead_code)]
+#[path = "support/standby.rs"]
+mod standby;
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use importing::*;
+use rolecheck::pb;
+
+/// Imports `file` into `server` and kills `victim` once a few batches are in; then checks
+/// the store holds part of the file, not all of it. Returns the import's exit code.
+async fn interrupted(
+    server: &str,
+    file: &Path,
+    kill: impl FnOnce(&mut std::process::Child),
+) -> Option<i32> {
+    let mut watch = client(server).await;
+    let start = revision(&mut watch).await;
+    let mut import =
+        rolecheck(server, &["import", file.to_str().expect("path"), "--create-tenants"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("import");
+    // Each batch takes at least the server's fault delay: the import is still running
+    // when its third batch has committed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while revision(&mut watch).await < start + 3 {
+        assert!(Instant::now() < deadline, "the import never got going");
+        assert!(import.try_wait().expect("wait").is_none(), "the import ended too soon");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill(&mut import);
+    let status =
+        tokio::task::spawn_blocking(move || import.wait().expect("wait")).await.expect("join");
+    status.code()
+}
+
+/// An import cut short (the client killed, the server killed, Postgres restarted) and run
+/// again ends in the state of one uninterrupted run: batches are idempotent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_import_run_again_ends_as_one_uninterrupted_run_on_postgres() {
+    let mut pair = tokio::task::spawn_blocking(standby::Pair::start).await.expect("cluster");
+    let dir = tempfile::tempdir().expect("dir");
+    let text = users_file(40_000, "r");
+    let file = dir.path().join("users.jsonl");
+    std::fs::write(&file, &text).expect("write");
+    // Each batch waits after its COMMIT: the import takes a few seconds, whatever the
+    // machine, so each fault lands in the middle of it.
+    let slow = ["--fault-delay-after-commit", "100ms", "--db-query-timeout", "2s"];
+    for (n, fault) in
+        ["the client killed", "the server killed", "Postgres restarted"].into_iter().enumerate()
+    {
+        let database = format!("import_{n}");
+        let admin = pair.primary_url("postgres");
+        let mut conn =
+            <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await.expect("connect");
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {database}").as_str())
+            .await
+            .expect("create");
+        let url = pair.primary_url(&database);
+        let data = dir.path().join(&database);
+        let mut server = serve(&data, Some(&url), &slow);
+        let grpc = format!("http://{}", server.grpc);
+        let code = match n {
+            0 => interrupted(&grpc, &file, |import| import.kill().expect("kill")).await,
+            1 => {
+                let pid = server.pid;
+                let code = interrupted(&grpc, &file, |_| {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                })
+                .await;
+                server = serve(&data, Some(&url), &slow);
+                code
+            }
+            _ => interrupted(&grpc, &file, |_| pair.restart_primary()).await,
+        };
+        let grpc = format!("http://{}", server.grpc);
+        assert_ne!(code, Some(0), "{fault}: the import did not finish");
+        let partial = export_of(&grpc);
+        assert!(
+            partial.len() < text.len() && !partial.is_empty(),
+            "{fault}: part of the file is in"
+        );
+        ok_once_available(&grpc, &["import", file.to_str().expect("path"), "--create-tenants"]);
+        assert_whole(&grpc, &text, fault);
+        drop(server);
+    }
+}
+
+/// The same on the embedded store: the client killed, and the server killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_import_run_again_ends_as_one_uninterrupted_run_on_the_embedded_store() {
+    let dir = tempfile::tempdir().expect("dir");
+    let text = users_file(40_000, "r");
+    let file = dir.path().join("users.jsonl");
+    std::fs::write(&file, &text).expect("write");
+    let slow = ["--fault-delay-after-commit", "100ms"];
+    for (n, fault) in ["the client killed", "the server killed"].into_iter().enumerate() {
+        let data = dir.path().join(format!("data{n}"));
+        let mut server = serve(&data, None, &slow);
+        let grpc = format!("http://{}", server.grpc);
+        let code = match n {
+            0 => interrupted(&grpc, &file, |import| import.kill().expect("kill")).await,
+            _ => {
+                let pid = server.pid;
+                let code = interrupted(&grpc, &file, |_| {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                })
+                .await;
+                let _ = server.child.wait();
+                server = serve(&data, None, &slow);
+                code
+            }
+        };
+        let grpc = format!("http://{}", server.grpc);
+        assert_ne!(code, Some(0), "{fault}: the import did not finish");
+        let partial = export_of(&grpc);
+        assert!(
+            partial.len() < text.len() && !partial.is_empty(),
+            "{fault}: part of the file is in"
+        );
+        let (code, _, stderr) =
+            run(&grpc, &["import", file.to_str().expect("path"), "--create-tenants"]);
+        assert_eq!(code, 0, "{fault}: run again: {stderr}");
+        assert_whole(&grpc, &text, fault);
+    }
+}
+
+/// While `import --replace` moves every user from one set of roles to another, a reader
+/// sees each user with exactly the old roles or exactly the new, never a mix.
+async fn readers_never_see_a_user_half_imported(server: &str, dir: &Path) {
+    let (old, new) = (users_file(20_000, "old"), users_file(20_000, "new"));
+    let (old_file, new_file) = (dir.join("old.jsonl"), dir.join("new.jsonl"));
+    std::fs::write(&old_file, &old).expect("write");
+    std::fs::write(&new_file, &new).expect("write");
+    ok(server, &["import", old_file.to_str().expect("path"), "--create-tenants"]);
+    let expected = |text: &str, user: usize| -> Vec<(String, Vec<String>)> {
+        let line = text.lines().nth(user).expect("line");
+        let value: serde_json::Value = serde_json::from_str(line).expect("JSON");
+        let mut tenants: Vec<(String, Vec<String>)> = value["authorization"]
+            .as_object()
+            .expect("object")
+            .iter()
+            .map(|(tenant, held)| {
+                let roles = held["roles"].as_array().expect("roles");
+                (
+                    tenant.clone(),
+                    roles.iter().map(|r| r.as_str().expect("role").to_owned()).collect(),
+                )
+            })
+            .collect();
+        tenants.sort();
+        tenants
+    };
+    let import = rolecheck(server, &["import", new_file.to_str().expect("path"), "--replace"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("import");
+    let import = tokio::task::spawn_blocking(move || import.wait_with_output().expect("import"));
+    let mut reader = client(server).await;
+    let (mut read, mut seen_old, mut seen_new, mut n) = (0, 0, 0, 0usize);
+    while !import.is_finished() {
+        n = (n * 7919 + 1) % 20_000;
+        let request =
+            pb::GetAuthorizationRequest { user_id: format!("u{n:06}"), ..Default::default() };
+        let answer = reader.get_authorization(request).await.expect("answer").into_inner();
+        let mut got: Vec<(String, Vec<String>)> =
+            answer.authorization.into_iter().map(|(tenant, roles)| (tenant, roles.roles)).collect();
+        got.sort();
+        read += 1;
+        if got == expected(&old, n) {
+            seen_old += 1;
+        } else {
+            assert_eq!(
+                got,
+                expected(&new, n),
+                "u{n:06} at revision {}: neither old nor new",
+                answer.revision
+            );
+            seen_new += 1;
+        }
+    }
+    assert!(import.await.expect("join").status.success());
+    assert_whole(server, &new, "the replacing import");
+    eprintln!("{read} reads during the import: {seen_old} all old, {seen_new} all new, none mixed");
+    assert!(
+        seen_old > 0 && seen_new > 0,
+        "the reads overlapped the import: {seen_old} old, {seen_new} new"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_never_see_a_user_half_imported_on_postgres() {
+    let db = postgres::Db::create("import_readers").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let url = db.url();
+    let data = dir.path().join("data");
+    let server = tokio::task::spawn_blocking(move || {
+        serve(&data, Some(&url), &["--fault-delay-after-commit", "20ms"])
+    })
+    .await
+    .expect("serve");
+    readers_never_see_a_user_half_imported(&format!("http://{}", server.grpc), dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_never_see_a_user_half_imported_on_the_embedded_store() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let server = tokio::task::spawn_blocking(move || {
+        serve(&data, None, &["--fault-delay-after-commit", "20ms"])
+    })
+    .await
+    .expect("serve");
+    readers_never_see_a_user_half_imported(&format!("http://{}", server.grpc), dir.path()).await;
+}
