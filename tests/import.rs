@@ -22,6 +22,13 @@ use importing::*;
 use rolecheck::pb;
 
 fn the_import_and_export_commands_work_as_operators_use_them(server: &str, dir: &Path) {
+    bad_lines_are_skipped_whole_or_stop_a_strict_import(server, dir);
+    replace_from_csv_then_export(server, dir);
+}
+
+/// JSON Lines with bad lines and an unknown tenant: `--strict` imports nothing; without
+/// it, the good users go in and each bad line is reported by number.
+fn bad_lines_are_skipped_whole_or_stop_a_strict_import(server: &str, dir: &Path) {
     ok(server, &["tenants", "create", "acme"]);
     let file = dir.join("users.jsonl");
     std::fs::write(
@@ -77,6 +84,13 @@ fn the_import_and_export_commands_work_as_operators_use_them(server: &str, dir: 
     assert_eq!(ok(server, &["roles", "2"]), "acme\tviewer\n", "Userfront's userId");
     assert_eq!(ok(server, &["roles", "3"]), "", "user 3 skipped whole");
 
+    let (code, _, stderr) = run("http://127.0.0.1:1", &["import", path]);
+    assert_eq!(code, 24, "UNAVAILABLE: {stderr}");
+    assert!(stderr.contains("is it running? (--server)"), "{stderr}");
+}
+
+/// CSV with `--replace` and `--create-tenants`, then the state exported in both formats.
+fn replace_from_csv_then_export(server: &str, dir: &Path) {
     // CSV, with --replace and --create-tenants: the listed users' roles in the listed
     // tenants become exactly the file's.
     let csv = dir.join("users.csv");
@@ -119,11 +133,8 @@ fn the_import_and_export_commands_work_as_operators_use_them(server: &str, dir: 
         "1,acme,viewer,\n1,app,support,\n2,acme,editor,2099-01-01T00:00:00Z\n\"we,ird\",newco,owner,\n"
     );
 
-    // A file that is not there, and a server that is not there, name their fix.
+    // A file that is not there is a usage error.
     assert_eq!(run(server, &["import", "/nonexistent.jsonl"]).0, 2);
-    let (code, _, stderr) = run("http://127.0.0.1:1", &["import", path]);
-    assert_eq!(code, 24, "UNAVAILABLE: {stderr}");
-    assert!(stderr.contains("is it running? (--server)"), "{stderr}");
 }
 
 #[test]

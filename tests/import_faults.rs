@@ -1,5 +1,6 @@
 //! An import interrupted (the client killed, the server killed, Postgres restarted) and
-//! run again, and readers during an import, on both stores.
+//! run again, readers during an import, on both stores; and an import seen by another
+//! replica and by a follower.
 
 // Each binary uses part of it.
 #[allow(dead_code)]
@@ -230,4 +231,75 @@ async fn readers_never_see_a_user_half_imported_on_the_embedded_store() {
     .await
     .expect("serve");
     readers_never_see_a_user_half_imported(&format!("http://{}", server.grpc), dir.path()).await;
+}
+
+/// An import through one replica reaches every cache: another replica of the same
+/// Postgres (by its listener) and a follower of the first (by Watch) forget each imported
+/// user, so after `import --replace`, every user they had cached answers its new roles
+/// at the import's revision, on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_and_followers_forget_every_imported_user() {
+    let db = postgres::Db::create("import_everywhere").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (url, data) = (db.url(), dir.path().to_owned());
+    let (a, b, follower) = tokio::task::spawn_blocking(move || {
+        let a = serve(&data.join("a"), Some(&url), &[]);
+        let b = serve(&data.join("b"), Some(&url), &[]);
+        let upstream = format!("http://{}", a.grpc);
+        let follower = serve(&data.join("f"), None, &["--upstream", &upstream]);
+        (a, b, follower)
+    })
+    .await
+    .expect("servers");
+    let grpc = |server: &spawned::Server| format!("http://{}", server.grpc);
+    let (old, new) = (users_file(2_000, "old"), users_file(2_000, "new"));
+    let (old_file, new_file) = (dir.path().join("old.jsonl"), dir.path().join("new.jsonl"));
+    std::fs::write(&old_file, &old).expect("write");
+    std::fs::write(&new_file, &new).expect("write");
+    ok(&grpc(&a), &["import", old_file.to_str().expect("path"), "--create-tenants"]);
+    let roles = |answer: pb::GetAuthorizationResponse| {
+        let mut roles: Vec<(String, Vec<String>)> =
+            answer.authorization.into_iter().map(|(t, r)| (t, r.roles)).collect();
+        roles.sort();
+        roles
+    };
+    let ask = |n: usize, min_revision: u64| pb::GetAuthorizationRequest {
+        user_id: format!("u{n:06}"),
+        min_revision,
+        ..Default::default()
+    };
+    let (mut replica, mut followed) = (client(&grpc(&b)).await, client(&grpc(&follower)).await);
+    let old_revision = revision(&mut client(&grpc(&a)).await).await;
+    for n in 0..2_000 {
+        // Cached on both, at the old roles.
+        for caches in [&mut replica, &mut followed] {
+            let answer = caches.get_authorization(ask(n, old_revision)).await.expect("answer");
+            assert!(!answer.into_inner().authorization.is_empty(), "u{n:06} is in");
+        }
+    }
+    let summary = ok(
+        &grpc(&a),
+        &["import", new_file.to_str().expect("path"), "--replace", "--output", "json"],
+    );
+    let summary: serde_json::Value = serde_json::from_str(&summary).expect("JSON");
+    let at = summary["revision"].as_u64().expect("revision");
+    let mut expected = new.lines();
+    for n in 0..2_000 {
+        let line: serde_json::Value =
+            serde_json::from_str(expected.next().expect("line")).expect("JSON");
+        let mut want: Vec<(String, Vec<String>)> = line["authorization"]
+            .as_object()
+            .expect("object")
+            .iter()
+            .map(|(t, held)| {
+                let roles = held["roles"].as_array().expect("roles").iter();
+                (t.clone(), roles.map(|r| r.as_str().expect("role").to_owned()).collect())
+            })
+            .collect();
+        want.sort();
+        for (name, caches) in [("replica", &mut replica), ("follower", &mut followed)] {
+            let answer = caches.get_authorization(ask(n, at)).await.expect("answer");
+            assert_eq!(roles(answer.into_inner()), want, "u{n:06} on the {name}");
+        }
+    }
 }

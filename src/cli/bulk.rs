@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{print, refused};
 use crate::{
-    config::{DataFormat, ExportArgs, ImportArgs},
+    config::{DataFormat, ExportArgs, ImportArgs, Output},
     domain::{Role, TenantId, UserId},
     error::{Error, Result},
     pb::{self, role_check_client::RoleCheckClient, tenants_client::TenantsClient},
@@ -71,27 +71,11 @@ pub async fn import(args: ImportArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(10 + tonic::Code::InvalidArgument as u8));
     }
     let server = &args.client.server;
-    if args.strict && !args.create_tenants {
-        let missing = match missing_tenants(server, &users).await? {
-            Ok(missing) => missing,
-            Err(status) => return Ok(refused(server, &status)),
-        };
-        if !missing.is_empty() {
-            for user in
-                users.iter().filter(|u| u.tenants.iter().any(|t| missing.contains(&t.tenant_id)))
-            {
-                eprintln!(
-                    "line {}: user {}: names a tenant that does not exist",
-                    user.line, user.user_id
-                );
-            }
-            let names: Vec<&str> = missing.iter().map(String::as_str).collect();
-            eprintln!(
-                "Error: tenants not found: {} (--create-tenants creates them); nothing was imported (--strict)",
-                names.join(", ")
-            );
-            return Ok(ExitCode::from(10 + tonic::Code::NotFound as u8));
-        }
+    if args.strict
+        && !args.create_tenants
+        && let Some(refusal) = strictly_known_tenants(server, &users).await?
+    {
+        return Ok(refusal);
     }
     let options = pb::ImportOptions {
         replace: args.replace,
@@ -103,12 +87,40 @@ pub async fn import(args: ImportArgs) -> Result<ExitCode> {
         Err(status) => return Ok(refused(server, &status)),
     };
     for rejected in &summary.rejected {
-        eprintln!(
-            "line {}: user {}: {}; skipped",
-            rejected.line, rejected.user_id, rejected.reason
-        );
+        let (line, user, reason) = (rejected.line, &rejected.user_id, &rejected.reason);
+        eprintln!("line {line}: user {user}: {reason}; skipped");
     }
-    let rejected = summary.rejected_count + bad.len() as u64;
+    print_summary(args.client.output, lines, &summary, summary.rejected_count + bad.len() as u64);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// With `--strict`: every tenant the file names must exist. The refusal (exit 15, each
+/// line naming a missing tenant said), or what the server answered instead.
+async fn strictly_known_tenants(
+    server: &crate::config::ServerArgs,
+    users: &[pb::UserMemberships],
+) -> Result<Option<ExitCode>> {
+    let missing = match missing_tenants(server, users).await? {
+        Ok(missing) => missing,
+        Err(status) => return Ok(Some(refused(server, &status))),
+    };
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    for user in users.iter().filter(|u| u.tenants.iter().any(|t| missing.contains(&t.tenant_id))) {
+        eprintln!("line {}: user {}: names a tenant that does not exist", user.line, user.user_id);
+    }
+    let names: Vec<&str> = missing.iter().map(String::as_str).collect();
+    eprintln!(
+        "Error: tenants not found: {} (--create-tenants creates them); nothing was imported \
+         (--strict)",
+        names.join(", ")
+    );
+    Ok(Some(ExitCode::from(10 + tonic::Code::NotFound as u8)))
+}
+
+/// The summary of an import, as `--output` says.
+fn print_summary(output: Output, lines: u64, summary: &pb::ImportResponse, rejected: u64) {
     let value = json!({
         "lines": lines,
         "users": summary.users,
@@ -127,8 +139,7 @@ pub async fn import(args: ImportArgs) -> Result<ExitCode> {
         summary.revision.to_string(),
     ];
     let header = ["LINES", "USERS", "MEMBERSHIPS", "TENANTS_CREATED", "REJECTED", "REVISION"];
-    print::either(args.client.output, &value, &header, &[row]);
-    Ok(ExitCode::SUCCESS)
+    print::either(output, &value, &header, &[row]);
 }
 
 /// Streams `users` to the server under a progress bar; the server's summary.

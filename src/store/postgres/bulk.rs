@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+use sqlx::{Postgres, Transaction};
 use tokio::sync::mpsc;
 
 use super::{CHANNEL, LOCK_REVISION, PgStore, bounded};
@@ -88,37 +89,8 @@ impl PgStore {
                 return Ok((None, Imported { revision, rejected, ..Default::default() }));
             }
             let now_ms = now_millis();
-            if !create.is_empty() {
-                let insert =
-                    sqlx::query(CREATE_TENANTS).persistent(kept).bind(&create).bind(now_ms);
-                insert.execute(&mut *tx).await?;
-            }
-            // The staging table is new in every batch: its statements are never kept.
-            sqlx::query(STAGING).persistent(false).execute(&mut *tx).await?;
-            let mut copy = tx.copy_in_raw(COPY).await?;
-            copy.send(copy_rows(&accepted).into_bytes()).await?;
-            let memberships = copy.finish().await?;
-            if batch.replace {
-                sqlx::Executor::execute(&mut *tx, BY_INDEX).await?;
-            }
-            let statements: &[&str] = match batch.replace {
-                true => &[REPLACE, INSERT],
-                false => &[MERGE],
-            };
-            for statement in statements {
-                sqlx::query(statement).persistent(false).execute(&mut *tx).await?;
-            }
-            let (revision,): (i64,) =
-                sqlx::query_as(sql::BUMP_REVISION).persistent(kept).fetch_one(&mut *tx).await?;
-            let caller = batch.caller.as_str();
-            let history = sqlx::query(HISTORY).persistent(false).bind(revision).bind(now_unix());
-            history.bind(now_ms).bind(caller).execute(&mut *tx).await?;
-            if !create.is_empty() {
-                let created = sqlx::query(HISTORY_CREATED).persistent(kept).bind(revision);
-                created.bind(now_ms).bind(caller).bind(&create).execute(&mut *tx).await?;
-            }
-            let notify = sqlx::query(NOTIFY).persistent(false).bind(CHANNEL).bind(revision);
-            notify.execute(&mut *tx).await?;
+            let (revision, memberships) =
+                self.write(&mut tx, batch, (&accepted, &create), now_ms).await?;
             // Memberships: the staged rows less the markers of a tenant replaced by none.
             let markers = accepted.iter().flat_map(|u| u.tenants.values()).filter(|r| r.is_empty());
             let imported = Imported {
@@ -142,6 +114,50 @@ impl PgStore {
         };
         sql::commit(tx, imported.revision, announcement, None).await?;
         Ok(imported)
+    }
+
+    /// Carries out the accepted users of `batch` in the open transaction: the tenants to
+    /// create, the rows staged and written, the revision bumped, the history and the
+    /// notifications. The revision, and the memberships staged (markers included).
+    async fn write(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &ImportBatch,
+        (accepted, create): (&[&UserMemberships], &[String]),
+        now_ms: i64,
+    ) -> Result<(i64, u64)> {
+        let kept = self.session.persistent();
+        if !create.is_empty() {
+            let insert = sqlx::query(CREATE_TENANTS).persistent(kept).bind(create).bind(now_ms);
+            insert.execute(&mut **tx).await?;
+        }
+        // The staging table is new in every batch: its statements are never kept.
+        sqlx::query(STAGING).persistent(false).execute(&mut **tx).await?;
+        let mut copy = tx.copy_in_raw(COPY).await?;
+        copy.send(copy_rows(accepted).into_bytes()).await?;
+        let staged = copy.finish().await?;
+        if batch.replace {
+            sqlx::Executor::execute(&mut **tx, BY_INDEX).await?;
+        }
+        let statements: &[&str] = match batch.replace {
+            true => &[REPLACE, INSERT],
+            false => &[MERGE],
+        };
+        for statement in statements {
+            sqlx::query(statement).persistent(false).execute(&mut **tx).await?;
+        }
+        let (revision,): (i64,) =
+            sqlx::query_as(sql::BUMP_REVISION).persistent(kept).fetch_one(&mut **tx).await?;
+        let caller = batch.caller.as_str();
+        let history = sqlx::query(HISTORY).persistent(false).bind(revision).bind(now_unix());
+        history.bind(now_ms).bind(caller).execute(&mut **tx).await?;
+        if !create.is_empty() {
+            let created = sqlx::query(HISTORY_CREATED).persistent(kept).bind(revision);
+            created.bind(now_ms).bind(caller).bind(create).execute(&mut **tx).await?;
+        }
+        let notify = sqlx::query(NOTIFY).persistent(false).bind(CHANNEL).bind(revision);
+        notify.execute(&mut **tx).await?;
+        Ok((revision, staged))
     }
 
     /// Every live membership in one `REPEATABLE READ` snapshot. A reader that stops

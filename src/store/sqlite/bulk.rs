@@ -12,7 +12,7 @@ use crate::{
     error::Result,
     store::{
         ChangeKind,
-        bulk::{self, ExportPage, Found, ImportBatch, Imported},
+        bulk::{self, ExportPage, Found, ImportBatch, Imported, UserMemberships},
         sql,
     },
 };
@@ -42,72 +42,18 @@ impl SqliteStore {
                 user.tenants.keys().map(|tenant| (tenant.as_str(), user.user.as_str()))
             })
             .collect();
-        if batch.replace {
-            for chunk in pairs.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::<Sqlite>::new(
-                    "DELETE FROM memberships WHERE (tenant_id, user_id) IN (VALUES ",
-                );
-                let mut list = query.separated(", ");
-                for (tenant, user) in chunk {
-                    list.push("(").push_bind_unseparated(*tenant);
-                    list.push_unseparated(", ").push_bind_unseparated(*user).push_unseparated(")");
-                }
-                query.push(")");
-                query.build().execute(&mut *tx).await?;
-            }
-        }
-        let rows: Vec<(&str, &str, &str, Option<i64>)> = accepted
-            .iter()
-            .flat_map(|user| {
-                user.tenants.iter().flat_map(move |(tenant, roles)| {
-                    roles.iter().map(move |(role, expires)| {
-                        (tenant.as_str(), user.user.as_str(), role.as_str(), *expires)
-                    })
-                })
-            })
-            .collect();
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new(sql::UPSERT_ROLES_PREFIX);
-            query.push_values(chunk, |mut row, (tenant, user, role, expires)| {
-                row.push_bind(*tenant).push_bind(*user).push_bind(*role).push_bind(*expires);
-            });
-            query.push(sql::UPSERT_ROLES_SUFFIX);
-            query.build().execute(&mut *tx).await?;
-        }
+        let rows = write_rows(&mut tx, &accepted, &pairs, batch.replace).await?;
         let after = roles_after(&mut tx, &pairs).await?;
         let (revision,): (i64,) = sqlx::query_as(sql::BUMP_REVISION).fetch_one(&mut *tx).await?;
-        let empty = String::new();
-        let history: Vec<(&str, &str, &str, &str)> = create
-            .iter()
-            .map(|tenant| (ChangeKind::TenantCreated.code(), tenant.as_str(), "", ""))
-            .chain(pairs.iter().map(|(tenant, user)| {
-                let roles = after.get(&(*tenant, *user)).unwrap_or(&empty);
-                (ChangeKind::Membership.code(), *tenant, *user, roles.as_str())
-            }))
-            .collect();
-        for chunk in history.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO changes \
-                 (revision, kind, tenant_id, user_id, roles, committed_at, caller) ",
-            );
-            query.push_values(chunk, |mut row, (kind, tenant, user, roles)| {
-                row.push_bind(revision)
-                    .push_bind(*kind)
-                    .push_bind(*tenant)
-                    .push_bind(*user)
-                    .push_bind(*roles)
-                    .push_bind(now_ms)
-                    .push_bind(batch.caller.as_str());
-            });
-            query.build().execute(&mut *tx).await?;
-        }
+        let written = (revision, now_ms, batch.caller.as_str());
+        record(&mut tx, written, &create, &pairs, &after).await?;
         let touched: Vec<String> = accepted.iter().map(|user| user.user.clone()).collect();
         let changes = touched.iter().map(|user| (ChangeKind::Membership, user.clone())).collect();
         let imported = Imported {
             revision: revision as Revision,
             committed: true,
             users: accepted.len() as u64,
-            memberships: rows.len() as u64,
+            memberships: rows as u64,
             tenants_created: create,
             rejected,
             touched,
@@ -137,6 +83,85 @@ impl SqliteStore {
         }
         Ok(pager.finish(&out).await)
     }
+}
+
+/// With `replace`, removes each pair's roles; then writes every role of `accepted`; how
+/// many.
+async fn write_rows(
+    tx: &mut Transaction<'static, Sqlite>,
+    accepted: &[&UserMemberships],
+    pairs: &[(&str, &str)],
+    replace: bool,
+) -> Result<usize> {
+    if replace {
+        // An OR of pairs, each term searched by index (a row-value IN list would scan
+        // every membership).
+        for chunk in pairs.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new("DELETE FROM memberships WHERE ");
+            let mut terms = query.separated(" OR ");
+            for (tenant, user) in chunk {
+                terms.push("(tenant_id = ").push_bind_unseparated(*tenant);
+                terms.push_unseparated(" AND user_id = ").push_bind_unseparated(*user);
+                terms.push_unseparated(")");
+            }
+            query.build().execute(&mut **tx).await?;
+        }
+    }
+    let rows: Vec<(&str, &str, &str, Option<i64>)> = accepted
+        .iter()
+        .flat_map(|user| {
+            user.tenants.iter().flat_map(move |(tenant, roles)| {
+                roles.iter().map(move |(role, expires)| {
+                    (tenant.as_str(), user.user.as_str(), role.as_str(), *expires)
+                })
+            })
+        })
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(sql::UPSERT_ROLES_PREFIX);
+        query.push_values(chunk, |mut row, (tenant, user, role, expires)| {
+            row.push_bind(*tenant).push_bind(*user).push_bind(*role).push_bind(*expires);
+        });
+        query.push(sql::UPSERT_ROLES_SUFFIX);
+        query.build().execute(&mut **tx).await?;
+    }
+    Ok(rows.len())
+}
+
+/// The history rows of a batch at its revision: one per tenant created, one per pair
+/// with its roles `after`.
+async fn record(
+    tx: &mut Transaction<'static, Sqlite>,
+    (revision, now_ms, caller): (i64, i64, &str),
+    created: &[String],
+    pairs: &[(&str, &str)],
+    after: &HashMap<(&str, &str), String>,
+) -> Result<()> {
+    let empty = String::new();
+    let history: Vec<(&str, &str, &str, &str)> = created
+        .iter()
+        .map(|tenant| (ChangeKind::TenantCreated.code(), tenant.as_str(), "", ""))
+        .chain(pairs.iter().map(|(tenant, user)| {
+            let roles = after.get(&(*tenant, *user)).unwrap_or(&empty);
+            (ChangeKind::Membership.code(), *tenant, *user, roles.as_str())
+        }))
+        .collect();
+    for chunk in history.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO changes (revision, kind, tenant_id, user_id, roles, committed_at, caller) ",
+        );
+        query.push_values(chunk, |mut row, (kind, tenant, user, roles)| {
+            row.push_bind(revision)
+                .push_bind(*kind)
+                .push_bind(*tenant)
+                .push_bind(*user)
+                .push_bind(*roles)
+                .push_bind(now_ms)
+                .push_bind(caller);
+        });
+        query.build().execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// The tenants among `names` as they stand in the open write.
@@ -170,16 +195,17 @@ async fn roles_after<'p>(
     let mut roles: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     let now = now_unix();
     for chunk in pairs.chunks(ROWS_PER_STATEMENT) {
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT tenant_id, user_id, role FROM memberships WHERE (tenant_id, user_id) IN (VALUES ",
-        );
+        // The pairs as a table joined to the memberships: each searched by index.
+        let mut query =
+            QueryBuilder::<Sqlite>::new("SELECT m.tenant_id, m.user_id, m.role FROM (VALUES ");
         let mut list = query.separated(", ");
         for (tenant, user) in chunk {
             list.push("(").push_bind_unseparated(*tenant);
             list.push_unseparated(", ").push_bind_unseparated(*user).push_unseparated(")");
         }
-        query.push(") AND (expires_at IS NULL OR expires_at > ").push_bind(now);
-        query.push(") ORDER BY tenant_id, user_id, role");
+        query.push(") p JOIN memberships m ON m.tenant_id = p.column1 AND m.user_id = p.column2");
+        query.push(" WHERE (m.expires_at IS NULL OR m.expires_at > ").push_bind(now);
+        query.push(") ORDER BY m.tenant_id, m.user_id, m.role");
         let rows: Vec<(String, String, String)> =
             query.build_query_as().fetch_all(&mut **tx).await?;
         for (tenant, user, role) in rows {
