@@ -143,7 +143,11 @@ fn the_admin_commands_work_as_scripts_use_them(server: &str, embedded: bool) {
 #[test]
 fn completions_cover_every_command() {
     let script = ok("http://127.0.0.1:1", &["completions", "bash"]);
-    for command in ["tenants", "grant", "revoke", "check", "members", "token", "changes", "model"] {
+    let commands = [
+        "tenants", "grant", "revoke", "check", "members", "token", "changes", "model", "import",
+        "export",
+    ];
+    for command in commands {
         assert!(script.contains(command), "bash completion lacks {command}");
     }
     assert_eq!(run("http://127.0.0.1:1", &["completions", "tcsh"]).0, 2, "an unknown shell");

@@ -303,3 +303,62 @@ async fn replicas_and_followers_forget_every_imported_user() {
         }
     }
 }
+
+/// An export is one snapshot: taken again and again while `import --replace` moves the
+/// users (in id order, a batch at a time) from old roles to new, each export holds every
+/// user whole, the new ones a prefix of the ids (whole batches, in order), never a page
+/// read before a batch next to one read after it.
+async fn exports_are_snapshots_during_an_import(server: &str, dir: &Path) {
+    let (old, new) = (users_file(20_000, "old"), users_file(20_000, "new"));
+    let (old_file, new_file) = (dir.join("old.jsonl"), dir.join("new.jsonl"));
+    std::fs::write(&old_file, &old).expect("write");
+    std::fs::write(&new_file, &new).expect("write");
+    ok(server, &["import", old_file.to_str().expect("path"), "--create-tenants"]);
+    let import = rolecheck(server, &["import", new_file.to_str().expect("path"), "--replace"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("import");
+    let import = tokio::task::spawn_blocking(move || import.wait_with_output().expect("import"));
+    let (old_lines, new_lines): (Vec<&str>, Vec<&str>) =
+        (old.lines().collect(), new.lines().collect());
+    let (mut exports, mut mixed) = (0, 0);
+    while !import.is_finished() {
+        let exported = export_of(server);
+        let lines: Vec<&str> = exported.lines().collect();
+        assert_eq!(lines.len(), 20_000, "every user, whole");
+        let moved = lines.iter().zip(&new_lines).take_while(|(got, new)| got == new).count();
+        assert_eq!(
+            &lines[moved..],
+            &old_lines[moved..],
+            "users after the first old one are all old"
+        );
+        exports += 1;
+        if moved > 0 && moved < 20_000 {
+            mixed += 1;
+        }
+    }
+    assert!(import.await.expect("join").status.success());
+    eprintln!("{exports} exports during the import, {mixed} of them between two batches");
+    assert!(mixed > 0, "an export overlapped the import");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_are_snapshots_on_postgres() {
+    let db = postgres::Db::create("export_snapshot").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (url, data) = (db.url(), dir.path().join("data"));
+    let slow = ["--fault-delay-after-commit", "50ms"];
+    let server =
+        tokio::task::spawn_blocking(move || serve(&data, Some(&url), &slow)).await.expect("serve");
+    exports_are_snapshots_during_an_import(&format!("http://{}", server.grpc), dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_are_snapshots_on_the_embedded_store() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let slow = ["--fault-delay-after-commit", "50ms"];
+    let server =
+        tokio::task::spawn_blocking(move || serve(&data, None, &slow)).await.expect("serve");
+    exports_are_snapshots_during_an_import(&format!("http://{}", server.grpc), dir.path()).await;
+}
