@@ -305,41 +305,77 @@ async fn replicas_and_followers_forget_every_imported_user() {
 }
 
 /// An export is one snapshot: taken again and again while `import --replace` moves the
-/// users (in id order, a batch at a time) from old roles to new, each export holds every
-/// user whole, the new ones a prefix of the ids (whole batches, in order), never a page
-/// read before a batch next to one read after it.
+/// users from old roles to new, a batch at a time, each export holds every user whole,
+/// and exactly the users whose batch committed at or before the export's revision are new.
+/// The import goes from the last user id down while an export reads up from the first,
+/// so a page read after a batch committed, next to one read before, is one a batch later
+/// than the export's revision.
 async fn exports_are_snapshots_during_an_import(server: &str, dir: &Path) {
     let (old, new) = (users_file(20_000, "old"), users_file(20_000, "new"));
     let (old_file, new_file) = (dir.join("old.jsonl"), dir.join("new.jsonl"));
     std::fs::write(&old_file, &old).expect("write");
-    std::fs::write(&new_file, &new).expect("write");
+    let downward: Vec<&str> = new.lines().rev().collect();
+    std::fs::write(&new_file, downward.join("\n") + "\n").expect("write");
     ok(server, &["import", old_file.to_str().expect("path"), "--create-tenants"]);
+    let start = revision(&mut client(server).await).await;
     let import = rolecheck(server, &["import", new_file.to_str().expect("path"), "--replace"])
         .stdout(Stdio::null())
         .spawn()
         .expect("import");
     let import = tokio::task::spawn_blocking(move || import.wait_with_output().expect("import"));
-    let (old_lines, new_lines): (Vec<&str>, Vec<&str>) =
-        (old.lines().collect(), new.lines().collect());
-    let (mut exports, mut mixed) = (0, 0);
+    let mut exports = Vec::new();
     while !import.is_finished() {
-        let exported = export_of(server);
-        let lines: Vec<&str> = exported.lines().collect();
-        assert_eq!(lines.len(), 20_000, "every user, whole");
-        let moved = lines.iter().zip(&new_lines).take_while(|(got, new)| got == new).count();
-        assert_eq!(
-            &lines[moved..],
-            &old_lines[moved..],
-            "users after the first old one are all old"
-        );
-        exports += 1;
-        if moved > 0 && moved < 20_000 {
-            mixed += 1;
-        }
+        let (code, exported, stderr) = run(server, &["export"]);
+        assert_eq!(code, 0, "{stderr}");
+        let at = stderr.rsplit("at revision ").next().expect("a revision").trim();
+        exports.push((at.parse::<u64>().expect("a revision"), exported));
     }
     assert!(import.await.expect("join").status.success());
-    eprintln!("{exports} exports during the import, {mixed} of them between two batches");
+    // The revision each user's batch committed at, from the audit trail.
+    let committed = batch_revisions(server, start).await;
+    let (old_lines, new_lines): (Vec<&str>, Vec<&str>) =
+        (old.lines().collect(), new.lines().collect());
+    let mut mixed = 0;
+    for (at, exported) in &exports {
+        let lines: Vec<&str> = exported.lines().collect();
+        assert_eq!(lines.len(), 20_000, "every user, whole");
+        let mut moved = 0;
+        for (n, line) in lines.iter().enumerate() {
+            let user = format!("u{n:06}");
+            let batch = committed.get(&user).copied().expect("every user's batch");
+            let want = if batch <= *at { new_lines[n] } else { old_lines[n] };
+            assert_eq!(*line, want, "{user} in the export at revision {at} (its batch: {batch})");
+            moved += usize::from(batch <= *at);
+        }
+        mixed += usize::from(moved > 0 && moved < 20_000);
+    }
+    eprintln!("{} exports during the import, {mixed} of them between two batches", exports.len());
     assert!(mixed > 0, "an export overlapped the import");
+}
+
+/// Each user's revision in the audit trail after `after` (the batch that changed it).
+async fn batch_revisions(server: &str, after: u64) -> std::collections::HashMap<String, u64> {
+    let mut audit = client(server).await;
+    let (mut committed, mut page_token) = (std::collections::HashMap::new(), String::new());
+    loop {
+        let request = pb::ListChangesRequest {
+            after_revision: after,
+            page_size: 1000,
+            page_token,
+            ..Default::default()
+        };
+        let page = audit.list_changes(request).await.expect("changes").into_inner();
+        for entry in page.entries {
+            let change = entry.change.expect("a change");
+            if !change.user_id.is_empty() {
+                committed.insert(change.user_id, entry.revision);
+            }
+        }
+        if page.next_page_token.is_empty() {
+            return committed;
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
