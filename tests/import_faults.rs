@@ -53,6 +53,17 @@ async fn interrupted(
     status.code()
 }
 
+/// After `fault` cut an import short (its exit `code`): part of `file` is in; run again,
+/// the store holds the file, as one uninterrupted run leaves it.
+fn run_again(server: &str, (file, text): (&Path, &str), fault: &str, code: Option<i32>) {
+    assert_ne!(code, Some(0), "{fault}: the import did not finish");
+    let partial = export_of(server);
+    let part = partial.len() < text.len() && !partial.is_empty();
+    assert!(part, "{fault}: part of the file is in");
+    ok_once_available(server, &["import", file.to_str().expect("path"), "--create-tenants"]);
+    assert_whole(server, text, fault);
+}
+
 /// An import cut short (the client killed, the server killed, Postgres restarted) and run
 /// again ends in the state of one uninterrupted run: batches are idempotent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,15 +103,7 @@ async fn an_interrupted_import_run_again_ends_as_one_uninterrupted_run_on_postgr
             }
             _ => interrupted(&grpc, &file, |_| pair.restart_primary()).await,
         };
-        let grpc = format!("http://{}", server.grpc);
-        assert_ne!(code, Some(0), "{fault}: the import did not finish");
-        let partial = export_of(&grpc);
-        assert!(
-            partial.len() < text.len() && !partial.is_empty(),
-            "{fault}: part of the file is in"
-        );
-        ok_once_available(&grpc, &["import", file.to_str().expect("path"), "--create-tenants"]);
-        assert_whole(&grpc, &text, fault);
+        run_again(&format!("http://{}", server.grpc), (&file, &text), fault, code);
         drop(server);
     }
 }
@@ -130,17 +133,7 @@ async fn an_interrupted_import_run_again_ends_as_one_uninterrupted_run_on_the_em
                 code
             }
         };
-        let grpc = format!("http://{}", server.grpc);
-        assert_ne!(code, Some(0), "{fault}: the import did not finish");
-        let partial = export_of(&grpc);
-        assert!(
-            partial.len() < text.len() && !partial.is_empty(),
-            "{fault}: part of the file is in"
-        );
-        let (code, _, stderr) =
-            run(&grpc, &["import", file.to_str().expect("path"), "--create-tenants"]);
-        assert_eq!(code, 0, "{fault}: run again: {stderr}");
-        assert_whole(&grpc, &text, fault);
+        run_again(&format!("http://{}", server.grpc), (&file, &text), fault, code);
     }
 }
 

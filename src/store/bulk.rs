@@ -164,6 +164,21 @@ pub const EXPORT_ROWS: &str = "\
 /// A row of [`EXPORT_ROWS`].
 pub type ExportRow = (String, String, String, Option<i64>);
 
+/// [`EXPORT_ROWS`] after `key`, live at `now`, for either backend.
+pub fn export_rows<'q, DB>(
+    (user, tenant, role): ExportKey,
+    now: i64,
+) -> sqlx::query::QueryAs<'q, DB, ExportRow, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    ExportRow: for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    let query = sqlx::query_as(EXPORT_ROWS).bind(user).bind(tenant).bind(role);
+    query.bind(now).bind(EXPORT_PAGE)
+}
+
 /// A part of an export.
 #[derive(Clone, Debug)]
 pub struct ExportPage {

@@ -174,16 +174,8 @@ impl PgStore {
         let (revision,): (i64,) =
             sqlx::query_as(sql::REVISION).persistent(kept).fetch_one(&mut *tx).await?;
         let (now, mut pager) = (now_unix(), bulk::Pager::new(revision as Revision));
-        while let Some((user, tenant, role)) = pager.next_key() {
-            let rows = sqlx::query_as(bulk::EXPORT_ROWS)
-                .persistent(kept)
-                .bind(user)
-                .bind(tenant)
-                .bind(role)
-                .bind(now)
-                .bind(bulk::EXPORT_PAGE)
-                .fetch_all(&mut *tx)
-                .await?;
+        while let Some(key) = pager.next_key() {
+            let rows = bulk::export_rows(key, now).persistent(kept).fetch_all(&mut *tx).await?;
             if !pager.send(rows, &out).await {
                 break;
             }

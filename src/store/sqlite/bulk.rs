@@ -68,15 +68,8 @@ impl SqliteStore {
         let mut tx = self.read.begin().await?;
         let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&mut *tx).await?;
         let (now, mut pager) = (now_unix(), bulk::Pager::new(revision as Revision));
-        while let Some((user, tenant, role)) = pager.next_key() {
-            let rows = sqlx::query_as(bulk::EXPORT_ROWS)
-                .bind(user)
-                .bind(tenant)
-                .bind(role)
-                .bind(now)
-                .bind(bulk::EXPORT_PAGE)
-                .fetch_all(&mut *tx)
-                .await?;
+        while let Some(key) = pager.next_key() {
+            let rows = bulk::export_rows(key, now).fetch_all(&mut *tx).await?;
             if !pager.send(rows, &out).await {
                 break;
             }
