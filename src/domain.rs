@@ -112,6 +112,9 @@ identifier!(
 /// At most this many roles in one Grant, Revoke or SetRoles.
 pub const MAX_ROLES_PER_WRITE: usize = 32;
 
+/// At most this many memberships (tenant, role) for one user in an import.
+pub const MAX_IMPORTED_MEMBERSHIPS: usize = 1_000;
+
 /// Stored for "never expires" among expiries.
 const NEVER: UnixSeconds = UnixSeconds::MAX;
 

@@ -43,6 +43,15 @@ fn bad_lines_are_skipped_whole_or_stop_a_strict_import(server: &str, dir: &Path)
         ),
     )
     .expect("write");
+    // Line 7: one user with more memberships than one user may bring.
+    let roles: Vec<String> = (0..1001).map(|n| format!("\"r{n}\"")).collect();
+    let big = format!(
+        "{{\"user_id\": \"big\", \"authorization\": {{\"acme\": {{\"roles\": [{}]}}}}}}\n",
+        roles.join(",")
+    );
+    let mut text = std::fs::read_to_string(&file).expect("read");
+    text.push_str(&big);
+    std::fs::write(&file, text).expect("write");
     let path = file.to_str().expect("path");
     let before = ok(server, &["changes", "--output", "json"]);
 
@@ -70,16 +79,18 @@ fn bad_lines_are_skipped_whole_or_stop_a_strict_import(server: &str, dir: &Path)
     assert_eq!(
         (&summary["lines"], &summary["users"], &summary["memberships"], &summary["rejected"]),
         (
-            &serde_json::json!(6),
+            &serde_json::json!(7),
             &serde_json::json!(2),
             &serde_json::json!(4),
-            &serde_json::json!(4)
+            &serde_json::json!(5)
         ),
         "{summary}"
     );
     assert_eq!(summary["batches"], 1, "one batch, one revision: {summary}");
     let unknown = "line 5: user 3: tenant nope not found (--create-tenants creates it)";
     assert!(stderr.contains(unknown), "{stderr}");
+    let big = "line 7: user big: more than 1000 memberships; skipped";
+    assert!(stderr.contains(big), "{stderr}");
     assert_eq!(ok(server, &["roles", "1"]), "acme\tadmin,viewer\napp\tsupport\n");
     assert_eq!(ok(server, &["roles", "2"]), "acme\tviewer\n", "Userfront's userId");
     assert_eq!(ok(server, &["roles", "3"]), "", "user 3 skipped whole");

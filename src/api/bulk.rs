@@ -17,7 +17,7 @@ use tonic::{Status, Streaming};
 
 use crate::{
     cache::model::Models,
-    domain::{Role, TenantId, UserId, now_unix},
+    domain::{MAX_IMPORTED_MEMBERSHIPS, Role, TenantId, UserId, now_unix},
     error::{Error, Result},
     pb,
     store::{ExportPage, ImportBatch, Store, UserMemberships},
@@ -26,8 +26,6 @@ use crate::{
 /// Memberships a batch gathers before it is applied (whole users: the user that passes
 /// it goes whole into it).
 pub const BATCH_MEMBERSHIPS: usize = 5_000;
-/// Most memberships one user may bring.
-pub const MAX_USER_MEMBERSHIPS: usize = 1_000;
 /// Rejections an answer lists (it counts them all).
 const LISTED_REJECTIONS: usize = 1_000;
 
@@ -158,6 +156,11 @@ struct Batch {
 
 impl Batch {
     fn add(&mut self, user: UserMemberships) {
+        // A user with no tenant has nothing to write (and a batch of only such users
+        // commits no revision).
+        if user.tenants.is_empty() {
+            return;
+        }
         self.memberships += user.memberships().max(1);
         match self.index.get(&user.user) {
             Some(&at) => {
@@ -247,8 +250,8 @@ fn user_from(
         }
     }
     let user = UserMemberships { user: user.user_id, line: user.line, tenants };
-    if user.memberships() > MAX_USER_MEMBERSHIPS {
-        return Err(format!("more than {MAX_USER_MEMBERSHIPS} memberships"));
+    if user.memberships() > MAX_IMPORTED_MEMBERSHIPS {
+        return Err(format!("more than {MAX_IMPORTED_MEMBERSHIPS} memberships"));
     }
     Ok(user)
 }

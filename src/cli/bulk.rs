@@ -26,13 +26,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{print, refused};
 use crate::{
     config::{DataFormat, ExportArgs, ImportArgs, Output},
-    domain::{Role, TenantId, UserId},
+    domain::{MAX_IMPORTED_MEMBERSHIPS, Role, TenantId, UserId},
     error::{Error, Result},
     pb::{self, role_check_client::RoleCheckClient, tenants_client::TenantsClient},
 };
 
-/// Users per request of the import stream.
+/// Users per request of the import stream, and memberships (a request holds whole users,
+/// so it stays far below the server's message limit).
 const USERS_PER_REQUEST: usize = 500;
+const MEMBERSHIPS_PER_REQUEST: usize = 2_000;
 
 /// A line that is not imported: its number and why.
 type Bad = (u64, String);
@@ -59,10 +61,18 @@ pub async fn import(args: ImportArgs) -> Result<ExitCode> {
             }
         },
     };
-    let (lines, users, bad) = match format {
+    let (lines, users, mut bad) = match format {
         DataFormat::Jsonl => read_jsonl(reader)?,
         DataFormat::Csv => read_csv(reader),
     };
+    // A user the server would refuse whole, refused here (its message could pass the
+    // server's size limit).
+    let (users, too_big): (Vec<_>, Vec<_>) = users.into_iter().partition(|user| {
+        user.tenants.iter().map(|t| t.roles.len()).sum::<usize>() <= MAX_IMPORTED_MEMBERSHIPS
+    });
+    let most = format!("more than {MAX_IMPORTED_MEMBERSHIPS} memberships");
+    bad.extend(too_big.iter().map(|user| (user.line, format!("user {}: {most}", user.user_id))));
+    bad.sort();
     for (line, reason) in &bad {
         eprintln!("line {line}: {reason}; skipped");
     }
@@ -164,7 +174,12 @@ async fn send(
         let mut options = Some(options);
         let mut users = users.into_iter().peekable();
         while users.peek().is_some() || options.is_some() {
-            let chunk: Vec<_> = users.by_ref().take(USERS_PER_REQUEST).collect();
+            let (mut chunk, mut memberships) = (Vec::new(), 0);
+            while chunk.len() < USERS_PER_REQUEST && memberships < MEMBERSHIPS_PER_REQUEST {
+                let Some(user) = users.next() else { break };
+                memberships += user.tenants.iter().map(|t| t.roles.len()).sum::<usize>();
+                chunk.push(user);
+            }
             let request = pb::ImportRequest { options: options.take(), users: chunk };
             if tx.send(request).await.is_err() {
                 return;
