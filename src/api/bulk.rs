@@ -156,11 +156,6 @@ struct Batch {
 
 impl Batch {
     fn add(&mut self, user: UserMemberships) {
-        // A user with no tenant has nothing to write (and a batch of only such users
-        // commits no revision).
-        if user.tenants.is_empty() {
-            return;
-        }
         self.memberships += user.memberships().max(1);
         match self.index.get(&user.user) {
             Some(&at) => {
@@ -200,11 +195,11 @@ async fn apply(
         Err(err) => return Err(progress.stopped(err.into())),
     };
     let done = &mut progress.done;
-    if imported.committed {
+    if !imported.touched.is_empty() {
         done.batches += 1;
         done.revision = imported.revision;
     }
-    done.users += imported.users;
+    done.users += imported.touched.len() as u64;
     done.memberships += imported.memberships;
     done.tenants_created.extend(imported.tenants_created);
     for rejected in imported.rejected {

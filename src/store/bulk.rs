@@ -76,17 +76,13 @@ pub struct Rejected {
 pub struct Imported {
     /// The revision it committed at; the store's revision when it wrote nothing.
     pub revision: Revision,
-    /// Whether it committed a revision.
-    pub committed: bool,
-    /// Users applied.
-    pub users: u64,
     /// Memberships written.
     pub memberships: u64,
     /// Tenants created.
     pub tenants_created: Vec<String>,
     /// Users skipped.
     pub rejected: Vec<Rejected>,
-    /// The users applied (what caches forget).
+    /// The users applied (what caches forget); none when the batch committed nothing.
     pub touched: Vec<String>,
 }
 
@@ -116,7 +112,8 @@ pub fn sort_out<'a>(
     found: &HashMap<String, Found>,
 ) -> Result<(Vec<&'a UserMemberships>, Vec<String>, Vec<Rejected>)> {
     let (mut accepted, mut create, mut rejected) = (Vec::new(), Vec::new(), Vec::new());
-    for user in &batch.users {
+    // A user with no tenant has nothing to write: neither applied nor rejected.
+    for user in batch.users.iter().filter(|user| !user.tenants.is_empty()) {
         let refusal = user.tenants.keys().find_map(|tenant| match found.get(tenant) {
             Some(Found::Live) => None,
             Some(Found::Purging) => Some(format!(
@@ -286,7 +283,11 @@ mod tests {
     #[test]
     fn a_user_naming_a_missing_tenant_is_skipped_whole_or_stops_a_strict_batch() {
         let mut batch = ImportBatch {
-            users: vec![user("a", 1, &["acme", "nope"]), user("b", 2, &["acme"])],
+            users: vec![
+                user("a", 1, &["acme", "nope"]),
+                user("b", 2, &["acme"]),
+                user("c", 3, &[]),
+            ],
             ..Default::default()
         };
         let found = HashMap::from([("acme".to_owned(), Found::Live)]);
@@ -294,6 +295,7 @@ mod tests {
         assert_eq!(accepted.iter().map(|u| u.user.as_str()).collect::<Vec<_>>(), ["b"]);
         assert!(create.is_empty());
         assert_eq!((rejected[0].line, rejected[0].reason.contains("nope")), (1, true));
+        assert_eq!(rejected.len(), 1, "c has nothing to write, and is not rejected");
 
         batch.create_tenants = true;
         let (accepted, create, _) = sort_out(&batch, &found).expect("sorted");

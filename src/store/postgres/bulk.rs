@@ -95,8 +95,6 @@ impl PgStore {
             let markers = accepted.iter().flat_map(|u| u.tenants.values()).filter(|r| r.is_empty());
             let imported = Imported {
                 revision: revision as Revision,
-                committed: true,
-                users: accepted.len() as u64,
                 memberships: memberships - markers.count() as u64,
                 tenants_created: create,
                 rejected,

@@ -51,8 +51,6 @@ impl SqliteStore {
         let changes = touched.iter().map(|user| (ChangeKind::Membership, user.clone())).collect();
         let imported = Imported {
             revision: revision as Revision,
-            committed: true,
-            users: accepted.len() as u64,
             memberships: rows as u64,
             tenants_created: create,
             rejected,
