@@ -160,36 +160,36 @@ fn import_and_export_on_the_embedded_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_and_export_on_postgres() {
-    let db = postgres::Db::create("import").await;
-    let dir = tempfile::tempdir().expect("dir");
-    let url = db.url();
-    tokio::task::spawn_blocking(move || {
-        let server = serve(&dir.path().join("data"), Some(&url), &[]);
-        the_import_and_export_commands_work_as_operators_use_them(
-            &format!("http://{}", server.grpc),
-            dir.path(),
-        );
-    })
-    .await
-    .expect("the commands");
+    the_commands_on_postgres("import", false).await;
 }
 
 /// Through a real PgBouncer in transaction mode: the staging table, COPY and the export's
 /// snapshot all live inside one transaction each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_and_export_through_pgbouncer() {
-    let db = postgres::Db::create("import_bouncer").await;
+    the_commands_on_postgres("import_bouncer", true).await;
+}
+
+/// The operator's commands against a server on a fresh Postgres database, reached
+/// directly or through a real PgBouncer in transaction mode.
+async fn the_commands_on_postgres(tag: &str, through_pgbouncer: bool) {
+    let db = postgres::Db::create(tag).await;
     let dir = tempfile::tempdir().expect("dir");
     let direct = db.url();
     tokio::task::spawn_blocking(move || {
-        let bouncer = pgbouncer::Bouncer::start(&postgres::admin_url(), "");
-        let pooled = bouncer.url(direct.rsplit('/').next().expect("name"), pgbouncer::PASSWORD);
-        let through = ["--database-pool-mode", "transaction", "--listen-database-url", &direct];
-        let server = serve(&dir.path().join("data"), Some(&pooled), &through);
-        the_import_and_export_commands_work_as_operators_use_them(
-            &format!("http://{}", server.grpc),
-            dir.path(),
-        );
+        let bouncer =
+            through_pgbouncer.then(|| pgbouncer::Bouncer::start(&postgres::admin_url(), ""));
+        let name = direct.rsplit('/').next().expect("name");
+        let (url, extra) = match &bouncer {
+            Some(bouncer) => (
+                bouncer.url(name, pgbouncer::PASSWORD),
+                vec!["--database-pool-mode", "transaction", "--listen-database-url", &direct],
+            ),
+            None => (direct.clone(), Vec::new()),
+        };
+        let server = serve(&dir.path().join("data"), Some(&url), &extra);
+        let grpc = format!("http://{}", server.grpc);
+        the_import_and_export_commands_work_as_operators_use_them(&grpc, dir.path());
     })
     .await
     .expect("the commands");
