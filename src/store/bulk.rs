@@ -18,7 +18,10 @@
 //! of [`EXPORT_PAGE`] rows in `(user, tenant, role)` order, folded into users here
 //! ([`Folder`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
+};
 
 use crate::{
     domain::{Revision, UnixSeconds},
@@ -144,6 +147,62 @@ pub fn sort_out<'a>(
         }
     }
     Ok((accepted, create, rejected))
+}
+
+/// A user's roles in one tenant: role → expiry (`None` never expires).
+pub type Roles = BTreeMap<String, Option<UnixSeconds>>;
+
+/// A membership row as a store holds it: tenant, user, role, expiry.
+pub type HeldRow = (String, String, String, Option<UnixSeconds>);
+
+/// One (tenant, user) pair of a batch as the batch leaves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairAfter<'a> {
+    /// The tenant.
+    pub tenant: &'a str,
+    /// The user.
+    pub user: &'a str,
+    /// Every role the pair holds after the batch (those expired that a merge leaves in
+    /// place included).
+    pub roles: Cow<'a, Roles>,
+}
+
+impl PairAfter<'_> {
+    /// Its roles live at `now`, comma-separated in byte order: its history row.
+    pub fn live(&self, now: UnixSeconds) -> String {
+        let live = self.roles.iter().filter(|(_, expires)| expires.is_none_or(|at| at > now));
+        live.map(|(role, _)| role.as_str()).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Each (tenant, user) pair of `accepted`, in order, as the batch leaves it, given the
+/// rows the pairs `held` before: with `replace`, exactly the batch's roles; else the held
+/// ones with the batch's added (the batch's expiry wins for a role held already).
+pub fn after<'a>(
+    accepted: &[&'a UserMemberships],
+    held: Vec<HeldRow>,
+    replace: bool,
+) -> Vec<PairAfter<'a>> {
+    let mut before: HashMap<(String, String), Roles> = HashMap::new();
+    if !replace {
+        for (tenant, user, role, expires) in held {
+            before.entry((tenant, user)).or_default().insert(role, expires);
+        }
+    }
+    let mut pairs = Vec::new();
+    for user in accepted {
+        for (tenant, roles) in &user.tenants {
+            let roles = match before.remove(&(tenant.clone(), user.user.clone())) {
+                None => Cow::Borrowed(roles),
+                Some(mut merged) => {
+                    merged.extend(roles.iter().map(|(role, at)| (role.clone(), *at)));
+                    Cow::Owned(merged)
+                }
+            };
+            pairs.push(PairAfter { tenant, user: &user.user, roles });
+        }
+    }
+    pairs
 }
 
 /// Rows an export reads per statement.
@@ -305,6 +364,30 @@ mod tests {
         batch.strict = true;
         let err = sort_out(&batch, &found).expect_err("strict");
         assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn a_merge_keeps_what_a_pair_held_and_a_replace_does_not() {
+        let mut a = user("a", 1, &["acme", "beta"]);
+        a.tenants.get_mut("acme").expect("acme").insert("admin".into(), Some(50));
+        let held = |role: &str, expires| ("acme".to_owned(), "a".to_owned(), role.to_owned(), expires);
+        let rows = vec![held("admin", None), held("owner", Some(10)), held("billing", None)];
+
+        let merged = after(&[&a], rows.clone(), false);
+        assert_eq!(merged.len(), 2, "one per tenant named, held or not");
+        assert_eq!((merged[0].tenant, merged[0].user), ("acme", "a"));
+        let roles: Vec<_> = merged[0].roles.iter().map(|(r, at)| (r.as_str(), *at)).collect();
+        assert_eq!(
+            roles,
+            [("admin", Some(50)), ("billing", None), ("owner", Some(10)), ("viewer", None)],
+            "the batch's expiry wins; what it does not name stays, expired or not"
+        );
+        assert_eq!(merged[0].live(20), "admin,billing,viewer", "owner expired at 10");
+        assert_eq!(merged[1].live(20), "viewer");
+
+        let replaced = after(&[&a], rows, true);
+        assert_eq!(replaced[0].live(20), "admin,viewer");
+        assert!(matches!(replaced[0].roles, Cow::Borrowed(_)), "nothing held is read back");
     }
 
     #[test]

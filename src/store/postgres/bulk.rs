@@ -1,16 +1,18 @@
 //! Import and export on Postgres (see [`crate::store::bulk`]).
 //!
 //! A batch is one transaction: the revision row first (as every write takes it), the
-//! tenants it names, then its rows `COPY`ed into a staging table dropped at COMMIT, and
-//! from there into the memberships and the history by a few set statements, with one
-//! notification per touched user (what every replica's listener already understands).
-//! Through a transaction-mode pooler this holds too: the staging table lives and dies in
-//! the transaction, and its statements are never kept.
+//! tenants it names, then every membership of the pairs it names taken out (and read
+//! back when merging), and the pairs as the batch leaves them `COPY`ed straight into the
+//! memberships, and their history rows into the history, with one notification per
+//! touched user (what every replica's listener already understands). `COPY` is the
+//! fastest way into a table Postgres has, and nothing is staged: no temporary table per
+//! batch (a catalog write each), no second pass. Through a transaction-mode pooler this
+//! holds too: every statement lives and dies in the transaction.
 //!
 //! An export is one `REPEATABLE READ READ ONLY` transaction: every page reads the same
 //! snapshot.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, fmt::Write as _};
 
 use sqlx::{Postgres, Transaction};
 use tokio::sync::mpsc;
@@ -21,7 +23,7 @@ use crate::{
     error::Result,
     store::{
         Announcer, ChangeKind,
-        bulk::{self, ExportPage, Found, ImportBatch, Imported, UserMemberships},
+        bulk::{self, ExportPage, Found, HeldRow, ImportBatch, Imported, PairAfter, UserMemberships},
         sql,
     },
 };
@@ -30,37 +32,29 @@ const FOUND_TENANTS: &str = "SELECT tenant_id, deleted_at IS NOT NULL FROM tenan
     WHERE tenant_id = ANY($1::text[])";
 const CREATE_TENANTS: &str = "INSERT INTO tenants (tenant_id, name, created_at) \
     SELECT t, t, $2 FROM unnest($1::text[]) AS t";
-const STAGING: &str = "CREATE TEMP TABLE rolecheck_import (tenant_id text COLLATE \"C\" NOT NULL, \
-    user_id text COLLATE \"C\" NOT NULL, role text COLLATE \"C\", expires_at bigint) ON COMMIT DROP";
-const COPY: &str = "COPY rolecheck_import (tenant_id, user_id, role, expires_at) FROM STDIN";
-const REPLACE: &str = "DELETE FROM memberships m USING \
-    (SELECT DISTINCT tenant_id, user_id FROM rolecheck_import) s \
-    WHERE m.tenant_id = s.tenant_id AND m.user_id = s.user_id";
-/// After [`REPLACE`], none of the staged rows is held: a plain insert (no conflict to
-/// arbitrate).
-const INSERT: &str = "INSERT INTO memberships (tenant_id, user_id, role, expires_at) \
-    SELECT tenant_id, user_id, role, expires_at FROM rolecheck_import WHERE role IS NOT NULL";
-/// Merging: each staged row inserted, or its expiry set when already held. (No join: a
+/// The pairs (`$1` tenants, `$2` users) probed by index one at a time: a hash or merge
 /// join with the memberships is planned as a scan of them all, cheap as the planner sees
-/// a batch against the table, slow as it runs.)
-const MERGE: &str = "INSERT INTO memberships (tenant_id, user_id, role, expires_at) \
-    SELECT tenant_id, user_id, role, expires_at FROM rolecheck_import WHERE role IS NOT NULL \
-    ON CONFLICT (tenant_id, user_id, role) DO UPDATE SET expires_at = excluded.expires_at";
-/// For [`REPLACE`]: the memberships probed by index, one staged pair at a time.
+/// a batch against the table, slow as it runs.
 const BY_INDEX: &str = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
-/// One history row per pair at the batch's revision `$1`, with its live roles at `$2`.
-const HISTORY: &str = "INSERT INTO changes \
-    (revision, kind, tenant_id, user_id, roles, committed_at, caller) \
-    SELECT $1, 'm', s.tenant_id, s.user_id, coalesce((SELECT string_agg(m.role, ',' ORDER BY m.role) \
-        FROM memberships m WHERE m.tenant_id = s.tenant_id AND m.user_id = s.user_id \
-        AND (m.expires_at IS NULL OR m.expires_at > $2)), ''), $3, $4 \
-    FROM (SELECT DISTINCT tenant_id, user_id FROM rolecheck_import) s";
+/// Replacing: every membership of the pairs removed.
+const CLEAR: &str = "DELETE FROM memberships m \
+    USING unnest($1::text[], $2::text[]) AS p (tenant_id, user_id) \
+    WHERE m.tenant_id = p.tenant_id COLLATE \"C\" AND m.user_id = p.user_id COLLATE \"C\"";
+/// Merging: the same, read back to be written again with the batch's roles.
+const TAKE: &str = "DELETE FROM memberships m \
+    USING unnest($1::text[], $2::text[]) AS p (tenant_id, user_id) \
+    WHERE m.tenant_id = p.tenant_id COLLATE \"C\" AND m.user_id = p.user_id COLLATE \"C\" \
+    RETURNING m.tenant_id, m.user_id, m.role, m.expires_at";
+const COPY_MEMBERSHIPS: &str =
+    "COPY memberships (tenant_id, user_id, role, expires_at) FROM STDIN";
+const COPY_HISTORY: &str = "COPY changes \
+    (revision, kind, tenant_id, user_id, roles, committed_at, caller) FROM STDIN";
 const HISTORY_CREATED: &str = "INSERT INTO changes \
     (revision, kind, tenant_id, user_id, roles, committed_at, caller) \
     SELECT $1, 'c', t, '', '', $2, $3 FROM unnest($4::text[]) AS t";
-/// `<revision>:m:<user>` for each touched user, delivered at COMMIT.
-const NOTIFY: &str = "SELECT count(pg_notify($1, $2::text || ':m:' || user_id)) \
-    FROM (SELECT DISTINCT user_id FROM rolecheck_import) s";
+/// `<revision>:m:<user>` for each touched user (`$3`), delivered at COMMIT.
+const NOTIFY: &str = "SELECT count(pg_notify($1, $2::text || ':m:' || u)) \
+    FROM unnest($3::text[]) AS u";
 
 impl PgStore {
     /// Applies `batch` at one revision.
@@ -89,13 +83,10 @@ impl PgStore {
                 return Ok((None, Imported { revision, rejected, ..Default::default() }));
             }
             let now_ms = now_millis();
-            let (revision, memberships) =
-                self.write(&mut tx, batch, (&accepted, &create), now_ms).await?;
-            // Memberships: the staged rows less the markers of a tenant replaced by none.
-            let markers = accepted.iter().flat_map(|u| u.tenants.values()).filter(|r| r.is_empty());
+            let revision = self.write(&mut tx, batch, (&accepted, &create), now_ms).await?;
             let imported = Imported {
                 revision: revision as Revision,
-                memberships: memberships - markers.count() as u64,
+                memberships: accepted.iter().map(|user| user.memberships() as u64).sum(),
                 tenants_created: create,
                 rejected,
                 touched: accepted.iter().map(|user| user.user.clone()).collect(),
@@ -115,47 +106,54 @@ impl PgStore {
     }
 
     /// Carries out the accepted users of `batch` in the open transaction: the tenants to
-    /// create, the rows staged and written, the revision bumped, the history and the
-    /// notifications. The revision, and the memberships staged (markers included).
+    /// create, the pairs' memberships taken out and written as the batch leaves them, the
+    /// revision bumped, the history and the notifications. The revision.
     async fn write(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         batch: &ImportBatch,
         (accepted, create): (&[&UserMemberships], &[String]),
         now_ms: i64,
-    ) -> Result<(i64, u64)> {
+    ) -> Result<i64> {
         let kept = self.session.persistent();
         if !create.is_empty() {
             let insert = sqlx::query(CREATE_TENANTS).persistent(kept).bind(create).bind(now_ms);
             insert.execute(&mut **tx).await?;
         }
-        // The staging table is new in every batch: its statements are never kept.
-        sqlx::query(STAGING).persistent(false).execute(&mut **tx).await?;
-        let mut copy = tx.copy_in_raw(COPY).await?;
-        copy.send(copy_rows(accepted).into_bytes()).await?;
-        let staged = copy.finish().await?;
-        if batch.replace {
-            sqlx::Executor::execute(&mut **tx, BY_INDEX).await?;
-        }
-        let statements: &[&str] = match batch.replace {
-            true => &[REPLACE, INSERT],
-            false => &[MERGE],
+        let (tenants, users): (Vec<&str>, Vec<&str>) = accepted
+            .iter()
+            .flat_map(|user| user.tenants.keys().map(|t| (t.as_str(), user.user.as_str())))
+            .unzip();
+        sqlx::Executor::execute(&mut **tx, BY_INDEX).await?;
+        let held: Vec<HeldRow> = match batch.replace {
+            true => {
+                let clear = sqlx::query(CLEAR).persistent(kept).bind(&tenants).bind(&users);
+                clear.execute(&mut **tx).await?;
+                Vec::new()
+            }
+            false => {
+                let take = sqlx::query_as(TAKE).persistent(kept).bind(&tenants).bind(&users);
+                take.fetch_all(&mut **tx).await?
+            }
         };
-        for statement in statements {
-            sqlx::query(statement).persistent(false).execute(&mut **tx).await?;
-        }
+        let pairs = bulk::after(accepted, held, batch.replace);
+        let mut copy = tx.copy_in_raw(COPY_MEMBERSHIPS).await?;
+        copy.send(membership_rows(&pairs).into_bytes()).await?;
+        copy.finish().await?;
         let (revision,): (i64,) =
             sqlx::query_as(sql::BUMP_REVISION).persistent(kept).fetch_one(&mut **tx).await?;
         let caller = batch.caller.as_str();
-        let history = sqlx::query(HISTORY).persistent(false).bind(revision).bind(now_unix());
-        history.bind(now_ms).bind(caller).execute(&mut **tx).await?;
+        let mut copy = tx.copy_in_raw(COPY_HISTORY).await?;
+        copy.send(history_rows(&pairs, revision, now_ms, caller).into_bytes()).await?;
+        copy.finish().await?;
         if !create.is_empty() {
             let created = sqlx::query(HISTORY_CREATED).persistent(kept).bind(revision);
             created.bind(now_ms).bind(caller).bind(create).execute(&mut **tx).await?;
         }
-        let notify = sqlx::query(NOTIFY).persistent(false).bind(CHANNEL).bind(revision);
-        notify.execute(&mut **tx).await?;
-        Ok((revision, staged))
+        let touched: Vec<&str> = accepted.iter().map(|user| user.user.as_str()).collect();
+        let notify = sqlx::query(NOTIFY).persistent(kept).bind(CHANNEL).bind(revision);
+        notify.bind(&touched).execute(&mut **tx).await?;
+        Ok(revision)
     }
 
     /// Every live membership in one `REPEATABLE READ` snapshot. A reader that stops
@@ -182,22 +180,74 @@ impl PgStore {
     }
 }
 
-/// The staged rows in `COPY`'s text format: one per role, and a marker (no role) for a
-/// tenant replaced by none. Tenant ids and roles never hold a backslash, tab or newline,
-/// and user ids no tab or newline ([`crate::domain`]); a user id's backslash is escaped.
-fn copy_rows(users: &[&UserMemberships]) -> String {
-    let mut out = String::new();
-    for user in users {
-        let id = user.user.replace('\\', "\\\\");
-        for (tenant, roles) in &user.tenants {
-            if roles.is_empty() {
-                out.push_str(&format!("{tenant}\t{id}\t\\N\t\\N\n"));
+/// Every role of `pairs` as rows in `COPY`'s text format.
+fn membership_rows(pairs: &[PairAfter]) -> String {
+    let mut out = String::with_capacity(pairs.len() * 64);
+    for pair in pairs {
+        for (role, expires) in pair.roles.iter() {
+            for field in [pair.tenant, pair.user, role] {
+                push_field(&mut out, field);
+                out.push('\t');
             }
-            for (role, expires) in roles {
-                let expires = expires.map_or_else(|| "\\N".to_owned(), |at| at.to_string());
-                out.push_str(&format!("{tenant}\t{id}\t{role}\t{expires}\n"));
+            match expires {
+                Some(at) => _ = writeln!(out, "{at}"),
+                None => out.push_str("\\N\n"),
             }
         }
     }
     out
+}
+
+/// A history row per pair, at `revision`, with its live roles, in `COPY`'s text format.
+fn history_rows(pairs: &[PairAfter], revision: i64, now_ms: i64, caller: &str) -> String {
+    let (mut out, now) = (String::with_capacity(pairs.len() * 96), now_unix());
+    for pair in pairs {
+        _ = write!(out, "{revision}\t{}\t", ChangeKind::Membership.code());
+        for field in [pair.tenant, pair.user, &pair.live(now)] {
+            push_field(&mut out, field);
+            out.push('\t');
+        }
+        _ = write!(out, "{now_ms}\t");
+        push_field(&mut out, caller);
+        out.push('\n');
+    }
+    out
+}
+
+/// `field` in `COPY`'s text format: its backslashes, tabs and line ends escaped.
+fn push_field(out: &mut String, field: &str) {
+    if !field.contains(['\\', '\t', '\n', '\r']) {
+        return out.push_str(field);
+    }
+    for c in field.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_fields_are_escaped_and_rows_end_where_they_should() {
+        let mut out = String::new();
+        push_field(&mut out, "CN=a\\b\tc\nd\re");
+        assert_eq!(out, "CN=a\\\\b\\tc\\nd\\re");
+        let roles = [("admin".to_owned(), Some(7)), ("viewer".to_owned(), None)].into();
+        let user = UserMemberships {
+            user: "u\\1".into(),
+            line: 1,
+            tenants: [("acme".to_owned(), roles)].into(),
+        };
+        let pairs = bulk::after(&[&user], Vec::new(), true);
+        assert_eq!(membership_rows(&pairs), "acme\tu\\\\1\tadmin\t7\nacme\tu\\\\1\tviewer\t\\N\n");
+        let history = history_rows(&pairs, 9, 1000, "ops\tkey");
+        assert_eq!(history, "9\tm\tacme\tu\\\\1\tviewer\t1000\tops\\tkey\n", "admin expired at 7");
+    }
 }
