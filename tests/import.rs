@@ -24,6 +24,7 @@ use rolecheck::pb;
 fn the_import_and_export_commands_work_as_operators_use_them(server: &str, dir: &Path) {
     bad_lines_are_skipped_whole_or_stop_a_strict_import(server, dir);
     replace_from_csv_then_export(server, dir);
+    a_merge_keeps_what_users_held(server, dir);
 }
 
 /// JSON Lines with bad lines and an unknown tenant: `--strict` imports nothing; without
@@ -146,6 +147,30 @@ fn replace_from_csv_then_export(server: &str, dir: &Path) {
 
     // A file that is not there is a usage error.
     assert_eq!(run(server, &["import", "/nonexistent.jsonl"]).0, 2);
+}
+
+/// Without `--replace`, the file's roles are added to what a user held (an expiry the
+/// file gives replaces the one held), and the history row says the roles after.
+fn a_merge_keeps_what_users_held(server: &str, dir: &Path) {
+    let file = dir.join("more.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            "{\"user_id\": \"1\", \"authorization\": {\"acme\": {\"roles\": [\"editor\"]}}}\n",
+            "{\"user_id\": \"2\", \"authorization\": {\"acme\": {\"roles\": [\"editor\", \"viewer\"], \"expires_at\": \"2098-01-01T00:00:00Z\"}}}\n",
+        ),
+    )
+    .expect("write");
+    let (code, stdout, stderr) = run(server, &["import", file.to_str().expect("path")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("\t2\t3\t"), "2 users, 3 memberships: {stdout}");
+    assert_eq!(ok(server, &["roles", "1"]), "acme\teditor,viewer\napp\tsupport\n");
+    let exported = ok(server, &["export"]);
+    let user_2 = "{\"user_id\":\"2\",\"authorization\":{\"acme\":{\"expires_at\":\"2098-01-01T00:00:00Z\",\"roles\":[\"editor\",\"viewer\"]}}}\n";
+    assert!(exported.contains(user_2), "the file's expiry replaced the one held: {exported}");
+    let history = ok(server, &["changes", "--user", "1", "--tenant", "acme"]);
+    let last = history.lines().last().expect("a change");
+    assert!(last.contains("\tacme\t1\teditor,viewer\t"), "{history}");
 }
 
 #[test]

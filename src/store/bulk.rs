@@ -370,7 +370,8 @@ mod tests {
     fn a_merge_keeps_what_a_pair_held_and_a_replace_does_not() {
         let mut a = user("a", 1, &["acme", "beta"]);
         a.tenants.get_mut("acme").expect("acme").insert("admin".into(), Some(50));
-        let held = |role: &str, expires| ("acme".to_owned(), "a".to_owned(), role.to_owned(), expires);
+        let held =
+            |role: &str, expires| ("acme".to_owned(), "a".to_owned(), role.to_owned(), expires);
         let rows = vec![held("admin", None), held("owner", Some(10)), held("billing", None)];
 
         let merged = after(&[&a], rows.clone(), false);

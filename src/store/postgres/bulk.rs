@@ -23,7 +23,9 @@ use crate::{
     error::Result,
     store::{
         Announcer, ChangeKind,
-        bulk::{self, ExportPage, Found, HeldRow, ImportBatch, Imported, PairAfter, UserMemberships},
+        bulk::{
+            self, ExportPage, Found, HeldRow, ImportBatch, Imported, PairAfter, UserMemberships,
+        },
         sql,
     },
 };
@@ -45,8 +47,7 @@ const TAKE: &str = "DELETE FROM memberships m \
     USING unnest($1::text[], $2::text[]) AS p (tenant_id, user_id) \
     WHERE m.tenant_id = p.tenant_id COLLATE \"C\" AND m.user_id = p.user_id COLLATE \"C\" \
     RETURNING m.tenant_id, m.user_id, m.role, m.expires_at";
-const COPY_MEMBERSHIPS: &str =
-    "COPY memberships (tenant_id, user_id, role, expires_at) FROM STDIN";
+const COPY_MEMBERSHIPS: &str = "COPY memberships (tenant_id, user_id, role, expires_at) FROM STDIN";
 const COPY_HISTORY: &str = "COPY changes \
     (revision, kind, tenant_id, user_id, roles, committed_at, caller) FROM STDIN";
 const HISTORY_CREATED: &str = "INSERT INTO changes \
