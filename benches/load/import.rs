@@ -5,7 +5,8 @@
 //! same rows: the path before `Import`, one `SetRoles` call per user and tenant (10,000
 //! users' worth, 50 calls in flight on one connection, into the store the import filled),
 //! and Postgres's own `COPY` of every row into an empty copy of the memberships table,
-//! its indexes included (the floor: no history, no revision, no notification).
+//! its indexes included (the floor: no history, no revision, no notification). With
+//! `BENCH_COMPARE_BIN`, that build's import into Postgres first, in the same run.
 
 use super::*;
 
@@ -28,10 +29,10 @@ fn file_of(users: u64) -> String {
     text
 }
 
-/// `rolecheck import FILE --create-tenants` against `grpc`; how long it took.
-fn import(grpc: &str, file: &Path) -> Duration {
+/// `rolecheck import FILE --create-tenants` by `bin` against `grpc`; how long it took.
+fn import(bin: &Path, grpc: &str, file: &Path) -> Duration {
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_rolecheck"))
+    let out = Command::new(bin)
         .args(["import", "--create-tenants", "--output", "json"])
         .arg(file)
         .env("ROLECHECK_SERVER", format!("http://{grpc}"))
@@ -99,14 +100,29 @@ pub async fn import_phase(admin_url: Option<&str>) {
     std::fs::write(&file, file_of(users)).expect("file");
     let rate = |n: u64, took: Duration| n as f64 / took.as_secs_f64();
     let mut rows: Vec<(String, u64, Duration)> = Vec::new();
+    let this = Path::new(env!("CARGO_BIN_EXE_rolecheck"));
     if let Some(admin_url) = admin_url {
+        // With `BENCH_COMPARE_BIN`, that build's import first, into a fresh store of its own.
+        if let Some(other) = std::env::var_os("BENCH_COMPARE_BIN") {
+            let other = Path::new(&other);
+            let url = fresh_database(admin_url, "rolecheck_bench_import").await;
+            let data = dir.path().join("pg-before");
+            let env = [("ROLECHECK_DATABASE_URL", url.clone())];
+            let server = spawn(rolecheck_from(other, &data, &env));
+            let took = import(other, &server.grpc, &file);
+            rows.push((
+                "`rolecheck import`, Postgres, before (BENCH_COMPARE_BIN)".into(),
+                memberships,
+                took,
+            ));
+        }
         let url = fresh_database(admin_url, "rolecheck_bench_import").await;
         let data = dir.path().join("pg");
         let server = spawn(rolecheck(&data, &[("ROLECHECK_DATABASE_URL", url.clone())]));
         rows.push((
             "`rolecheck import`, Postgres".into(),
             memberships,
-            import(&server.grpc, &file),
+            import(this, &server.grpc, &file),
         ));
         let (n, took) = set_roles(&server.grpc).await;
         rows.push(("SetRoles per user and tenant, Postgres (the path before)".into(), n, took));
@@ -123,7 +139,7 @@ pub async fn import_phase(admin_url: Option<&str>) {
     rows.push((
         "`rolecheck import`, embedded store".into(),
         memberships,
-        import(&server.grpc, &file),
+        import(this, &server.grpc, &file),
     ));
     let (n, took) = set_roles(&server.grpc).await;
     rows.push(("SetRoles per user and tenant, embedded store (the path before)".into(), n, took));

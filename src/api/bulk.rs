@@ -1,12 +1,14 @@
 //! `Import` and `Export`: memberships in bulk (see [`crate::store::bulk`]).
 //!
 //! An import is read as it streams in, user by user, into batches of about
-//! [`BATCH_MEMBERSHIPS`] memberships of whole users; each batch is applied before the
-//! next is read, so the server holds one batch at a time however long the stream. A user
-//! that is invalid (an id, a role, an expiry, a role a strict model does not declare) is
-//! skipped whole and reported with its line; with `strict`, the import stops there
-//! instead (the batches before it stay applied: the command line checks a whole file
-//! before it sends any of it). A stream that breaks off applies nothing more.
+//! [`BATCH_MEMBERSHIPS`] memberships of whole users. One task reads and checks the next
+//! batch while the store applies the one before (at most one waits between them), so the
+//! server holds two batches at a time however long the stream, and the store is never
+//! idle waiting for the wire. A user that is invalid (an id, a role, an expiry, a role a
+//! strict model does not declare) is skipped whole and reported with its line; with
+//! `strict`, the import stops there instead (the batches before it stay applied: the
+//! command line checks a whole file before it sends any of it). A stream that breaks off
+//! applies nothing read after the break.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -46,10 +48,14 @@ pub fn import(
 ) -> ImportStream {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
+        let (batches, read) = mpsc::channel(1);
+        let reader = tokio::spawn(gather(models, application, stream, batches));
         let mut progress = Progress { tx: tx.clone(), done: Default::default(), listed: 0 };
-        let ended = read(&store, &models, &application, caller, stream, &mut progress).await;
+        let ended = apply_all(&store, &caller, read, &mut progress).await;
+        // Stopped early (a failed batch, the caller gone): the reader stops too.
+        reader.abort();
         let last = match ended {
-            Ok(()) => {
+            Ok(true) => {
                 let mut done = progress.done;
                 if done.batches == 0 {
                     match store.tenants.revision().await {
@@ -62,6 +68,7 @@ pub fn import(
                 tracing::info!(users, batches = done.batches, revision, "import done");
                 Ok(done)
             }
+            Ok(false) => return,
             Err(status) => Err(status),
         };
         let _ = tx.send(last).await;
@@ -111,18 +118,37 @@ impl Progress {
     }
 }
 
+/// What the reader hands the applier, in stream order.
+enum Read {
+    /// A batch, and the users skipped while it was gathered (line, user, reason).
+    Batch(Batch, pb::ImportOptions, Vec<(u64, String, String)>),
+    /// The import stops here (a bad line under `strict`, a broken stream): what came
+    /// before is applied, then this is the answer.
+    Stop(Status),
+}
+
+/// Reads the stream into batches for [`apply_all`]; stops when it is gone.
+async fn gather(
+    models: std::sync::Arc<Models>,
+    application: TenantId,
+    stream: Streaming<pb::ImportRequest>,
+    batches: mpsc::Sender<Read>,
+) {
+    if let Err(status) = read(&models, &application, stream, &batches).await {
+        let _ = batches.send(Read::Stop(status)).await;
+    }
+}
+
 async fn read(
-    store: &Store,
     models: &Models,
     application: &TenantId,
-    caller: String,
     mut stream: Streaming<pb::ImportRequest>,
-    progress: &mut Progress,
+    batches: &mpsc::Sender<Read>,
 ) -> Result<(), Status> {
     let model = models.fresh().await?;
     let declared = |role: &str| !model.model.strict() || model.model.declares(role);
     let mut options: Option<pb::ImportOptions> = None;
-    let mut batch = Batch::default();
+    let (mut batch, mut rejected) = (Batch::default(), Vec::new());
     while let Some(request) = stream.message().await? {
         let options = *options.get_or_insert_with(|| request.options.unwrap_or_default());
         for user in request.users {
@@ -131,19 +157,47 @@ async fn read(
                 Ok(user) => batch.add(user),
                 Err(reason) if options.strict => {
                     let message = format!("line {line}: user {id:?}: {reason}");
-                    return Err(progress.stopped(Status::invalid_argument(message)));
+                    return Err(Status::invalid_argument(message));
                 }
-                Err(reason) => progress.reject(line, id, reason),
+                Err(reason) => rejected.push((line, id, reason)),
             }
             if batch.memberships >= BATCH_MEMBERSHIPS {
-                apply(store, &mut batch, &options, &caller, progress).await?;
-                if !progress.tell().await {
+                let read =
+                    Read::Batch(std::mem::take(&mut batch), options, std::mem::take(&mut rejected));
+                if batches.send(read).await.is_err() {
                     return Ok(());
                 }
             }
         }
     }
-    apply(store, &mut batch, &options.unwrap_or_default(), &caller, progress).await
+    let _ = batches.send(Read::Batch(batch, options.unwrap_or_default(), rejected)).await;
+    Ok(())
+}
+
+/// Applies what the reader hands over, telling the caller after each batch: true when
+/// the stream ended and every batch was applied, false when the caller is gone.
+async fn apply_all(
+    store: &Store,
+    caller: &str,
+    mut batches: mpsc::Receiver<Read>,
+    progress: &mut Progress,
+) -> Result<bool, Status> {
+    while let Some(read) = batches.recv().await {
+        let (batch, options, rejected) = match read {
+            Read::Batch(batch, options, rejected) => (batch, options, rejected),
+            Read::Stop(status) => return Err(progress.stopped(status)),
+        };
+        for (line, user, reason) in rejected {
+            progress.reject(line, user, reason);
+        }
+        if !batch.users.is_empty() {
+            apply(store, batch, &options, caller, progress).await?;
+            if !progress.tell().await {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// The batch being gathered: users by id, merged when one comes twice.
@@ -171,18 +225,14 @@ impl Batch {
     }
 }
 
-/// Applies the gathered batch (if any) and adds what it did to `progress`.
+/// Applies a gathered batch and adds what it did to `progress`.
 async fn apply(
     store: &Store,
-    gathered: &mut Batch,
+    gathered: Batch,
     options: &pb::ImportOptions,
     caller: &str,
     progress: &mut Progress,
 ) -> Result<(), Status> {
-    let gathered = std::mem::take(gathered);
-    if gathered.users.is_empty() {
-        return Ok(());
-    }
     let batch = ImportBatch {
         users: gathered.users,
         replace: options.replace,
