@@ -391,3 +391,93 @@ async fn exports_are_snapshots_on_the_embedded_store() {
         tokio::task::spawn_blocking(move || serve(&data, None, &slow)).await.expect("serve");
     exports_are_snapshots_during_an_import(&format!("http://{}", server.grpc), dir.path()).await;
 }
+
+/// No membership outlives its tenant, with no foreign key to say so (migration 0012): two
+/// servers on one Postgres, one creating and deleting a tenant over and over while the
+/// other imports into it (creating it, or not) and grants in it. Each write takes the
+/// revision row before it looks for its tenant, so each sees the tenant live and writes,
+/// or gone and writes nothing; after 150 rounds no membership names a tenant that is not
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_membership_outlives_its_tenant_on_postgres() {
+    use pb::tenants_client::TenantsClient;
+
+    let db = postgres::Db::create("import_orphans").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (url, data) = (db.url(), dir.path().to_owned());
+    let (a, b) = tokio::task::spawn_blocking(move || {
+        (serve(&data.join("a"), Some(&url), &[]), serve(&data.join("b"), Some(&url), &[]))
+    })
+    .await
+    .expect("serve");
+    let (a_url, b_url) = (format!("http://{}", a.grpc), format!("http://{}", b.grpc));
+    const ROUNDS: usize = 150;
+    let churn = async {
+        let mut tenants = TenantsClient::connect(a_url.clone()).await.expect("connect");
+        for _ in 0..ROUNDS {
+            let create = pb::CreateTenantRequest { tenant_id: "churn".into(), name: "c".into() };
+            let _ = tenants.create_tenant(create).await;
+            let _ =
+                tenants.delete_tenant(pb::DeleteTenantRequest { tenant_id: "churn".into() }).await;
+        }
+    };
+    let import = async {
+        let mut importer = client(&b_url).await;
+        let (mut applied, mut rejected) = (0, 0);
+        for round in 0..ROUNDS {
+            let users = (0..20)
+                .map(|n| pb::UserMemberships {
+                    user_id: format!("u{round}-{n}"),
+                    line: n + 1,
+                    tenants: vec![pb::TenantRoles {
+                        tenant_id: "churn".into(),
+                        roles: vec!["viewer".into()],
+                        expires_at: None,
+                    }],
+                })
+                .collect();
+            let options =
+                pb::ImportOptions { create_tenants: round % 2 == 0, ..Default::default() };
+            let request = pb::ImportRequest { options: Some(options), users };
+            let mut answers =
+                importer.import(tokio_stream::iter([request])).await.expect("import").into_inner();
+            while let Some(answer) = answers.message().await.expect("an answer") {
+                if answer.done {
+                    (applied, rejected) =
+                        (applied + answer.users, rejected + answer.rejected_count);
+                }
+            }
+        }
+        (applied, rejected)
+    };
+    let grant = async {
+        let mut granter = client(&b_url).await;
+        let mut granted = 0;
+        for round in 0..ROUNDS {
+            let request = pb::GrantRequest {
+                user_id: format!("g{round}"),
+                tenant_id: "churn".into(),
+                roles: vec!["editor".into()],
+                expires_at: None,
+            };
+            granted += u64::from(granter.grant(request).await.is_ok());
+        }
+        granted
+    };
+    let ((), (applied, rejected), granted) = tokio::join!(churn, import, grant);
+    assert!(
+        applied > 0 && rejected > 0,
+        "the tenant was there, and gone: {applied} applied, {rejected} rejected"
+    );
+    assert!(granted > 0, "some grants found the tenant");
+    let mut conn =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&db.url()).await.expect("connect");
+    let (orphans,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM memberships m \
+         WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = m.tenant_id)",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("count");
+    assert_eq!(orphans, 0, "memberships whose tenant is gone");
+}
