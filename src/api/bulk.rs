@@ -51,9 +51,18 @@ pub fn import(
         let (batches, read) = mpsc::channel(1);
         let reader = tokio::spawn(gather(models, application, stream, batches));
         let mut progress = Progress { tx: tx.clone(), done: Default::default(), listed: 0 };
-        let ended = apply_all(&store, &caller, read, &mut progress).await;
-        // Stopped early (a failed batch, the caller gone): the reader stops too.
-        reader.abort();
+        let mut ended = apply_all(&store, &caller, read, &mut progress).await;
+        match ended {
+            // The stream ended as the reader read it whole, or the reader failed (never
+            // taken for the end of the stream).
+            Ok(true) => {
+                if reader.await.is_err() {
+                    ended = Err(progress.stopped(Status::internal("the import's reader failed")));
+                }
+            }
+            // Stopped early (a failed batch, the caller gone): the reader stops too.
+            _ => reader.abort(),
+        }
         let last = match ended {
             Ok(true) => {
                 let mut done = progress.done;
