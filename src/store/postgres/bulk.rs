@@ -38,18 +38,13 @@ const CREATE_TENANTS: &str = "INSERT INTO tenants (tenant_id, name, created_at) 
 /// join with the memberships is planned as a scan of them all, cheap as the planner sees
 /// a batch against the table, slow as it runs.
 const BY_INDEX: &str = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
-/// Every membership of the pairs (`$1` tenants, `$2` users) removed.
-macro_rules! delete_pairs {
-    () => {
-        "DELETE FROM memberships m USING unnest($1::text[], $2::text[]) AS p (tenant_id, user_id) \
-         WHERE m.tenant_id = p.tenant_id COLLATE \"C\" AND m.user_id = p.user_id COLLATE \"C\""
-    };
-}
-/// Replacing: the pairs' memberships removed.
-const CLEAR: &str = delete_pairs!();
+/// Replacing: every membership of the pairs (`$1` tenants, `$2` users) removed.
+const CLEAR: &str = "DELETE FROM memberships m USING unnest($1::text[], $2::text[]) AS p (t, u) \
+    WHERE m.tenant_id = p.t COLLATE \"C\" AND m.user_id = p.u COLLATE \"C\"";
 /// Merging: the same, read back to be written again with the batch's roles.
-const TAKE: &str =
-    concat!(delete_pairs!(), " RETURNING m.tenant_id, m.user_id, m.role, m.expires_at");
+const TAKE: &str = "DELETE FROM memberships m USING unnest($1::text[], $2::text[]) AS p (t, u) \
+    WHERE m.tenant_id = p.t COLLATE \"C\" AND m.user_id = p.u COLLATE \"C\" \
+    RETURNING m.tenant_id, m.user_id, m.role, m.expires_at";
 const COPY_MEMBERSHIPS: &str = "COPY memberships (tenant_id, user_id, role, expires_at) FROM STDIN";
 const COPY_HISTORY: &str = "COPY changes \
     (revision, kind, tenant_id, user_id, roles, committed_at, caller) FROM STDIN";
