@@ -275,44 +275,21 @@ async fn a_strict_import_stops_at_its_first_bad_user_after_what_came_before() {
     let data = dir.path().join("data");
     let server = tokio::task::spawn_blocking(move || serve(&data, None, &[])).await.expect("serve");
     let grpc = format!("http://{}", server.grpc);
-    let user = |n: u64, role: &str| pb::UserMemberships {
-        user_id: format!("u{n:05}"),
-        line: n + 1,
-        tenants: vec![pb::TenantRoles {
-            tenant_id: "acme".into(),
-            roles: vec![role.into(), "viewer".into()],
-            expires_at: None,
-        }],
-    };
+    let user = |n: u64, role: &str| wire_user(format!("u{n:05}"), n + 1, "acme", &[role, "viewer"]);
     // 3,000 users of 2 roles: one batch (5,000 memberships) and 1,000 users gathered.
     let mut users: Vec<_> = (0..3000).map(|n| user(n, "admin")).collect();
     users.push(user(3000, "not a role"));
     users.push(user(3001, "admin"));
-    let request = pb::ImportRequest {
-        options: Some(pb::ImportOptions {
-            strict: true,
-            create_tenants: true,
-            ..Default::default()
-        }),
-        users,
-    };
-    let mut client = client(&grpc).await;
-    let mut answers =
-        client.import(tokio_stream::iter([request])).await.expect("import").into_inner();
-    let status = loop {
-        match answers.message().await {
-            Ok(Some(answer)) => {
-                assert!(!answer.done, "a strict import with a bad user: {answer:?}")
-            }
-            Ok(None) => panic!("the stream ended without an answer"),
-            Err(status) => break status,
-        }
-    };
+    let options = pb::ImportOptions { strict: true, create_tenants: true, ..Default::default() };
+    let status = import_call(&mut client(&grpc).await, options, users)
+        .await
+        .expect_err("a strict import with a bad user");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     let message = status.message();
     assert!(message.contains("line 3001: user \"u03000\": role"), "{message}");
     assert!(message.contains("1 batches before it were applied (2500 users"), "{message}");
     let exported = export_of(&grpc);
     assert_eq!(exported.lines().count(), 2500, "the first batch, and nothing after it");
-    assert!(exported.contains("\"u02499\"") && !exported.contains("\"u02500\""));
+    assert!(exported.contains("\"u02499\""), "the first batch's last user");
+    assert!(!exported.contains("\"u02500\""), "the first user after it");
 }

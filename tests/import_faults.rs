@@ -426,27 +426,12 @@ async fn no_membership_outlives_its_tenant_on_postgres() {
         let (mut applied, mut rejected) = (0, 0);
         for round in 0..ROUNDS {
             let users = (0..20)
-                .map(|n| pb::UserMemberships {
-                    user_id: format!("u{round}-{n}"),
-                    line: n + 1,
-                    tenants: vec![pb::TenantRoles {
-                        tenant_id: "churn".into(),
-                        roles: vec!["viewer".into()],
-                        expires_at: None,
-                    }],
-                })
+                .map(|n| wire_user(format!("u{round}-{n}"), n + 1, "churn", &["viewer"]))
                 .collect();
             let options =
                 pb::ImportOptions { create_tenants: round % 2 == 0, ..Default::default() };
-            let request = pb::ImportRequest { options: Some(options), users };
-            let mut answers =
-                importer.import(tokio_stream::iter([request])).await.expect("import").into_inner();
-            while let Some(answer) = answers.message().await.expect("an answer") {
-                if answer.done {
-                    (applied, rejected) =
-                        (applied + answer.users, rejected + answer.rejected_count);
-                }
-            }
+            let done = import_call(&mut importer, options, users).await.expect("an answer");
+            (applied, rejected) = (applied + done.users, rejected + done.rejected_count);
         }
         (applied, rejected)
     };

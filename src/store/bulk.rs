@@ -192,7 +192,11 @@ pub fn after<'a>(
     let mut pairs = Vec::new();
     for user in accepted {
         for (tenant, roles) in &user.tenants {
-            let roles = match before.remove(&(tenant.clone(), user.user.clone())) {
+            let held = match before.is_empty() {
+                true => None,
+                false => before.remove(&(tenant.clone(), user.user.clone())),
+            };
+            let roles = match held {
                 None => Cow::Borrowed(roles),
                 Some(mut merged) => {
                     merged.extend(roles.iter().map(|(role, at)| (role.clone(), *at)));

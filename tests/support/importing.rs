@@ -122,3 +122,27 @@ pub fn assert_whole(server: &str, file: &str, after: &str) {
         file.len()
     );
 }
+
+/// A user as `Import` takes it: `roles` in `tenant`, from input line `line`.
+pub fn wire_user(id: String, line: u64, tenant: &str, roles: &[&str]) -> pb::UserMemberships {
+    let roles = roles.iter().map(|role| (*role).to_owned()).collect();
+    let tenants = vec![pb::TenantRoles { tenant_id: tenant.into(), roles, expires_at: None }];
+    pb::UserMemberships { user_id: id, line, tenants }
+}
+
+/// One `Import` call of `users` with `options`, as a program makes it: its last answer
+/// (`done`), or the status it ended with.
+pub async fn import_call(
+    client: &mut RoleCheckClient<tonic::transport::Channel>,
+    options: pb::ImportOptions,
+    users: Vec<pb::UserMemberships>,
+) -> Result<pb::ImportResponse, tonic::Status> {
+    let request = pb::ImportRequest { options: Some(options), users };
+    let mut answers = client.import(tokio_stream::iter([request])).await?.into_inner();
+    while let Some(answer) = answers.message().await? {
+        if answer.done {
+            return Ok(answer);
+        }
+    }
+    Err(tonic::Status::unknown("the stream ended without its last answer"))
+}
