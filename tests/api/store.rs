@@ -323,9 +323,24 @@ async fn the_schema_check_classifies_what_it_finds(backend: Backend) {
     }
 }
 
+/// The application tenant is there, committed, when the store opens: a write in it at
+/// once succeeds (through a transaction-mode pooler it once committed only as its
+/// connection was given back, after the server had begun serving). Ten fresh stores.
+async fn the_application_tenant_is_there_when_the_store_opens(backend: Backend) {
+    for round in 0..10 {
+        let db = TestDb::create(backend).await;
+        let store = open(&db, true).await.expect("open");
+        let grant = write(WriteKind::Grant, "app", "u", &["member"]);
+        let written = store.writes.write_membership(&grant).await;
+        assert!(written.is_ok(), "round {round}: {written:?}");
+        store.backend.close().await;
+    }
+}
+
 both_stores!(
     a_failure_belongs_to_its_own_write,
     two_writers_on_the_same_rows_never_fail,
     a_cancelled_write_is_announced_if_and_only_if_it_committed,
     the_schema_check_classifies_what_it_finds,
+    the_application_tenant_is_there_when_the_store_opens,
 );

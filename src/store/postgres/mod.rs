@@ -551,15 +551,13 @@ impl PgStore {
     }
 
     /// Creates the application tenant if it does not exist yet. Not a write: the
-    /// application tenant is part of the schema's starting state.
+    /// application tenant is part of the schema's starting state. Committed before this
+    /// returns (the server serves once it does): through a transaction-mode pooler, a
+    /// statement on [`conn`](Self::conn) commits only as its connection is given back.
     pub async fn ensure_application_tenant(&self, id: &TenantId) -> Result<()> {
-        sqlx::query(sql::ENSURE_TENANT)
-            .persistent(self.session.persistent())
-            .bind(id.as_str())
-            .bind("Application")
-            .bind(crate::domain::now_millis())
-            .execute(&mut *self.conn().await?)
-            .await?;
+        let now = crate::domain::now_millis();
+        let binds = [Bind::Text(id.as_str()), Bind::Text("Application"), Bind::Int(now)];
+        shared::Run::execute(self, sql::ENSURE_TENANT, &binds).await?;
         Ok(())
     }
 
